@@ -1,0 +1,443 @@
+"""One lexp run: read the task, extract (or reuse) activation stores, train the oracle, analyse.
+
+This is the body behind ``python -m lexp.run``; it takes a composed config and a run directory, so
+tests and notebooks can call :func:`run` without Hydra's command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+import lexp
+from lexp.errors import LexpInputError, LexpModelError
+from lexp.report.results import Report
+from lexp.report.tracking import Tracker, make_tracker
+
+log = logging.getLogger("lexp")
+
+ANALYSES = ("oracle", "general", "layers", "neurons", "pipeline")
+
+
+@dataclass
+class RunContext:
+    """Everything the analyses share: config, task, stores, oracle and the run's outputs."""
+
+    cfg: DictConfig
+    run_dir: Path
+    report: Report
+    tracker: Tracker
+    task: Any = None
+    stores: dict[str, Any] = field(default_factory=dict)
+    model_dir: Path | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    oracle: dict[str, Any] | None = None
+
+    @property
+    def regression(self) -> bool:
+        return self.task.kind == "regression"
+
+    @property
+    def metric(self) -> str:
+        """The headline metric every decision uses (the paper: accuracy; STS-B: Pearson)."""
+        return "pearson" if self.regression else "accuracy"
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.cfg.trainer, resolve=True)  # type: ignore[return-value]
+
+    def probe_cfg(self) -> dict[str, Any]:
+        probe = OmegaConf.to_container(self.cfg.probe, resolve=True)
+        probe["regression"] = self.regression
+        return probe  # type: ignore[return-value]
+
+
+@contextmanager
+def stage(ctx: RunContext, name: str) -> Iterator[None]:
+    """Time a stage, record it in results.json and the tracker."""
+    log.info("stage %s ...", name)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    ctx.report.timing(name, seconds)
+    ctx.tracker.log_metrics({f"time_s/{name}": seconds})
+    log.info("stage %s done in %.1f s", name, seconds)
+
+
+def _run_group(cfg: DictConfig) -> tuple[str, str]:
+    """(run name, group) for the tracker: multirun jobs are grouped by their sweep directory."""
+    name = f"{cfg.task.name}-{cfg.model.name}-{cfg.analysis.name}"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return f"{name}-{hc.job.num}", Path(hc.sweep.dir).name
+    except (ImportError, ValueError):
+        pass
+    return name, "single"
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run every stage named by the config and return the contents of results.json."""
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    from pytorch_lightning import seed_everything
+
+    seed_everything(int(cfg.seed), workers=True, verbose=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    name, group = _run_group(cfg)
+    report = Report(
+        run_dir,
+        task=cfg.task.name,
+        model=cfg.model.name,
+        analysis=cfg.analysis.name,
+        lexp_version=lexp.__version__,
+        command=" ".join(sys.argv),
+        python=platform.python_version(),
+        config=resolved,
+    )
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    tracker = make_tracker(cfg.logger, run_dir, name=name, group=group, config=resolved)  # type: ignore[arg-type]
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, report=report, tracker=tracker)
+    try:
+        if cfg.analysis.name not in ANALYSES:
+            raise LexpInputError(
+                f"analysis={cfg.analysis.name!r} is unknown; choose one of {', '.join(ANALYSES)}"
+            )
+        with stage(ctx, "read"):
+            read_task(ctx)
+        with stage(ctx, "extract"):
+            build_stores(ctx)
+        with stage(ctx, "oracle"):
+            train_oracle(ctx)
+        if cfg.analysis.name != "oracle":
+            from importlib import import_module
+
+            module = import_module(f"lexp.analyses.{cfg.analysis.name}")
+            with stage(ctx, cfg.analysis.name):
+                module.run(ctx)
+        report.timing("total", time.perf_counter() - start)
+        report["status"] = "complete"
+        tracker.summary(_flat_summary(report.data))
+        print_summary(ctx)
+    except BaseException as exc:
+        report["status"] = f"failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        tracker.finish()
+    return report.data
+
+
+# --------------------------------------------------------------------------------------------- read
+def read_task(ctx: RunContext) -> None:
+    """Read the task's files (readers raise clear errors on bad input)."""
+    from lexp.tasks import load_task
+
+    task_cfg = OmegaConf.to_container(ctx.cfg.task, resolve=True)
+    task = load_task(task_cfg)  # type: ignore[arg-type]
+    ctx.task = task
+    counts: dict[str, Any] = {}
+    for split, items in task.splits.items():
+        if task.kind == "labelling":
+            counts[split] = {"sentences": len(items), "tokens": int(sum(len(s.words) for s in items))}
+        else:
+            counts[split] = {"examples": len(items)}
+    ctx.report.update(
+        {
+            "task_kind": task.kind,
+            "data_files": [str(p) for p in task.files],
+            "counts": counts,
+            "n_labels": len(task.labels),
+            "labels": list(task.labels),
+            "unseen_labels": task.unseen_labels(),
+            "unseen_label_counts": {s: int(sum(c.values())) for s, c in task.unseen_labels().items()},
+            "task_notes": task.notes,
+        }
+    )
+    for split, unseen in task.unseen_labels().items():
+        if unseen:
+            log.warning(
+                "%s: %d %s tokens carry %d labels never seen in train (counted as errors): %s",
+                task.name,
+                sum(unseen.values()),
+                split,
+                len(unseen),
+                ", ".join(sorted(unseen)[:10]),
+            )
+
+
+# ------------------------------------------------------------------------------------------ extract
+def model_digest(model_dir: Path) -> str:
+    """Fingerprint the model's weights, config and tokenizer files, so new weights never reuse a store."""
+    from lexp.store import fingerprint
+
+    names = sorted(
+        p
+        for p in Path(model_dir).iterdir()
+        if p.is_file() and (p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"})
+    )
+    return fingerprint({"model_files": [p.name for p in names]}, names)
+
+
+def _split_names(ctx: RunContext) -> list[str]:
+    wanted = list(ctx.cfg.extract.splits)
+    missing = [s for s in ("train", "dev") if s not in ctx.task.splits]
+    if missing:
+        raise LexpInputError(
+            f"task {ctx.task.name} has no {missing} split; every analysis needs train and dev"
+        )
+    return [s for s in wanted if s in ctx.task.splits]
+
+
+def build_stores(ctx: RunContext) -> None:
+    """Open the cached store of every split, extracting only what is missing or stale."""
+    from lexp.encoders.loading import resolve_model_path
+    from lexp.store import ensure_store, fingerprint, store_dir
+
+    cfg = ctx.cfg
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if ctx.task.kind != "labelling":
+        from lexp.analyses.sentence import finetuned_model_dir
+
+        model_dir = finetuned_model_dir(ctx)
+    else:
+        model_dir = resolve_model_path(model_cfg)  # type: ignore[arg-type]
+    ctx.model_dir = Path(model_dir)
+    digest = model_digest(ctx.model_dir)
+    extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    cache_root = Path(cfg.cache_dir)
+    encoder = None
+    reused: dict[str, bool] = {}
+    paths: dict[str, str] = {}
+    for split in _split_names(ctx):
+        settings = {
+            "model": model_cfg,
+            "model_digest": digest,
+            "task": task_cfg,
+            "split": split,
+            "subword": extract_cfg["subword"],
+            "long_sentences": extract_cfg["long_sentences"],
+            "store_dtype": cfg.store.dtype,
+            "max_length": cfg.finetune.max_seq_length if ctx.task.kind != "labelling" else None,
+        }
+        fp = fingerprint(settings, ctx.task.files)
+        path = store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp)
+
+        def build(target: Path, split: str = split, fp: str = fp, settings: dict = settings) -> None:
+            nonlocal encoder
+            if encoder is None:
+                encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
+            _write_store(ctx, encoder, split, target, fp, settings)
+
+        store, was_reused = ensure_store(path, build)
+        ctx.stores[split] = store
+        reused[split] = was_reused
+        paths[split] = str(store.path)
+        log.info(
+            "%s store %s: %s (%d rows × %d neurons)",
+            split,
+            "reused" if was_reused else "built",
+            store.path,
+            store.n_rows,
+            store.n_neurons,
+        )
+    first = next(iter(ctx.stores.values()))
+    ctx.model_info = {"n_layers": first.n_layers, "hidden": first.hidden, "n_neurons": first.n_neurons}
+    ctx.report.update(
+        {
+            "model_dir": str(ctx.model_dir),
+            "n_layers": first.n_layers,
+            "hidden": first.hidden,
+            "n_neurons": first.n_neurons,
+            "stores": paths,
+            "stores_reused": reused,
+            "rows": {s: int(st.n_rows) for s, st in ctx.stores.items()},
+        }
+    )
+
+
+def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
+    from lexp.encoders.loading import load_encoder
+
+    cfg = dict(model_cfg)
+    cfg["name_or_path"] = str(ctx.model_dir)
+    if ctx.cfg.extract.threads:
+        import torch
+
+        torch.set_num_threads(int(ctx.cfg.extract.threads))
+    return load_encoder(cfg)
+
+
+def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: str, settings: Mapping) -> None:
+    """Extract one split into a new store (written to a partial dir, then renamed by the writer)."""
+    from lexp.encoders.extract import extract_cls, extract_words
+    from lexp.store import StoreWriter
+
+    task = ctx.task
+    cfg = ctx.cfg
+    items = task.splits[split]
+    labels, _ = task.encode_labels(split)
+    n_layers, hidden = int(encoder.info["n_layers"]), int(encoder.info["hidden"])
+    manifest = {
+        "fingerprint": fp,
+        "settings": settings,
+        "model": str(cfg.model.name),
+        "model_dir": str(ctx.model_dir),
+        "task": task.name,
+        "task_kind": task.kind,
+        "split": split,
+        "label_vocab": list(task.labels),
+    }
+    if task.kind == "labelling":
+        lengths = np.fromiter((len(s.words) for s in items), dtype=np.int64, count=len(items))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        stream = extract_words(
+            encoder.model,
+            encoder.tokenizer,
+            [s.words for s in items],
+            batch_size=int(cfg.extract.batch_size),
+            subword=str(cfg.extract.subword),
+            long_sentences=str(cfg.extract.long_sentences),
+            progress=bool(cfg.progress),
+            sources=[s.source for s in items],
+        )
+    else:
+        offsets = np.arange(len(items) + 1, dtype=np.int64)
+        stream = extract_cls(
+            encoder.model,
+            encoder.tokenizer,
+            [(e.text_a, e.text_b) for e in items],
+            batch_size=int(cfg.extract.batch_size),
+            max_length=int(cfg.finetune.max_seq_length),
+            progress=bool(cfg.progress),
+        )
+    with StoreWriter(
+        target,
+        n_rows=int(offsets[-1]),
+        n_layers=n_layers,
+        hidden=hidden,
+        dtype=str(cfg.store.dtype),
+        manifest=manifest,
+    ) as writer:
+        for index, rows in stream:
+            writer.write_rows(int(offsets[index]), np.atleast_2d(rows))
+        writer.finish(labels, offsets)
+
+
+# ------------------------------------------------------------------------------------------- oracle
+def datamodule(ctx: RunContext, columns: np.ndarray | None = None) -> Any:
+    """The only way probes see data: a seeded stream over the stores."""
+    from lexp.datamodules import ActivationDataModule
+
+    return ActivationDataModule(
+        ctx.stores["train"],
+        ctx.stores.get("dev"),
+        ctx.stores.get("test"),
+        columns=columns,
+        batch_size=int(ctx.cfg.probe.batch_size),
+        seed=int(ctx.cfg.probe.seed),
+        regression=ctx.regression,
+    )
+
+
+def train_heads(
+    ctx: RunContext, subsets: Mapping[str, np.ndarray] | None, columns: np.ndarray | None = None
+) -> dict:
+    """Train one probe per neuron subset in a single pass over the data (see MultiHeadProbe)."""
+    from lexp.probes import train_probes
+
+    return train_probes(
+        datamodule(ctx, columns),
+        dict(subsets) if subsets is not None else None,
+        probe_cfg=ctx.probe_cfg(),
+        trainer_kwargs=ctx.trainer_kwargs(),
+        logger=ctx.tracker.lightning_logger(),
+    )
+
+
+def score(result: Mapping[str, Any], split: str, metric: str) -> float:
+    return float(result[split][metric])
+
+
+def train_oracle(ctx: RunContext) -> None:
+    """The oracle: one ElasticNet probe on all neurons of all layers."""
+    results = train_heads(ctx, {"oracle": np.arange(ctx.model_info["n_neurons"])})
+    oracle = results["oracle"]
+    ctx.oracle = oracle
+    ctx.report["oracle"] = _public(oracle)
+    ctx.tracker.log_metrics(
+        {
+            f"oracle/{split}/{k}": v
+            for split in ("dev", "test")
+            if split in oracle
+            for k, v in oracle[split].items()
+        }
+    )
+
+
+def _public(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A probe result without its weight arrays (those are too big for results.json)."""
+    return {k: v for k, v in result.items() if k not in {"weights", "bias", "columns"}}
+
+
+def _flat_summary(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "task": data.get("task"),
+        "model": data.get("model"),
+        "analysis": data.get("analysis"),
+    }
+    oracle = data.get("oracle") or {}
+    for split in ("dev", "test"):
+        for key, value in (oracle.get(split) or {}).items():
+            out[f"oracle/{split}/{key}"] = value
+    for key in ("n_neurons", "n_layers"):
+        out[key] = data.get(key)
+    return out
+
+
+def print_summary(ctx: RunContext) -> None:
+    """A short table on stdout; results.json has everything."""
+    data = ctx.report.data
+    metric = ctx.metric
+    lines = [
+        f"lexp {data['task']} · {data['model']} · analysis={data['analysis']}",
+        f"  neurons        {data.get('n_neurons')} ({data.get('n_layers')} layers × {data.get('hidden')})",
+        "  rows           " + ", ".join(f"{s}={n}" for s, n in data.get("rows", {}).items()),
+        f"  labels         {data.get('n_labels')}  unseen in dev/test: {data.get('unseen_label_counts')}",
+    ]
+    if ctx.oracle:
+        lines.append(
+            f"  oracle {metric:<8}dev {ctx.oracle['dev'][metric]:.4f}   test {ctx.oracle.get('test', {}).get(metric, float('nan')):.4f}"
+        )
+    for line in data.get("summary_lines", []):
+        lines.append("  " + line)
+    lines.append("  timings (s)    " + ", ".join(f"{k}={v:.1f}" for k, v in data["timings_s"].items()))
+    lines.append(f"  results        {ctx.report.path}")
+    print("\n".join(lines), flush=True)
+
+
+def config_dir() -> Path:
+    """The conf/ folder: packaged with the wheel, or at the top of a checkout / editable install."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def friendly_errors(exc: BaseException) -> str | None:
+    """One clear message for errors whose fix is known (no wall of traceback)."""
+    if isinstance(exc, (LexpInputError, LexpModelError)):
+        return f"lexp: error: {exc}"
+    return None

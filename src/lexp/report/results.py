@@ -1,0 +1,67 @@
+"""``results.json``: every number of a run, machine-readable, rewritten after each stage.
+
+Writing after every stage (atomically) means an interrupted run still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays, paths and non-finite floats into plain JSON values."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class Report:
+    """Accumulates a run's results and keeps ``<run_dir>/results.json`` up to date."""
+
+    def __init__(self, run_dir: Path, **header: Any) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "results.json"
+        self.data: dict[str, Any] = {"status": "running", **header, "timings_s": {}, "figures": []}
+        self.save()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.save()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        self.data.update(values)
+        self.save()
+
+    def timing(self, stage: str, seconds: float) -> None:
+        self.data["timings_s"][stage] = round(float(seconds), 4)
+        self.save()
+
+    def figure(self, path: Path) -> None:
+        self.data["figures"].append(str(Path(path).relative_to(self.run_dir)))
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(to_jsonable(self.data), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, self.path)
