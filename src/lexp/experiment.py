@@ -119,14 +119,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             read_task(ctx)
         with stage(ctx, "extract"):
             build_stores(ctx)
-        with stage(ctx, "oracle"):
-            train_oracle(ctx)
+        module = None
+        extra: dict[str, np.ndarray] = {}
         if cfg.analysis.name != "oracle":
             from importlib import import_module
 
             module = import_module(f"lexp.analyses.{cfg.analysis.name}")
+            if hasattr(module, "prepare"):  # heads that can share the oracle's pass over the data
+                with stage(ctx, f"{cfg.analysis.name}_prepare"):
+                    extra = module.prepare(ctx)
+        with stage(ctx, "probes" if extra else "oracle"):
+            heads = train_oracle(ctx, extra)
+        if module is not None:
             with stage(ctx, cfg.analysis.name):
-                module.run(ctx)
+                module.run(ctx, heads)
         report.timing("total", time.perf_counter() - start)
         report["status"] = "complete"
         tracker.summary(_flat_summary(report.data))
@@ -371,23 +377,23 @@ def score(result: Mapping[str, Any], split: str, metric: str) -> float:
     return float(result[split][metric])
 
 
-def train_oracle(ctx: RunContext) -> None:
-    """The oracle: one ElasticNet probe on all neurons of all layers."""
-    results = train_heads(ctx, {"oracle": np.arange(ctx.model_info["n_neurons"])})
+def train_oracle(ctx: RunContext, extra: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The oracle (one ElasticNet probe on all neurons of all layers), plus any extra heads.
+
+    Extra heads (e.g. one per layer) train in the same pass over the activations.
+    """
+    heads = {"oracle": np.arange(ctx.model_info["n_neurons"]), **(extra or {})}
+    results = train_heads(ctx, heads)
     oracle = results["oracle"]
     ctx.oracle = oracle
-    ctx.report["oracle"] = _public(oracle)
+    ctx.report["oracle"] = public(oracle)
     ctx.tracker.log_metrics(
-        {
-            f"oracle/{split}/{k}": v
-            for split in ("dev", "test")
-            if split in oracle
-            for k, v in oracle[split].items()
-        }
+        {f"oracle/{split}/{k}": v for split in ("dev", "test") if split in oracle for k, v in oracle[split].items()}
     )
+    return results
 
 
-def _public(result: Mapping[str, Any]) -> dict[str, Any]:
+def public(result: Mapping[str, Any]) -> dict[str, Any]:
     """A probe result without its weight arrays (those are too big for results.json)."""
     return {k: v for k, v in result.items() if k not in {"weights", "bias", "columns"}}
 

@@ -1,0 +1,207 @@
+"""General redundancy (Section 5): CKA between layers and correlation clustering of neurons.
+
+One streaming pass over a store gives the column means and the neuron × neuron co-moment; from
+that one matrix come both the layer CKA matrix (Figure 1) and the neuron correlations. The
+average-linkage tree is built once, cached beside the store, and cut at every requested ct
+(Figures 2, 3; Table 6). Labels are never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from lexp.experiment import RunContext, public
+from lexp.report import figures
+
+
+def thresholds(value: Any) -> list[float]:
+    """``analysis.ct`` is a number or a list of numbers in [0, 1]."""
+    values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") else [value]
+    out = sorted({round(float(v), 6) for v in values})
+    bad = [v for v in out if not 0.0 <= v <= 1.0]
+    if bad:
+        from lexp.errors import LexpInputError
+
+        raise LexpInputError(f"analysis.ct={bad} is outside [0, 1]; the distance 1-|corr| lies in [0, 1]")
+    return out
+
+
+def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, tag: str) -> dict[str, Any]:
+    """CKA matrix, correlation linkage (and float32 correlations for medoids), cached by fingerprint.
+
+    The cache lives beside the store, so a sweep over ct (or a rerun) never recomputes the pass.
+    """
+    from lexp.redundancy import cka as cka_mod
+    from lexp.redundancy import clustering, covariance
+    from lexp.store import fingerprint
+
+    cfg = ctx.cfg.analysis
+    max_rows = int(cfg.max_rows) if cfg.get("max_rows") else None
+    need_corr = str(cfg.get("representative", "random")) == "medoid"
+    settings = {
+        "store": store.manifest["fingerprint"],
+        "columns": None if columns is None else np.asarray(columns).tolist(),
+        "max_rows": max_rows,
+        "signed": bool(cfg.signed),
+        "compute": str(cfg.compute),
+    }
+    fp = fingerprint(settings, [])
+    cache = store.path.parent / f"{store.path.name}.{tag}-{fp[:12]}"
+    files = {"linkage": cache / "linkage.npy", "cka": cache / "cka.npy", "corr": cache / "corr32.npy"}
+    complete = cache / "manifest.json"
+    if complete.exists() and (not need_corr or files["corr"].exists()):
+        out = {"linkage": clustering.load_linkage(files["linkage"]), "reused": True, "path": cache}
+        if files["cka"].exists():
+            out["cka"] = np.load(files["cka"], allow_pickle=False)
+        if need_corr:
+            out["corr"] = np.load(files["corr"], mmap_mode="r")
+        return out
+
+    source: Any = store
+    if max_rows is not None:
+        source = store.activations[:max_rows]
+        if columns is not None:
+            source = source[:, np.asarray(columns)] if len(columns) < store.n_neurons else source
+    moments = covariance.streaming_moments(
+        source,
+        chunk_rows=int(cfg.chunk_rows),
+        columns=None if (max_rows is not None or columns is None) else np.asarray(columns),
+        compute=str(cfg.compute),
+        progress=bool(ctx.cfg.progress),
+    )
+    cka = None
+    if columns is None:  # CKA needs whole layers
+        cka = cka_mod.cka_matrix(moments, store.n_layers, store.hidden)
+    corr = covariance.correlation(moments)
+    del moments
+    linkage = clustering.neuron_linkage(corr, signed=bool(cfg.signed))
+    tmp = cache.with_name(cache.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    clustering.save_linkage(tmp / "linkage.npy", linkage)
+    if cka is not None:
+        np.save(tmp / "cka.npy", cka, allow_pickle=False)
+    if need_corr:
+        np.save(tmp / "corr32.npy", corr.astype(np.float32), allow_pickle=False)
+    (tmp / "manifest.json").write_text(json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
+    if cache.exists():
+        shutil.rmtree(cache)
+    os.replace(tmp, cache)
+    out = {"linkage": linkage, "reused": False, "path": cache}
+    if cka is not None:
+        out["cka"] = cka
+    if need_corr:
+        out["corr"] = corr
+    return out
+
+
+def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
+    """Cluster the neurons and return one probe head of representatives per ct."""
+    from lexp.redundancy import clustering
+
+    cfg = ctx.cfg.analysis
+    store = ctx.stores[str(cfg.split)]
+    cached = clustering_cache(ctx, store, None, "general")
+    cts = thresholds(cfg.ct)
+    labels_at = clustering.cut_many(cached["linkage"], cts)
+    neuron_layer = np.arange(store.n_neurons) // store.hidden
+    state: dict[str, Any] = {"cached": cached, "cts": cts, "clusters": {}}
+    heads: dict[str, np.ndarray] = {}
+    for ct in cts:
+        labels = labels_at[ct]
+        reps = clustering.representatives(
+            labels, mode=str(cfg.representative), seed=int(ctx.cfg.seed), corr=cached.get("corr")
+        )
+        makeup = clustering.cluster_makeup(labels, neuron_layer)
+        state["clusters"][ct] = {"representatives": reps, "makeup": makeup}
+        if cfg.evaluate:
+            heads[f"ct_{ct:g}"] = reps
+    ctx.general_state = state  # type: ignore[attr-defined]
+    return heads
+
+
+def run(ctx: RunContext, heads: dict[str, Any]) -> None:
+    cfg = ctx.cfg.analysis
+    state = ctx.general_state  # type: ignore[attr-defined]
+    metric = ctx.metric
+    store = ctx.stores[str(cfg.split)]
+    n = store.n_neurons
+    rows = []
+    for ct in state["cts"]:
+        info = state["clusters"][ct]
+        reps = info["representatives"]
+        row: dict[str, Any] = {
+            "task": ctx.task.name,
+            "ct": ct,
+            "n_neurons": int(len(reps)),
+            "pct_removed": 100.0 * (1 - len(reps) / n),
+            "makeup": info["makeup"],
+        }
+        head = heads.get(f"ct_{ct:g}")
+        if head is not None:
+            row["dev"] = float(head["dev"][metric])
+            row["test"] = float(head["test"][metric]) if "test" in head else None
+            row["probe"] = public(head)
+        rows.append(row)
+        ctx.tracker.log_metrics(
+            {
+                "general/ct": ct,
+                "general/n_neurons": row["n_neurons"],
+                "general/pct_removed": row["pct_removed"],
+            }
+            | ({f"general/dev/{metric}": row["dev"]} if "dev" in row else {})
+        )
+    result: dict[str, Any] = {
+        "metric": metric,
+        "split": str(cfg.split),
+        "n_neurons_total": n,
+        "oracle_dev": float(ctx.oracle["dev"][metric]),
+        "oracle_test": float(ctx.oracle["test"][metric]) if "test" in ctx.oracle else None,
+        "cache": str(state["cached"]["path"]),
+        "cache_reused": bool(state["cached"]["reused"]),
+        "table6": rows,
+        "representatives": {f"{ct:g}": state["clusters"][ct]["representatives"] for ct in state["cts"]},
+    }
+    if "cka" in state["cached"]:
+        cka = np.asarray(state["cached"]["cka"])
+        result["cka"] = cka
+        adjacent = [float(cka[i, i + 1]) for i in range(len(cka) - 1)]
+        result["cka_adjacent"] = adjacent
+        path = figures.cka_heatmap(
+            cka,
+            ctx.run_dir / "figures" / "cka.png",
+            f"{ctx.cfg.model.name}: linear CKA between layers (Fig. 1)",
+        )
+        ctx.report.figure(path)
+        ctx.tracker.log_image("general/figure1_cka", path)
+    ctx.report["general"] = result
+    columns = ["task", "ct", "n_neurons", "pct_removed", "dev", "test"]
+    ctx.tracker.log_table("general/table6", columns, [[r.get(c) for c in columns] for r in rows])
+    if any("dev" in r for r in rows):
+        path = figures.reduction_vs_score(
+            [r["ct"] for r in rows],
+            [r["pct_removed"] for r in rows],
+            [r.get("dev", np.nan) for r in rows],
+            result["oracle_dev"],
+            ctx.run_dir / "figures" / "reduction_vs_score.png",
+            f"{ctx.task.name} · {ctx.cfg.model.name}: CC threshold (Fig. 2)",
+        )
+        ctx.report.figure(path)
+        ctx.tracker.log_image("general/figure2", path)
+    path = figures.cluster_makeup_bars(
+        {r["ct"]: r["makeup"]["shares"] for r in rows},
+        ctx.run_dir / "figures" / "cluster_makeup.png",
+        f"{ctx.cfg.model.name}: where clustered neurons lie (Fig. 3)",
+    )
+    ctx.report.figure(path)
+    ctx.tracker.log_image("general/figure3", path)
+    ctx.report["summary_lines"] = [
+        f"ct={r['ct']:.2f}: {r['n_neurons']:>5} neurons ({r['pct_removed']:.1f}% removed)"
+        + (f"  dev {r['dev']:.4f}" if "dev" in r else "")
+        for r in rows
+    ]
