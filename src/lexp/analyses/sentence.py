@@ -1,0 +1,31 @@
+"""Sentence tasks: the [CLS] store comes from a model fine-tuned on the task (cached by fingerprint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lexp.experiment import RunContext
+
+
+def finetuned_model_dir(ctx: RunContext) -> Path:
+    """Fine-tune the configured encoder on the task (or reuse the cached one) and return its folder."""
+    from lexp.encoders.finetune import finetune
+
+    with_timing = ctx.report.data.setdefault("finetune", {})
+    path = finetune(
+        ctx.task,
+        OmegaConf.to_container(ctx.cfg.model, resolve=True),
+        OmegaConf.to_container(ctx.cfg.finetune, resolve=True),
+        cache_root=Path(ctx.cfg.cache_dir),
+        trainer_kwargs=ctx.trainer_kwargs(),
+    )
+    manifest = Path(path) / "manifest.json"
+    if manifest.exists():
+        import json
+
+        with_timing.update(json.loads(manifest.read_text()))
+    with_timing["path"] = str(path)
+    ctx.report.save()
+    return Path(path)

