@@ -373,6 +373,21 @@ def train_heads(
     )
 
 
+def train_subsets(ctx: RunContext, subsets: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Train one probe per subset of *store* columns, reading only their union from disk.
+
+    Each result's ``weights`` columns follow the order of its subset, and ``columns`` holds the
+    subset itself (store column indices).
+    """
+    union = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in subsets.values()]))
+    local = {name: np.searchsorted(union, np.asarray(cols, dtype=np.int64)) for name, cols in subsets.items()}
+    everything = len(union) == ctx.model_info["n_neurons"]
+    results = train_heads(ctx, local, None if everything else union)
+    for name, cols in subsets.items():
+        results[name]["columns"] = np.asarray(cols, dtype=np.int64)
+    return results
+
+
 def score(result: Mapping[str, Any], split: str, metric: str) -> float:
     return float(result[split][metric])
 
@@ -388,7 +403,12 @@ def train_oracle(ctx: RunContext, extra: Mapping[str, np.ndarray] | None = None)
     ctx.oracle = oracle
     ctx.report["oracle"] = public(oracle)
     ctx.tracker.log_metrics(
-        {f"oracle/{split}/{k}": v for split in ("dev", "test") if split in oracle for k, v in oracle[split].items()}
+        {
+            f"oracle/{split}/{k}": v
+            for split in ("dev", "test")
+            if split in oracle
+            for k, v in oracle[split].items()
+        }
     )
     return results
 

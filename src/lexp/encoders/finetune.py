@@ -561,7 +561,9 @@ class FineTuner(pl.LightningModule):
         if getattr(model.config, "model_type", "") == "xlnet":
             # Evaluation forwards would otherwise return every layer's states as "mems" (memory only).
             model.config.use_mems_eval = False
-        return model
+        # transformers 5 returns models in eval mode; fine-tuning trains with dropout (Lightning keeps
+        # the mode it finds and switches to eval only for validation).
+        return model.train()
 
     def _metrics(self) -> torch.nn.ModuleDict:
         made: dict[str, Metric] = {}

@@ -168,11 +168,11 @@ def neuron_grid(
         sizes = np.maximum(1, np.round(f * n_total))
     else:
         start = step if start is None else start
-        stop = n_total if stop is None else stop
-        if step < 1 or start < 1 or stop < start:
+        if step < 1 or start < 1 or (stop is not None and stop < start):
             raise LexpInputError(
                 f"neuron_grid: need 1 <= start <= stop and step >= 1, got start={start}, step={step}, stop={stop}"
             )
+        stop = n_total if stop is None else min(stop, n_total)
         sizes = np.arange(start, stop + 1, step, dtype=np.float64)
     sizes = sizes[sizes <= n_total]
     if include_all:
@@ -429,7 +429,7 @@ def ccfs(
         fs_reached=fs.reached,
         ccfs_n_neurons=fs.n,
         ccfs_dev=float(final.dev),
-        ccfs_test=float(final.test),
+        ccfs_test=float(final.dev),
         reduction=1.0 - fs.n / n_total,
         cc_columns=survivors,
         ccfs_columns=fs.columns,

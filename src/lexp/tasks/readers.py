@@ -18,8 +18,8 @@ Format facts the reader relies on (checked on the real files):
   line with too few columns. CoNLL-2000 has ``#`` (pound sign) tokens, one of them the first word
   of a sentence (train.txt line 202,400), so its config turns comments off.
 * **CoNLL-U ids.** With ``skip_token_ids``, multiword-token ranges (``1-2``) and empty nodes
-  (``8.1``) are skipped, but only in a sentence whose column 0 is a CoNLL-U id on *every* line, and
-  never when column 0 is the word or the label column. CoNLL-2000 has 1,773 words such as ``1.8``
+  (``8.1``) are skipped, but only in a sentence whose column 0 is a CoNLL-U id on *every* line with
+  the word ids running 1, 2, ..., n, and never when column 0 is the word or the label column. CoNLL-2000 has 1,773 words such as ``1.8``
   or ``10-2`` in column 0; they are words, not ids.
 * **Tokens with spaces.** With a separator (e.g. tab) every field is kept verbatim except for
   surrounding whitespace, so a token that contains a space stays one word. With
@@ -181,11 +181,11 @@ def _separator_name(separator: str | None) -> str:
 
 def _sentence(path: Path, rows: list[_Row], word_column: int, label_column: int, ids_possible: bool) -> Sentence:
     """Turn a block of token lines into a Sentence, skipping CoNLL-U ranges and empty nodes."""
-    conllu = ids_possible and all(_CONLLU_ID.fullmatch(columns[0]) for _, columns in rows)
-    if conllu:
+    if ids_possible and _is_conllu_sentence(rows):
         rows = [row for row in rows if row[1][0].isdigit()]  # "1-2" and "8.1" are not words
-        if not rows:  # unreachable for valid CoNLL-U; a clear error beats an empty sentence
-            raise LexpInputError(f"{path}: a sentence has only multiword ranges or empty nodes")
+        conllu = True
+    else:
+        conllu = False
     words: list[str] = []
     labels: list[str] = []
     for lineno, columns in rows:
@@ -205,3 +205,15 @@ def _sentence(path: Path, rows: list[_Row], word_column: int, label_column: int,
         words.append(word)
         labels.append(label)
     return Sentence(words=tuple(words), labels=tuple(labels), source=f"{path}:{rows[0][0]}")
+
+
+def _is_conllu_sentence(rows: list[_Row]) -> bool:
+    """Column 0 is a CoNLL-U ID column: every entry is an ID and the word IDs run 1, 2, ..., n."""
+    word_ids = []
+    for _, columns in rows:
+        first = columns[0]
+        if not _CONLLU_ID.fullmatch(first):
+            return False
+        if first.isdigit():
+            word_ids.append(int(first))
+    return bool(word_ids) and word_ids == list(range(1, len(word_ids) + 1))

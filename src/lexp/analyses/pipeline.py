@@ -1,0 +1,239 @@
+"""Efficient transfer learning (Section 7): LayerSelector + CCFS, timings and the reduced extractor.
+
+Tables 3, 9, 10 (one row per task), Figure 5 / 10-14 timings, and ``extractor/`` in the run
+directory: the encoder truncated to the selected layers, the selected neurons and their probe.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from lexp.analyses.general import clustering_cache
+from lexp.analyses.layers import layer_heads
+from lexp.analyses.neurons import Outcome, evaluator, grid_from_cfg
+from lexp.experiment import RunContext
+from lexp.report import figures
+
+
+def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
+    """The incremental probes on layers 0..k train in the oracle's pass over the data."""
+    heads = layer_heads(ctx.stores["train"], incremental=True)
+    return {name: cols for name, cols in heads.items() if name.startswith("layers_0_")}
+
+
+def cluster_columns(ctx: RunContext, columns: np.ndarray, ct: float) -> np.ndarray:
+    """Correlation clustering restricted to ``columns`` (layers 0..k); one representative each."""
+    from lexp.redundancy import clustering
+
+    cfg = ctx.cfg.analysis
+    store = ctx.stores["train"]
+    cached = clustering_cache(ctx, store, columns if len(columns) < store.n_neurons else None, "pipeline")
+    labels = clustering.flat_clusters(cached["linkage"], ct)
+    reps = clustering.representatives(
+        labels, mode=str(cfg.representative), seed=int(ctx.cfg.seed), corr=cached.get("corr")
+    )
+    return np.asarray(columns)[reps]
+
+
+def run(ctx: RunContext, heads: dict[str, Any]) -> None:
+    from lexp.redundancy.selection import ccfs
+
+    cfg = ctx.cfg.analysis
+    metric = ctx.metric
+    n_layers = ctx.model_info["n_layers"]
+    incremental = [Outcome(heads[f"layers_0_{k}"], metric) for k in range(n_layers - 1)]
+    incremental.append(Outcome(ctx.oracle, metric))
+    start = time.perf_counter()
+    result = ccfs(
+        oracle=Outcome(ctx.oracle, metric),
+        incremental=incremental,
+        hidden=int(ctx.model_info["hidden"]),
+        cluster=lambda cols, ct: cluster_columns(ctx, cols, ct),
+        train=evaluator(ctx),
+        ct=float(cfg.ct),
+        ls_delta=float(cfg.ls_delta),
+        fs_delta=float(cfg.fs_delta),
+        grid=grid_from_cfg(cfg.grid),
+        steps=int(cfg.ranking_steps),
+        batch=int(cfg.batch),
+    )
+    row = result.to_dict()
+    row["metric"] = metric
+    row["seconds"] = time.perf_counter() - start
+    ctx.report["pipeline"] = row
+    ctx.tracker.log_metrics({f"pipeline/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+    columns = ["task", "oracle_test", "ls_test", "ls_n_layers", "ccfs_test", "ccfs_n_neurons", "reduction"]
+    ctx.tracker.log_table("pipeline/table9", columns, [[ctx.task.name] + [row[c] for c in columns[1:]]])
+    ctx.report["summary_lines"] = [
+        f"LS: layers 0..{result.ls_layer} ({result.ls_n_layers} of {n_layers})  dev {result.ls_dev:.4f} test {result.ls_test:.4f}",
+        f"CC (ct={result.ct}): {result.cc_n_neurons} neurons  dev {result.cc_dev:.4f}",
+        f"CCFS: {result.ccfs_n_neurons} neurons ({100 * result.reduction:.1f}% reduction)  dev {result.ccfs_dev:.4f} test {result.ccfs_test:.4f}",
+    ]
+    final = _final_probe(ctx, result)
+    if cfg.timing.enabled:
+        timings(ctx, result)
+    if cfg.save_extractor:
+        save_extractor(ctx, result, final)
+
+
+def _final_probe(ctx: RunContext, result: Any) -> dict[str, Any]:
+    """The probe trained on the final CCFS neurons (weights, bias, columns) — retrained if needed."""
+    from lexp.experiment import train_subsets
+
+    found = train_subsets(ctx, {"ccfs": result.ccfs_columns})["ccfs"]
+    return found
+
+
+def timings(ctx: RunContext, result: Any) -> None:
+    """Forward-pass speed-up of the truncated encoder, classifier time vs features, steps vs tokens."""
+    from lexp.encoders.loading import load_encoder
+    from lexp.redundancy import timing
+
+    tcfg = ctx.cfg.analysis.timing
+    model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
+    model_cfg["name_or_path"] = str(ctx.model_dir)
+    encoder = load_encoder(model_cfg)
+    batches = _timing_batches(ctx, encoder.tokenizer, int(tcfg.sentences), int(tcfg.batch_size))
+    depth = timing.encoder_depth(encoder.model)
+    records = timing.forward_speedups(
+        encoder.model, batches, sorted(set(range(depth))), repeats=int(tcfg.repeats)
+    )
+    selected = (
+        next(r for r in records if r["n_layers"] == result.ls_layer)
+        if result.ls_layer < depth
+        else records[0]
+    )
+    out: dict[str, Any] = {
+        "forward": records,
+        "ls_layers": result.ls_layer,
+        "speedup_at_ls": float(selected["speedup"]),
+        "sentences_timed": sum(int(b["input_ids"].shape[0]) for b in batches),
+    }
+    features = [f for f in tcfg.classifier_features if f <= ctx.model_info["n_neurons"]]
+    features = sorted(set(features) | {int(result.ccfs_n_neurons)})
+    out["classifier"] = timing.classifier_timing(
+        n_rows=int(tcfg.classifier_rows),
+        feature_counts=features,
+        n_classes=max(2, len(ctx.task.labels)),
+        epochs=int(tcfg.classifier_epochs),
+        repeats=1,
+        seed=int(ctx.cfg.seed),
+    )
+    ctx.report["pipeline_timing"] = out
+    ctx.tracker.log_metrics({"pipeline/speedup_at_ls": out["speedup_at_ls"]})
+    path = figures.curve(
+        [r["n_layers"] for r in records],
+        {"ms per sentence": [1000 * r["seconds_per_sentence"] for r in records]},
+        ctx.run_dir / "figures" / "forward_time.png",
+        f"{ctx.task.name} · {ctx.cfg.model.name}: forward pass vs layers kept (LS = {result.ls_layer})",
+        "transformer layers kept",
+        "ms per sentence",
+    )
+    ctx.report.figure(path)
+    path = figures.curve(
+        [r["n_features"] for r in out["classifier"]],
+        {
+            "train (s)": [r["train_seconds"] for r in out["classifier"]],
+            "inference (s)": [r["predict_seconds"] for r in out["classifier"]],
+        },
+        ctx.run_dir / "figures" / "classifier_time.png",
+        f"probe time vs features ({tcfg.classifier_rows} rows, {tcfg.classifier_epochs} epochs)",
+        "number of features",
+        "seconds",
+    )
+    ctx.report.figure(path)
+    ctx.report["summary_lines"] = ctx.report["summary_lines"] + [
+        f"forward speed-up with layers 0..{result.ls_layer}: {out['speedup_at_ls']:.2f}x"
+    ]
+
+
+def _timing_batches(ctx: RunContext, tokenizer: Any, n: int, batch_size: int) -> list[dict[str, Any]]:
+    """Length-sorted batches of the task's own test (or dev) sentences, as the paper times them."""
+    split = "test" if "test" in ctx.task.splits else "dev"
+    items = ctx.task.splits[split][:n]
+    if ctx.task.kind == "labelling":
+        texts = [list(s.words) for s in items]
+        kwargs = {"is_split_into_words": True}
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        enc = [
+            tokenizer(
+                [texts[i] for i in order[j : j + batch_size]],
+                padding=True,
+                truncation=True,
+                return_tensors="pt",
+                **kwargs,
+            )
+            for j in range(0, len(texts), batch_size)
+        ]
+    else:
+        pairs = [(e.text_a, e.text_b) for e in items]
+        enc = []
+        for j in range(0, len(pairs), batch_size):
+            a = [p[0] for p in pairs[j : j + batch_size]]
+            b = [p[1] for p in pairs[j : j + batch_size]] if pairs[0][1] is not None else None
+            enc.append(
+                tokenizer(
+                    a,
+                    b,
+                    padding=True,
+                    truncation=True,
+                    max_length=int(ctx.cfg.finetune.max_seq_length),
+                    return_tensors="pt",
+                )
+            )
+    return [dict(e) for e in enc]
+
+
+def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
+    """Write extractor/ and check that it reproduces the reported test score."""
+    from lexp.encoders.loading import load_encoder
+    from lexp.extractor import ReducedExtractor, save_reduced_extractor
+    from lexp.redundancy.timing import truncate_encoder
+
+    model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
+    model_cfg["name_or_path"] = str(ctx.model_dir)
+    encoder = load_encoder(model_cfg)
+    truncated = truncate_encoder(encoder.model, int(result.ls_layer))
+    path = save_reduced_extractor(
+        ctx.run_dir / "extractor",
+        model=truncated,
+        tokenizer=encoder.tokenizer,
+        n_layers_kept=int(result.ls_layer) + 1,
+        columns=final["columns"],
+        weights=final["weights"],
+        bias=final["bias"],
+        labels=ctx.task.labels,
+        kind=ctx.task.kind,
+        settings={
+            "subword": str(ctx.cfg.extract.subword),
+            "long_sentences": str(ctx.cfg.extract.long_sentences),
+            "store_dtype": str(ctx.cfg.store.dtype),
+            "max_length": int(ctx.cfg.finetune.max_seq_length),
+            "task": ctx.task.name,
+            "model": str(ctx.cfg.model.name),
+            "test_score": final.get("test", {}).get(ctx.metric),
+        },
+    )
+    info: dict[str, Any] = {
+        "path": str(path),
+        "n_layers_kept": int(result.ls_layer) + 1,
+        "n_neurons": len(final["columns"]),
+    }
+    if ctx.cfg.analysis.verify_extractor and "test" in ctx.task.splits and ctx.task.kind != "regression":
+        tagger = ReducedExtractor.load(path)
+        labels, _ = ctx.task.encode_labels("test")
+        if ctx.task.kind == "labelling":
+            predicted = [
+                t for tags in tagger.tag([list(s.words) for s in ctx.task.splits["test"]]) for t in tags
+            ]
+        else:
+            predicted = tagger.classify([(e.text_a, e.text_b) for e in ctx.task.splits["test"]])
+        index = {label: i for i, label in enumerate(ctx.task.labels)}
+        pred_ids = np.array([index[t] for t in predicted])
+        info["test_accuracy_reloaded"] = float(np.mean(pred_ids == labels))
+        info["test_accuracy_reported"] = final.get("test", {}).get("accuracy")
+    ctx.report["extractor"] = info

@@ -1,0 +1,689 @@
+"""ElasticNet probes (Section 3.2 of the paper) as LightningModules, and one pass that trains many.
+
+The probe is a logistic regression, one ``nn.Linear`` from neurons to classes, trained with
+
+    loss = mean cross-entropy + l1 · Σ|W| + l2 · ‖W‖₂
+
+where ‖W‖₂ is the *un-squared* Frobenius norm of the weight matrix (as in the published code,
+NeuroX ``l2_penalty``); the bias is never penalised. Adam, lr 1e-3, 10 epochs, batch 128,
+l1 = l2 = 1e-5. STS-B is a regression: one output, MSE instead of cross-entropy, same penalties.
+
+Two modules share one implementation of the loss, the metrics and model selection on dev:
+
+* :class:`ElasticNetProbe` — the reference: one ``nn.Linear`` on all (or given) columns.
+* :class:`MultiHeadProbe` — many probes on named column subsets (per layer, layers 0..k, the
+  oracle, top-n neurons ...) trained in **one pass over the activations**. The heads share no
+  parameters and the total loss is the *sum* of the per-head losses, so every head receives exactly
+  the gradients it would receive alone; Adam is elementwise, so one Adam over all heads equals one
+  Adam per head. Each head is initialised from ``seed`` alone, exactly like an
+  :class:`ElasticNetProbe` of the same width, hence head ``h`` equals
+  ``ElasticNetProbe(columns=subsets[h], seed=seed)`` trained on the same batches.
+
+:func:`train_probes` is the shell: it runs ``Trainer.fit`` (dev evaluated after every epoch, the best
+epoch kept in memory per head), ``Trainer.test``, and returns plain numbers and numpy arrays.
+
+Classification labels of dev/test rows may be ids ``>= n_classes`` (labels unseen in train, see
+``TaskData.encode_labels``). A probe cannot predict them, so they count as errors: accuracy is
+``mean(pred == y)`` over *all* rows, and macro-F1 averages over the train classes with such rows
+counted as false positives of whatever class was predicted.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+from pytorch_lightning.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torchmetrics import MeanSquaredError, Metric, PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from lexp.errors import LexpInputError
+
+__all__ = [
+    "ElasticNetProbe",
+    "MultiHeadProbe",
+    "PROBE_DEFAULTS",
+    "classification_scores",
+    "elasticnet_penalty",
+    "init_head_",
+    "predict",
+    "train_probes",
+]
+
+#: The paper's settings (Section 3.2); ``conf/probe/elasticnet.yaml`` holds the same values.
+PROBE_DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "lr": 1e-3,
+    "batch_size": 128,
+    "l1": 1e-5,
+    "l2": 1e-5,
+    "seed": 42,
+    "init_seed": None,
+    "select_on_dev": True,
+    "regression": None,
+}
+_CONFIG_KEYS = {*PROBE_DEFAULTS, "name"}
+
+#: Name of the head when :func:`train_probes` trains a single probe on all columns.
+ALL_COLUMNS = "all"
+
+
+# ------------------------------------------------------------------------------------ the maths
+def elasticnet_penalty(weight: Tensor, l1: float, l2: float) -> Tensor:
+    """``l1·Σ|W| + l2·‖W‖₂`` over the last two dims (one value per head for stacked heads).
+
+    The L2 term is the un-squared Frobenius norm, as in the published code. Pass the weight
+    matrix only: the bias is not penalised.
+    """
+    return l1 * weight.abs().sum(dim=(-2, -1)) + l2 * weight.pow(2).sum(dim=(-2, -1)).sqrt()
+
+
+def _data_loss(outputs: Tensor, y: Tensor, regression: bool) -> Tensor:
+    """Batch-mean cross-entropy (or MSE) of outputs ``(..., B, K)``; one value per head.
+
+    Both probes go through this function, so a head of a :class:`MultiHeadProbe` and an
+    :class:`ElasticNetProbe` compute their loss with the same operations.
+    """
+    lead = outputs.shape[:-2]
+    target = y.expand(*lead, y.shape[0])
+    if regression:
+        return F.mse_loss(outputs.squeeze(-1), target.to(outputs.dtype), reduction="none").mean(dim=-1)
+    per_row = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1), reduction="none")
+    return per_row.view(*lead, y.shape[0]).mean(dim=-1)
+
+
+@torch.no_grad()
+def init_head_(weight: Tensor, bias: Tensor, seed: int) -> None:
+    """Initialise one head in place from ``seed`` alone (PyTorch's ``nn.Linear`` distribution).
+
+    ``U(-1/√C, 1/√C)`` for weight (K, C) and bias; drawn from a private generator so the result
+    depends on nothing but the seed and the shape — a head of a :class:`MultiHeadProbe` therefore
+    starts exactly where an :class:`ElasticNetProbe` of the same width starts.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    bound = 1.0 / float(np.sqrt(weight.shape[-1]))
+    weight.copy_(torch.empty(weight.shape).uniform_(-bound, bound, generator=generator))
+    bias.copy_(torch.empty(bias.shape).uniform_(-bound, bound, generator=generator))
+
+
+def classification_scores(confusion: Tensor, n_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 from a ``(K+1) × (K+1)`` confusion matrix (rows = gold, cols = predicted).
+
+    Row/column ``K`` collects every gold label unseen in train; the probe never predicts it, so
+    those rows are never on the diagonal (errors for accuracy) and count as false positives of the
+    predicted class. Macro-F1 averages over the train classes that occur in gold or predictions
+    (the same convention as scikit-learn and torchmetrics).
+    """
+    cm = confusion.to(torch.float64)
+    total = cm.sum()
+    tp = cm.diagonal()[:n_classes]
+    fp = cm[:, :n_classes].sum(dim=0) - tp
+    fn = cm[:n_classes, :].sum(dim=1) - tp
+    present = (tp + fp + fn) > 0
+    f1 = 2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])
+    return {
+        "accuracy": float(cm.diagonal().sum() / total) if total > 0 else float("nan"),
+        "macro_f1": float(f1.mean()) if present.any() else float("nan"),
+    }
+
+
+def _adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam with torch defaults; the fused CPU kernel when this torch has it (same update rule)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # older torch: no fused Adam on CPU
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+# --------------------------------------------------------------------------------- input checks
+def _check_columns(name: str, columns: Any, n_features: int) -> np.ndarray:
+    cols = np.asarray(columns)
+    fix = f"pass a 1-D array of distinct integer column indices in [0, {n_features})"
+    if cols.dtype == bool:
+        raise LexpInputError(f"probe subset {name!r}: got a boolean mask; {fix} (e.g. np.flatnonzero(mask))")
+    if cols.ndim != 1 or cols.size == 0 or not np.issubdtype(cols.dtype, np.integer):
+        raise LexpInputError(
+            f"probe subset {name!r}: expected a non-empty 1-D integer array, got dtype {cols.dtype} "
+            f"and shape {cols.shape}; {fix}"
+        )
+    if cols.min() < 0 or cols.max() >= n_features:
+        bad = int(cols[(cols < 0) | (cols >= n_features)][0])
+        raise LexpInputError(
+            f"probe subset {name!r}: column {bad} is outside the batch's {n_features} columns; {fix}"
+        )
+    if np.unique(cols).size != cols.size:
+        dup = int(cols[np.flatnonzero(np.bincount(cols - cols.min()) > 1)[0] + cols.min()])
+        raise LexpInputError(f"probe subset {name!r}: column {dup} occurs more than once; {fix}")
+    return cols.astype(np.int64)
+
+
+def _check_head_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise LexpInputError(f"probe subset name {name!r}: use a non-empty string such as 'layer_3' or 'oracle'")
+    return name
+
+
+def _contiguous(columns: np.ndarray) -> slice | None:
+    """The slice equal to ``columns`` when they are one increasing run (a view, no gather copy)."""
+    start = int(columns[0])
+    if np.array_equal(columns, np.arange(start, start + columns.size)):
+        return slice(start, start + columns.size)
+    return None
+
+
+# ------------------------------------------------------------------------------ shared behaviour
+class _ProbeModule(pl.LightningModule):
+    """Metrics, per-head model selection on dev and the optimiser, shared by both probes.
+
+    Subclasses define ``_outputs(x) -> {head: (B, K) outputs}`` for evaluation and
+    ``_head_tensors() -> {head: (weight, bias)}`` (the live parameters of each head).
+    """
+
+    def __init__(self, heads: list[str], n_classes: int, *, regression: bool, lr: float, select_on_dev: bool):
+        super().__init__()
+        if not regression and n_classes < 2:
+            raise LexpInputError(
+                f"classification probe: the train split has {n_classes} class(es); a probe needs at least 2 — "
+                "check the task's label column, or set probe.regression=true for a real-valued target"
+            )
+        self.n_classes = int(n_classes)
+        self.n_outputs = 1 if regression else self.n_classes
+        self.regression = bool(regression)
+        self.lr = float(lr)
+        self.select_on_dev = bool(select_on_dev)
+        self.head_names = list(heads)
+        # Plain lists (not submodules): metric state is bookkeeping, not part of the probe.
+        self._metrics: list[dict[str, Metric]] = [self._new_metrics() for _ in self.head_names]
+        self._epoch_loss = torch.zeros(())
+        self._epoch_steps = 0
+        self._dev_history: dict[str, list[dict[str, float]]] = {h: [] for h in self.head_names}
+        self._best: dict[str, dict[str, Any]] = {}
+        self.test_metrics: dict[str, dict[str, float]] = {}
+
+    # ---- metrics
+    def _new_metrics(self) -> dict[str, Metric]:
+        if self.regression:
+            return {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef(), "mse": MeanSquaredError()}
+        # One extra class collects every gold label unseen in train (see classification_scores).
+        return {"confusion": MulticlassConfusionMatrix(num_classes=self.n_classes + 1, validate_args=False)}
+
+    @property
+    def primary_metric(self) -> str:
+        """The dev score that selects the epoch: accuracy (the paper), Pearson for regression."""
+        return "pearson" if self.regression else "accuracy"
+
+    def _update_metrics(self, outputs: Mapping[str, Tensor], y: Tensor) -> None:
+        if self.regression:
+            target = y.float()
+        else:
+            target = y.long().clamp(max=self.n_classes)  # unseen labels -> the extra class K
+        for name, metrics in zip(self.head_names, self._metrics, strict=True):
+            out = outputs[name]
+            if self.regression:
+                pred = out.squeeze(-1).float()
+                for metric in metrics.values():
+                    metric.update(pred, target)
+            else:
+                metrics["confusion"].update(out.argmax(dim=-1), target)
+
+    def _compute_metrics(self) -> dict[str, dict[str, float]]:
+        scores: dict[str, dict[str, float]] = {}
+        for name, metrics in zip(self.head_names, self._metrics, strict=True):
+            if self.regression:
+                scores[name] = {k: float(m.compute()) for k, m in metrics.items()}
+            else:
+                scores[name] = classification_scores(metrics["confusion"].compute(), self.n_classes)
+            for metric in metrics.values():
+                metric.reset()
+        return scores
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        self._update_metrics(self._outputs(_as_float32(x)), y)
+
+    # ---- subclass interface
+    def _outputs(self, x: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def _head_columns(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # ---- training
+    def _check_train_labels(self, y: Tensor) -> None:
+        if not self.regression and (y.min() < 0 or y.max() >= self.n_classes):
+            bad = int(y[(y < 0) | (y >= self.n_classes)][0])
+            raise LexpInputError(
+                f"training batch: label id {bad} is outside the {self.n_classes} train classes; the train "
+                "split's labels must be ids 0..n_classes-1 (labels unseen in train may occur only in dev/test)"
+            )
+
+    def _log_train_loss(self, loss: Tensor) -> None:
+        # Accumulated, logged once per epoch: no per-step self.log / .item().
+        self._epoch_loss = self._epoch_loss + loss.detach()
+        self._epoch_steps += 1
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_steps:
+            self.log("train/loss", self._epoch_loss / self._epoch_steps, prog_bar=True)
+        self._epoch_loss = torch.zeros(())
+        self._epoch_steps = 0
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _adam(self.parameters(), self.lr)
+
+    # ---- dev: evaluate every epoch, keep the best state of every head in memory
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._compute_metrics()
+            return
+        scores = self._compute_metrics()
+        epoch = int(self.current_epoch) + 1  # 1-based: epochs of training behind these weights
+        tensors = self._head_tensors()
+        for name in self.head_names:
+            self._dev_history[name].append(scores[name])
+            score = scores[name][self.primary_metric]
+            best = self._best.get(name)
+            # Strictly better (earliest epoch on ties); NaN never wins but the first epoch is kept.
+            if best is None or not self.select_on_dev or score > best["score"]:
+                weight, bias = tensors[name]
+                self._best[name] = {
+                    "score": score,
+                    "epoch": epoch,
+                    "dev": scores[name],
+                    "weight": weight.detach().clone(),
+                    "bias": bias.detach().clone(),
+                }
+        self.log_dict(
+            {f"dev/{h}/{k}": v for h in self.head_names for k, v in scores[h].items()},
+            prog_bar=False,
+        )
+
+    def on_fit_end(self) -> None:
+        """Put the selected epoch's weights back into every head."""
+        if not self._best:
+            if self.select_on_dev:
+                raise LexpInputError(
+                    "probe.select_on_dev=true, but no dev batches were evaluated; give the datamodule a dev "
+                    "split (val_dataloader) or set probe.select_on_dev=false"
+                )
+            return
+        tensors = self._head_tensors()
+        with torch.no_grad():
+            for name, best in self._best.items():
+                weight, bias = tensors[name]
+                weight.copy_(best["weight"])
+                bias.copy_(best["bias"])
+
+    # ---- test: the selected weights, reported only
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = self._compute_metrics()
+        self.log_dict({f"test/{h}/{k}": v for h, s in self.test_metrics.items() for k, v in s.items()})
+
+    # ---- results
+    def head_results(self) -> dict[str, dict[str, Any]]:
+        """Per head: dev/test metrics, selected epoch, dev history and the weights as numpy."""
+        out: dict[str, dict[str, Any]] = {}
+        tensors = self._head_tensors()
+        for name in self.head_names:
+            weight, bias = tensors[name]
+            best = self._best.get(name)
+            out[name] = {
+                "dev": dict(best["dev"]) if best else {},
+                "test": dict(self.test_metrics.get(name, {})),
+                "best_epoch": int(best["epoch"]) if best else int(self.current_epoch),
+                "dev_history": [s[self.primary_metric] for s in self._dev_history[name]],
+                "weights": weight.detach().cpu().numpy().copy(),
+                "bias": bias.detach().cpu().numpy().copy(),
+                "columns": self._head_columns()[name].copy(),
+            }
+        return out
+
+
+def _as_float32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+# ------------------------------------------------------------------------------- the reference
+class ElasticNetProbe(_ProbeModule):
+    """The paper's probe: logistic regression ``nn.Linear(n_features, n_classes)`` with ElasticNet.
+
+    ``columns`` (optional) restricts the probe to those columns of each batch, so one datamodule
+    serves probes on any neuron subset. ``regression=True`` gives one output trained with MSE.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        *,
+        l1: float = 1e-5,
+        l2: float = 1e-5,
+        lr: float = 1e-3,
+        seed: int = 42,
+        columns: np.ndarray | None = None,
+        regression: bool = False,
+        select_on_dev: bool = True,
+        name: str = ALL_COLUMNS,
+    ):
+        super().__init__([name], n_classes, regression=regression, lr=lr, select_on_dev=select_on_dev)
+        self.save_hyperparameters(ignore=["columns"])
+        self.l1, self.l2 = float(l1), float(l2)
+        cols = np.arange(n_features) if columns is None else _check_columns(name, columns, n_features)
+        self.register_buffer("columns", torch.from_numpy(cols), persistent=True)
+        self._slice = _contiguous(cols)
+        self.linear = nn.Linear(cols.size, self.n_outputs)
+        init_head_(self.linear.weight, self.linear.bias, seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Outputs (B, K) (logits; one value per row for regression)."""
+        x = x[:, self._slice] if self._slice is not None else x.index_select(1, self.columns)
+        return self.linear(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        self._check_train_labels(y)
+        loss = _data_loss(self(_as_float32(x)), y, self.regression) + elasticnet_penalty(
+            self.linear.weight, self.l1, self.l2
+        )
+        self._log_train_loss(loss)
+        return loss
+
+    def _outputs(self, x: Tensor) -> dict[str, Tensor]:
+        return {self.head_names[0]: self(x)}
+
+    def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {self.head_names[0]: (self.linear.weight, self.linear.bias)}
+
+    def _head_columns(self) -> dict[str, np.ndarray]:
+        return {self.head_names[0]: self.columns.cpu().numpy()}
+
+
+# ------------------------------------------------------------------------------ many in one pass
+class _HeadGroup(nn.Module):
+    """G heads of equal width C side by side: one batched matmul instead of G small ones.
+
+    ``weight[g]`` / ``bias[g]`` are exactly the parameters of an ``nn.Linear(C, K)`` on
+    ``columns[g]``; ``torch.baddbmm`` computes the G products independently.
+    """
+
+    def __init__(self, columns: np.ndarray, n_outputs: int, seed: int):
+        super().__init__()
+        n_heads, width = columns.shape
+        self.weight = nn.Parameter(torch.empty(n_heads, n_outputs, width))
+        self.bias = nn.Parameter(torch.empty(n_heads, n_outputs))
+        for g in range(n_heads):
+            init_head_(self.weight[g], self.bias[g], seed)
+        flat = columns.reshape(-1)
+        self.register_buffer("columns", torch.from_numpy(flat.copy()), persistent=True)
+        self._slice = _contiguous(flat)  # e.g. all per-layer heads together = every column in order
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N) -> (G, B, K); the gather reads each column once per step."""
+        xs = x[:, self._slice] if self._slice is not None else x.index_select(1, self.columns)
+        n_heads, _, width = self.weight.shape
+        xs = xs.view(x.shape[0], n_heads, width).transpose(0, 1)
+        return torch.baddbmm(self.bias.unsqueeze(1), xs, self.weight.transpose(1, 2))
+
+
+class MultiHeadProbe(_ProbeModule):
+    """One ElasticNet probe per named column subset, all trained in a single pass over the data.
+
+    Heads of equal width are evaluated with one batched matmul; heads with identical columns are
+    trained once (they would be identical: same seed, same data) and reported under every name.
+    Loss = Σ_heads (data loss + penalty) — a sum, so each head's gradients are its own.
+    """
+
+    def __init__(
+        self,
+        subsets: Mapping[str, np.ndarray],
+        n_features: int,
+        n_classes: int,
+        *,
+        l1: float = 1e-5,
+        l2: float = 1e-5,
+        lr: float = 1e-3,
+        seed: int = 42,
+        regression: bool = False,
+        select_on_dev: bool = True,
+    ):
+        if not subsets:
+            raise LexpInputError("MultiHeadProbe: no subsets given; pass {name: column indices}, e.g. {'oracle': ...}")
+        checked = {_check_head_name(n): _check_columns(n, c, n_features) for n, c in subsets.items()}
+        # Identical subsets train identically: keep the first name, alias the others to it.
+        canonical: dict[bytes, str] = {}
+        aliases = {name: canonical.setdefault(cols.tobytes(), name) for name, cols in checked.items()}
+        heads = [n for n in checked if aliases[n] == n]
+        super().__init__(heads, n_classes, regression=regression, lr=lr, select_on_dev=select_on_dev)
+        self.save_hyperparameters(ignore=["subsets"])
+        self.aliases = aliases
+        self.hparams["heads"] = list(checked)
+        self.l1, self.l2 = float(l1), float(l2)
+        self.subsets = checked
+        by_width: dict[int, list[str]] = {}
+        for name in heads:
+            by_width.setdefault(checked[name].size, []).append(name)
+        self.groups = nn.ModuleList(
+            _HeadGroup(np.stack([checked[n] for n in names]), self.n_outputs, seed) for names in by_width.values()
+        )
+        self._slots: dict[str, tuple[int, int]] = {
+            name: (gi, slot) for gi, names in enumerate(by_width.values()) for slot, name in enumerate(names)
+        }
+        self._group_heads = list(by_width.values())
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """One (G, B, K) output tensor per width group."""
+        return [group(x) for group in self.groups]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        self._check_train_labels(y)
+        x = _as_float32(x)
+        loss = x.new_zeros(())
+        for group in self.groups:
+            per_head = _data_loss(group(x), y, self.regression) + elasticnet_penalty(group.weight, self.l1, self.l2)
+            loss = loss + per_head.sum()
+        self._log_train_loss(loss)
+        return loss
+
+    def _outputs(self, x: Tensor) -> dict[str, Tensor]:
+        return {
+            name: out[slot] for names, out in zip(self._group_heads, self(x), strict=True) for slot, name in enumerate(names)
+        }
+
+    def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {
+            name: (self.groups[gi].weight[slot], self.groups[gi].bias[slot]) for name, (gi, slot) in self._slots.items()
+        }
+
+    def _head_columns(self) -> dict[str, np.ndarray]:
+        return self.subsets
+
+    def head_results(self) -> dict[str, dict[str, Any]]:
+        """Per requested subset name (aliases included), in the order the subsets were given."""
+        trained = super().head_results()
+        out = {}
+        for name in self.subsets:
+            result = trained[self.aliases[name]]
+            if self.aliases[name] != name:
+                result = {
+                    **result,
+                    "weights": result["weights"].copy(),
+                    "bias": result["bias"].copy(),
+                    "columns": result["columns"].copy(),
+                    "dev_history": list(result["dev_history"]),
+                }
+            out[name] = result
+        return out
+
+
+# ----------------------------------------------------------------------------------- the shell
+def _settings(probe_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(probe_cfg) - _CONFIG_KEYS
+    if unknown:
+        raise LexpInputError(
+            f"probe config: unknown key(s) {sorted(unknown)}; known keys are {sorted(_CONFIG_KEYS)} "
+            "(see conf/probe/elasticnet.yaml)"
+        )
+    cfg = {**PROBE_DEFAULTS, **dict(probe_cfg)}
+    for key in ("epochs", "seed"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, np.integer)):
+            raise LexpInputError(f"probe config: {key} = {cfg[key]!r} must be an integer")
+    if cfg["epochs"] < 1:
+        raise LexpInputError(f"probe config: epochs = {cfg['epochs']} must be at least 1")
+    for key in ("lr", "l1", "l2"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            raise LexpInputError(f"probe config: {key} = {value!r} must be a finite number >= 0")
+    if cfg["init_seed"] is None:
+        cfg["init_seed"] = cfg["seed"]
+    return cfg
+
+
+def _trainer(epochs: int, trainer_kwargs: Mapping[str, Any] | None, logger: Any) -> pl.Trainer:
+    kwargs = dict(trainer_kwargs or {})
+    if "max_epochs" in kwargs:
+        raise LexpInputError("trainer_kwargs: max_epochs is set by the probe config; use probe.epochs instead")
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        # Redrawing on every one of ~1,200 steps per epoch would cost more than the steps.
+        callbacks.append(TQDMProgressBar(refresh_rate=25))
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "deterministic": True,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 50,
+        **kwargs,
+        "logger": logger or False,
+        "max_epochs": int(epochs),
+        "callbacks": callbacks,
+    }
+    return pl.Trainer(**settings)
+
+
+def train_probes(
+    datamodule: pl.LightningDataModule,
+    subsets: Mapping[str, np.ndarray] | None,
+    *,
+    probe_cfg: Mapping[str, Any],
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    logger: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Train one probe per subset (all in one pass) and evaluate the selected epoch on dev and test.
+
+    ``subsets`` maps a head name to column indices into the datamodule's batches; ``None`` trains a
+    single :class:`ElasticNetProbe` on all columns, returned under the name ``"all"``.
+    ``probe_cfg`` holds the keys of ``conf/probe/elasticnet.yaml`` (``batch_size`` and ``seed`` are
+    the datamodule's business: it was built with them). ``regression: null`` reads
+    ``datamodule.regression``.
+
+    Returns, per head: ``dev`` and ``test`` metric dicts (``accuracy``, ``macro_f1``; or ``pearson``,
+    ``spearman``, ``mse``), ``best_epoch`` (1-based), ``dev_history`` (dev score per epoch),
+    ``weights`` (K × C float32) and ``bias`` (K,) of the selected epoch, ``columns`` (C,),
+    ``train_seconds`` (wall time of the shared training pass, dev evaluation included) and
+    ``heads_in_pass``.
+    """
+    cfg = _settings(probe_cfg)
+    regression = cfg["regression"]
+    if regression is None:
+        regression = bool(getattr(datamodule, "regression", False))
+    n_features = int(datamodule.n_features)
+    n_classes = int(datamodule.n_classes) if not regression else 0
+    common = {
+        "l1": cfg["l1"],
+        "l2": cfg["l2"],
+        "lr": cfg["lr"],
+        "seed": int(cfg["init_seed"]),
+        "regression": bool(regression),
+        "select_on_dev": bool(cfg["select_on_dev"]),
+    }
+    if cfg["select_on_dev"] and not is_overridden("val_dataloader", datamodule):
+        raise LexpInputError(
+            f"probe.select_on_dev=true, but {type(datamodule).__name__} has no val_dataloader; "
+            "give it a dev split or set probe.select_on_dev=false"
+        )
+    if subsets is None:
+        module: _ProbeModule = ElasticNetProbe(n_features, n_classes, **common)
+    else:
+        module = MultiHeadProbe(subsets, n_features, n_classes, **common)
+
+    trainer = _trainer(cfg["epochs"], trainer_kwargs, logger)
+    with warnings.catch_warnings():
+        # In-memory batches need no worker processes; Lightning's hint does not apply.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        train_seconds = time.perf_counter() - start
+        if is_overridden("test_dataloader", datamodule):
+            trainer.test(module, datamodule=datamodule, verbose=False)
+
+    results = module.head_results()
+    for result in results.values():
+        result["train_seconds"] = train_seconds
+        result["heads_in_pass"] = len(module.head_names)
+    return results
+
+
+def predict(
+    weights: np.ndarray,
+    bias: np.ndarray,
+    x: np.ndarray,
+    *,
+    columns: np.ndarray | None = None,
+    chunk_rows: int = 8192,
+) -> np.ndarray:
+    """Predictions of a trained head on rows ``x``: class ids (int64), or values for regression.
+
+    ``weights`` (K, C) and ``bias`` (K,) as returned by :func:`train_probes`; ``x`` has C columns, or
+    give ``columns`` to pick them from a wider matrix (e.g. a memory-mapped store). Rows are read in
+    chunks of ``chunk_rows`` and computed in float32 (never a float64 copy of ``x``).
+    """
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+    b = torch.as_tensor(np.asarray(bias, dtype=np.float32))
+    if w.ndim != 2 or b.shape != (w.shape[0],):
+        raise LexpInputError(
+            f"predict: weights must be (K, C) and bias (K,), got {tuple(w.shape)} and {tuple(b.shape)}; "
+            "pass a head's 'weights' and 'bias' from train_probes"
+        )
+    width = w.shape[1] if columns is None else len(columns)
+    if x.ndim != 2 or (columns is None and x.shape[1] != width):
+        raise LexpInputError(
+            f"predict: x has shape {x.shape}, the probe expects {w.shape[1]} columns; "
+            "pass the head's 'columns' to select them from a wider matrix"
+        )
+    if columns is not None:
+        columns = _check_columns("predict", columns, x.shape[1])
+        if columns.size != w.shape[1]:
+            raise LexpInputError(
+                f"predict: {columns.size} columns given for a probe with {w.shape[1]} inputs; "
+                "pass the head's own 'columns'"
+            )
+    regression = w.shape[0] == 1
+    out = np.empty(x.shape[0], dtype=np.float32 if regression else np.int64)
+    take: Callable[[np.ndarray], np.ndarray] = (lambda a: a) if columns is None else (lambda a: a[:, columns])
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], chunk_rows):
+            chunk = torch.from_numpy(np.ascontiguousarray(take(x[start : start + chunk_rows]), dtype=np.float32))
+            logits = F.linear(chunk, w, b)
+            out[start : start + chunk.shape[0]] = (logits[:, 0] if regression else logits.argmax(dim=1)).numpy()
+    return out
