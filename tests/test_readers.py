@@ -24,9 +24,9 @@ def n_tokens(sentences: list[Sentence]) -> int:
     return sum(len(s.words) for s in sentences)
 
 
-def task_cfg(name: str, data_root: Path, **overrides) -> dict:
+def task_cfg(yaml_name: str, data_root: Path, **overrides) -> dict:
     """A conf/task yaml composed with data_root and resolved, as lexp.run passes it."""
-    cfg = OmegaConf.create({"data_root": str(data_root), "task": OmegaConf.load(CONF / f"{name}.yaml")})
+    cfg = OmegaConf.create({"data_root": str(data_root), "task": OmegaConf.load(CONF / f"{yaml_name}.yaml")})
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"task.{key}", value)
     return OmegaConf.to_container(cfg.task, resolve=True)
@@ -55,7 +55,18 @@ def test_ewt_skips_multiword_ranges_and_empty_nodes_and_is_fast(data_root):
     assert dont.labels[17:21] == ("PRP", "VBP", "RB", "VB")
     assert "don't" not in dont.words
     iraqis = next(s for s in data if s.words[:3] == ("Over", "300", "Iraqis"))
-    assert iraqis.words[:10] == ("Over", "300", "Iraqis", "are", "reported", "dead", "and", "500", "wounded", "in")
+    assert iraqis.words[:10] == (
+        "Over",
+        "300",
+        "Iraqis",
+        "are",
+        "reported",
+        "dead",
+        "and",
+        "500",
+        "wounded",
+        "in",
+    )
     assert iraqis.words.count("reported") == 1  # the empty node 8.1 "reported" is skipped
 
 
@@ -74,7 +85,10 @@ def test_conll2000_counts_and_quirks(data_root):
     # words such as "1.8" or "10-2" in column 0 are never taken for CoNLL-U ids, even when asked to
     numeric = read_columns(data_root / "conll2000/train.txt", **{**CONLL2000, "skip_token_ids": True})
     assert n_tokens(numeric) == 211727
-    assert sum(w.replace(".", "").replace("-", "").isdigit() and w[0] != "-" for s in train for w in s.words) > 1000
+    assert (
+        sum(w.replace(".", "").replace("-", "").isdigit() and w[0] != "-" for s in train for w in s.words)
+        > 1000
+    )
 
 
 @pytest.mark.parametrize(
@@ -211,7 +225,12 @@ def test_regression_encodes_float32_scores():
     from lexp.tasks import Example
 
     task = TaskData(
-        "toy", "regression", {"train": [Example("a", "b", 4.5, "f:1"), Example("c", None, 0.25, "f:2")]}, [], [], {}
+        "toy",
+        "regression",
+        {"train": [Example("a", "b", 4.5, "f:1"), Example("c", None, 0.25, "f:2")]},
+        [],
+        [],
+        {},
     )
     ids, unseen = task.encode_labels("train")
     assert ids.dtype == np.float32 and ids.tolist() == [4.5, 0.25] and unseen == {}
@@ -244,13 +263,17 @@ def test_label_column_missing_on_one_line(tmp_path):
 
 def test_word_column_missing(tmp_path):
     path = write(tmp_path / "x.tsv", "1\tw\tNN\n2\n")
-    with pytest.raises(LexpInputError, match=r"x.tsv:2: found 1 column, so word_column=1 .* and label_column=2"):
+    with pytest.raises(
+        LexpInputError, match=r"x.tsv:2: found 1 column, so word_column=1 .* and label_column=2"
+    ):
         read_columns(path, word_column=1, label_column=2, separator="\t")
 
 
 def test_wrong_column_count_against_first_line_and_min_columns(tmp_path):
     path = write(tmp_path / "x.tsv", "a\tDT\tB-NP\n\nb\tNN\tI-NP\textra\n")
-    with pytest.raises(LexpInputError, match=rf"{path}:3: found 4 columns, but the first token line \(1\) has 3"):
+    with pytest.raises(
+        LexpInputError, match=rf"{path}:3: found 4 columns, but the first token line \(1\) has 3"
+    ):
         read_columns(path, word_column=0, label_column=2, separator="\t")
     with pytest.raises(LexpInputError, match=rf"{path}:1: found 3 columns, but this format needs at least 7"):
         read_columns(path, word_column=0, label_column=2, separator="\t", min_columns=7)

@@ -152,6 +152,10 @@ def read_task(ctx: RunContext) -> None:
 
     task_cfg = OmegaConf.to_container(ctx.cfg.task, resolve=True)
     task = load_task(task_cfg)  # type: ignore[arg-type]
+    for split, n in (ctx.cfg.get("limit") or {}).items():
+        if n is not None and split in task.splits:
+            task.splits[split] = task.splits[split][: int(n)]
+            task.notes[f"limit_{split}"] = int(n)
     ctx.task = task
     counts: dict[str, Any] = {}
     for split, items in task.splits.items():
@@ -196,6 +200,23 @@ def model_digest(model_dir: Path) -> str:
     return fingerprint({"model_files": [p.name for p in names]}, names)
 
 
+def local_model_dir(model_cfg: Mapping[str, Any]) -> Path:
+    """The folder holding the model's files: a local dir, or the hub id's snapshot in the local cache.
+
+    When neither exists, loading the encoder raises the one clear error that says what was tried.
+    """
+    from lexp.encoders.loading import _hub_snapshot, load_encoder, resolve_name_or_path
+
+    target = resolve_name_or_path(model_cfg.get("name_or_path"))
+    if Path(target).is_dir():
+        return Path(target)
+    snapshot = _hub_snapshot(target, model_cfg.get("revision"))
+    if snapshot is None:
+        load_encoder(model_cfg)  # raises LexpModelError naming what was tried and the fix
+        raise LexpModelError(f"model {target!r} loaded but its files were not found in the local cache")
+    return Path(snapshot)
+
+
 def _split_names(ctx: RunContext) -> list[str]:
     wanted = list(ctx.cfg.extract.splits)
     missing = [s for s in ("train", "dev") if s not in ctx.task.splits]
@@ -208,7 +229,6 @@ def _split_names(ctx: RunContext) -> list[str]:
 
 def build_stores(ctx: RunContext) -> None:
     """Open the cached store of every split, extracting only what is missing or stale."""
-    from lexp.encoders.loading import resolve_model_path
     from lexp.store import ensure_store, fingerprint, store_dir
 
     cfg = ctx.cfg
@@ -218,7 +238,7 @@ def build_stores(ctx: RunContext) -> None:
 
         model_dir = finetuned_model_dir(ctx)
     else:
-        model_dir = resolve_model_path(model_cfg)  # type: ignore[arg-type]
+        model_dir = local_model_dir(model_cfg)  # type: ignore[arg-type]
     ctx.model_dir = Path(model_dir)
     digest = model_digest(ctx.model_dir)
     extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
@@ -232,6 +252,7 @@ def build_stores(ctx: RunContext) -> None:
             "model": model_cfg,
             "model_digest": digest,
             "task": task_cfg,
+            "limit": OmegaConf.to_container(cfg.limit, resolve=True) if cfg.get("limit") else None,
             "split": split,
             "subword": extract_cfg["subword"],
             "long_sentences": extract_cfg["long_sentences"],

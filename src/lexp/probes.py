@@ -30,6 +30,7 @@ counted as false positives of whatever class was predicted.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -168,7 +169,9 @@ def _check_columns(name: str, columns: Any, n_features: int) -> np.ndarray:
 
 def _check_head_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
-        raise LexpInputError(f"probe subset name {name!r}: use a non-empty string such as 'layer_3' or 'oracle'")
+        raise LexpInputError(
+            f"probe subset name {name!r}: use a non-empty string such as 'layer_3' or 'oracle'"
+        )
     return name
 
 
@@ -465,7 +468,9 @@ class MultiHeadProbe(_ProbeModule):
         select_on_dev: bool = True,
     ):
         if not subsets:
-            raise LexpInputError("MultiHeadProbe: no subsets given; pass {name: column indices}, e.g. {'oracle': ...}")
+            raise LexpInputError(
+                "MultiHeadProbe: no subsets given; pass {name: column indices}, e.g. {'oracle': ...}"
+            )
         checked = {_check_head_name(n): _check_columns(n, c, n_features) for n, c in subsets.items()}
         # Identical subsets train identically: keep the first name, alias the others to it.
         canonical: dict[bytes, str] = {}
@@ -481,7 +486,8 @@ class MultiHeadProbe(_ProbeModule):
         for name in heads:
             by_width.setdefault(checked[name].size, []).append(name)
         self.groups = nn.ModuleList(
-            _HeadGroup(np.stack([checked[n] for n in names]), self.n_outputs, seed) for names in by_width.values()
+            _HeadGroup(np.stack([checked[n] for n in names]), self.n_outputs, seed)
+            for names in by_width.values()
         )
         self._slots: dict[str, tuple[int, int]] = {
             name: (gi, slot) for gi, names in enumerate(by_width.values()) for slot, name in enumerate(names)
@@ -498,19 +504,24 @@ class MultiHeadProbe(_ProbeModule):
         x = _as_float32(x)
         loss = x.new_zeros(())
         for group in self.groups:
-            per_head = _data_loss(group(x), y, self.regression) + elasticnet_penalty(group.weight, self.l1, self.l2)
+            per_head = _data_loss(group(x), y, self.regression) + elasticnet_penalty(
+                group.weight, self.l1, self.l2
+            )
             loss = loss + per_head.sum()
         self._log_train_loss(loss)
         return loss
 
     def _outputs(self, x: Tensor) -> dict[str, Tensor]:
         return {
-            name: out[slot] for names, out in zip(self._group_heads, self(x), strict=True) for slot, name in enumerate(names)
+            name: out[slot]
+            for names, out in zip(self._group_heads, self(x), strict=True)
+            for slot, name in enumerate(names)
         }
 
     def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {
-            name: (self.groups[gi].weight[slot], self.groups[gi].bias[slot]) for name, (gi, slot) in self._slots.items()
+            name: (self.groups[gi].weight[slot], self.groups[gi].bias[slot])
+            for name, (gi, slot) in self._slots.items()
         }
 
     def _head_columns(self) -> dict[str, np.ndarray]:
@@ -522,15 +533,7 @@ class MultiHeadProbe(_ProbeModule):
         out = {}
         for name in self.subsets:
             result = trained[self.aliases[name]]
-            if self.aliases[name] != name:
-                result = {
-                    **result,
-                    "weights": result["weights"].copy(),
-                    "bias": result["bias"].copy(),
-                    "columns": result["columns"].copy(),
-                    "dev_history": list(result["dev_history"]),
-                }
-            out[name] = result
+            out[name] = result if self.aliases[name] == name else copy.deepcopy(result)
         return out
 
 
@@ -550,7 +553,12 @@ def _settings(probe_cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise LexpInputError(f"probe config: epochs = {cfg['epochs']} must be at least 1")
     for key in ("lr", "l1", "l2"):
         value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not np.isfinite(value)
+            or value < 0
+        ):
             raise LexpInputError(f"probe config: {key} = {value!r} must be a finite number >= 0")
     if cfg["init_seed"] is None:
         cfg["init_seed"] = cfg["seed"]
@@ -560,7 +568,9 @@ def _settings(probe_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _trainer(epochs: int, trainer_kwargs: Mapping[str, Any] | None, logger: Any) -> pl.Trainer:
     kwargs = dict(trainer_kwargs or {})
     if "max_epochs" in kwargs:
-        raise LexpInputError("trainer_kwargs: max_epochs is set by the probe config; use probe.epochs instead")
+        raise LexpInputError(
+            "trainer_kwargs: max_epochs is set by the probe config; use probe.epochs instead"
+        )
     callbacks = list(kwargs.pop("callbacks", None) or [])
     if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # Redrawing on every one of ~1,200 steps per epoch would cost more than the steps.
@@ -683,7 +693,11 @@ def predict(
     take: Callable[[np.ndarray], np.ndarray] = (lambda a: a) if columns is None else (lambda a: a[:, columns])
     with torch.inference_mode():
         for start in range(0, x.shape[0], chunk_rows):
-            chunk = torch.from_numpy(np.ascontiguousarray(take(x[start : start + chunk_rows]), dtype=np.float32))
+            chunk = torch.from_numpy(
+                np.ascontiguousarray(take(x[start : start + chunk_rows]), dtype=np.float32)
+            )
             logits = F.linear(chunk, w, b)
-            out[start : start + chunk.shape[0]] = (logits[:, 0] if regression else logits.argmax(dim=1)).numpy()
+            out[start : start + chunk.shape[0]] = (
+                logits[:, 0] if regression else logits.argmax(dim=1)
+            ).numpy()
     return out

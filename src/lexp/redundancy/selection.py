@@ -429,7 +429,7 @@ def ccfs(
         fs_reached=fs.reached,
         ccfs_n_neurons=fs.n,
         ccfs_dev=float(final.dev),
-        ccfs_test=float(final.dev),
+        ccfs_test=float(final.test),
         reduction=1.0 - fs.n / n_total,
         cc_columns=survivors,
         ccfs_columns=fs.columns,

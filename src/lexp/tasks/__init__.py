@@ -67,7 +67,6 @@ _GLUE_DEFAULTS: dict[str, Any] = {
     "max_train_examples": None,
     "max_test_examples": None,
 }
-_PROTOCOLS = ("split_train", "pool", "as_is")
 
 
 def load_task(task_cfg: Mapping) -> TaskData:
@@ -111,7 +110,9 @@ def _settings(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
             )
     merged = {**defaults, **cfg}
     if not isinstance(merged.get("files"), Mapping):
-        raise LexpInputError(f"task {name}: `files` must be a mapping such as {{train: ..., dev: ..., test: ...}}")
+        raise LexpInputError(
+            f"task {name}: `files` must be a mapping such as {{train: ..., dev: ..., test: ...}}"
+        )
     return merged
 
 
@@ -125,14 +126,18 @@ def _path(cfg: dict[str, Any], key: str, value: Any) -> Path | None:
     if value is None:
         return None
     if value == "???":
-        raise LexpInputError(f"task {cfg['name']}: {key} is not set; override it, e.g. task.{key}=/path/to/file")
+        raise LexpInputError(
+            f"task {cfg['name']}: {key} is not set; override it, e.g. task.{key}=/path/to/file"
+        )
     if not isinstance(value, str) or not value:
         raise LexpInputError(f"task {cfg['name']}: {key} must be a path or null, got {value!r}")
     data_dir = cfg.get("data_dir")
     path = Path(value).expanduser()
     if not path.is_absolute():
         if not data_dir:
-            raise LexpInputError(f"task {cfg['name']}: {key} = {value!r} is relative but task.data_dir is not set")
+            raise LexpInputError(
+                f"task {cfg['name']}: {key} = {value!r} is relative but task.data_dir is not set"
+            )
         path = Path(str(data_dir)).expanduser() / path
     if not path.is_file():
         raise LexpInputError(
@@ -153,7 +158,9 @@ def _optional_int(cfg: dict[str, Any], key: str, minimum: int = 1) -> int | None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LexpInputError(f"task {cfg['name']}: `{key}` must be an integer >= {minimum} or null, got {value!r}")
+        raise LexpInputError(
+            f"task {cfg['name']}: `{key}` must be an integer >= {minimum} or null, got {value!r}"
+        )
     return value
 
 
@@ -213,7 +220,14 @@ def _load_labelling(cfg: dict[str, Any]) -> TaskData:
             raise LexpInputError(f"task {name}: set `{key}` (0-based column index)")
     read_kw = {
         key: cfg[key]
-        for key in ("word_column", "label_column", "separator", "comment_prefix", "skip_token_ids", "min_columns")
+        for key in (
+            "word_column",
+            "label_column",
+            "separator",
+            "comment_prefix",
+            "skip_token_ids",
+            "min_columns",
+        )
     }
     max_train_tokens = _optional_int(cfg, "max_train_tokens")
     dev_fraction = cfg["dev_from_train"]
@@ -234,7 +248,11 @@ def _load_labelling(cfg: dict[str, Any]) -> TaskData:
     splits: dict[str, list[Sentence]] = {}
     notes: dict[str, Any] = {"reader": "columns", "columns": read_kw}
     train = read_columns(paths["train"], **read_kw)  # type: ignore[arg-type]
-    notes["train"] = {"file": str(paths["train"]), "sentences_read": len(train), "tokens_read": _n_tokens(train)}
+    notes["train"] = {
+        "file": str(paths["train"]),
+        "sentences_read": len(train),
+        "tokens_read": _n_tokens(train),
+    }
     if dev_fraction is not None:
         fraction = _fraction(name, "dev_from_train", dev_fraction)
         n_dev = _round(len(train) * fraction)
@@ -309,6 +327,26 @@ def _split_multiwords(sentences: list[Sentence], joiner: str) -> tuple[list[Sent
 
 
 # ------------------------------------------------------------------------------------------------ GLUE
+#: The `files` entries each protocol reads; the others must be null so that nothing is ignored.
+_PROTOCOL_FILES = {"split_train": ("train", "test"), "pool": ("pool",), "as_is": ("train", "dev", "test")}
+
+
+class _GlueFiles:
+    """Reads the configured GLUE files, remembering every file read and every repaired row."""
+
+    def __init__(self, cfg: dict[str, Any], glue_task: str) -> None:
+        self.cfg, self.glue_task = cfg, glue_task
+        self.files: list[Path] = []
+        self.repairs: list[str] = []
+
+    def read(self, key: str, value: Any) -> list[Example]:
+        path = _path(self.cfg, key, value)
+        if path is None:
+            raise LexpInputError(f"task {self.cfg['name']}: protocol {self.cfg['protocol']!r} needs {key}")
+        self.files.append(path)
+        return read_glue(self.glue_task, path, repairs=self.repairs)
+
+
 def _load_glue(cfg: dict[str, Any]) -> TaskData:
     name = cfg["name"]
     glue_task = cfg["glue_task"] or name
@@ -317,80 +355,37 @@ def _load_glue(cfg: dict[str, Any]) -> TaskData:
             f"task {name}: set task.glue_task to the file format, one of {sorted(FORMATS)} (got {glue_task!r})"
         )
     fmt = glue_format(glue_task)
-    kind = cfg.get("kind") or fmt.kind
-    if kind != fmt.kind:
+    if (cfg.get("kind") or fmt.kind) != fmt.kind:
         raise LexpInputError(f"task {name}: GLUE {glue_task} is a {fmt.kind} task; set kind: {fmt.kind}")
     protocol = cfg["protocol"]
+    if protocol not in _PROTOCOL_FILES:
+        raise LexpInputError(
+            f"task {name}: protocol must be one of {list(_PROTOCOL_FILES)}, got {protocol!r}"
+        )
     seed = cfg["split_seed"]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise LexpInputError(f"task {name}: split_seed must be an integer, got {seed!r}")
-    repairs: list[str] = []
-    files: list[Path] = []
-
-    def read(key: str, value: Any) -> list[Example]:
-        path = _path(cfg, key, value)
-        if path is None:
-            raise LexpInputError(f"task {name}: protocol {protocol!r} needs {key}")
-        files.append(path)
-        return read_glue(glue_task, path, repairs=repairs)
-
-    notes: dict[str, Any] = {"reader": "glue", "glue_task": glue_task, "protocol": protocol}
-    splits: dict[str, list[Example]] = {}
-    if protocol == "split_train":
-        _check_files_keys(cfg, ("train", "dev", "test"))
-        if cfg["files"].get("dev") is not None:
+    _check_files_keys(cfg, ("train", "dev", "test", "pool"))
+    for key, value in cfg["files"].items():
+        if value is not None and key not in _PROTOCOL_FILES[protocol]:
+            why = " (it carves dev from train; protocol: as_is uses a dev file)" if key == "dev" else ""
             raise LexpInputError(
-                f"task {name}: protocol 'split_train' carves dev from train; set files.dev: null "
-                "(or protocol: as_is to use a dev file)"
+                f"task {name}: protocol {protocol!r} does not read files.{key}{why}; set files.{key}: null"
             )
-        fraction = _fraction(name, "dev_fraction", cfg["dev_fraction"])
-        official = read("files.train", cfg["files"].get("train"))
-        n_dev = _round(len(official) * fraction)
-        dev_idx, train_idx = seeded_split(len(official), [n_dev, len(official) - n_dev], seed)
-        splits["train"] = [official[i] for i in train_idx]
-        splits["dev"] = [official[i] for i in dev_idx]
-        rule = f"seeded permutation (numpy default_rng, split_seed={seed}) of the {len(official)} rows"
-        notes["train"] = {"source": f"{1 - fraction:.0%} of official {files[0].name}, {rule}"}
-        notes["dev"] = {"source": f"the other {fraction:.0%} of official {files[0].name}; disjoint from train"}
-        splits["test"] = read("files.test", cfg["files"].get("test"))
-        notes["test"] = {"source": f"official {files[-1].name} (GLUE's dev set) in file order"}
+
+    reader = _GlueFiles(cfg, glue_task)
+    if protocol == "split_train":
+        splits, notes = _split_train(cfg, reader, seed)
     elif protocol == "pool":
-        _check_files_keys(cfg, ("pool",))
-        pool_files = cfg["files"].get("pool")
-        if not isinstance(pool_files, list) or not pool_files:
-            raise LexpInputError(f"task {name}: protocol 'pool' needs files.pool, a list of labelled files")
-        fractions = cfg["pool_fractions"] or {}
-        if set(fractions) != {"train", "dev", "test"}:
-            raise LexpInputError(f"task {name}: pool_fractions must give train, dev and test, got {fractions!r}")
-        f_dev, f_test = (_fraction(name, f"pool_fractions.{s}", fractions[s]) for s in ("dev", "test"))
-        f_train = _fraction(name, "pool_fractions.train", fractions["train"])
-        if not math.isclose(f_train + f_dev + f_test, 1.0, abs_tol=1e-9):
-            raise LexpInputError(f"task {name}: pool_fractions must sum to 1, got {fractions!r}")
-        pool: list[Example] = []
-        for i, value in enumerate(pool_files):
-            pool += read(f"files.pool[{i}]", value)
-        n_dev, n_test = _round(len(pool) * f_dev), _round(len(pool) * f_test)
-        dev_idx, test_idx, train_idx = seeded_split(len(pool), [n_dev, n_test, len(pool) - n_dev - n_test], seed)
-        for split, idx in (("train", train_idx), ("dev", dev_idx), ("test", test_idx)):
-            splits[split] = [pool[i] for i in idx]
-        names = " + ".join(p.name for p in files)
-        rule = (
-            f"one seeded permutation (numpy default_rng, split_seed={seed}) of the {len(pool)} labelled "
-            f"rows of {names}; dev = its first {n_dev}, test = the next {n_test}, train = the rest"
-        )
+        splits, notes = _split_pool(cfg, reader, seed)
+    else:
+        splits, notes = {}, {}
         for split in ("train", "dev", "test"):
-            notes[split] = {"source": f"{fractions[split]:.0%} of the pool: {rule}"}
-    elif protocol == "as_is":
-        _check_files_keys(cfg, ("train", "dev", "test"))
-        for split in ("train", "dev", "test"):
-            if cfg["files"].get(split) is None and split == "test":
+            if split == "test" and cfg["files"].get("test") is None:
                 notes["test"] = "no file configured: the split is absent"
                 continue
-            splits[split] = read(f"files.{split}", cfg["files"].get(split))
-            notes[split] = {"source": f"{files[-1].name} as is, in file order"}
-    else:
-        raise LexpInputError(f"task {name}: protocol must be one of {_PROTOCOLS}, got {protocol!r}")
-
+            splits[split] = reader.read(f"files.{split}", cfg["files"].get(split))
+            notes[split] = {"source": f"{reader.files[-1].name} as is, in file order"}
     for split, key in (("train", "max_train_examples"), ("test", "max_test_examples")):
         cap = _optional_int(cfg, key)
         if split in splits:
@@ -400,14 +395,68 @@ def _load_glue(cfg: dict[str, Any]) -> TaskData:
                 notes[split]["cap"] = f"{key}={cap}: the first {cap} examples in split order"
     for split, items in splits.items():
         notes[split]["examples"] = len(items)
-    if repairs:
-        notes["repaired_rows"] = repairs
+    notes = {"reader": "glue", "glue_task": glue_task, "protocol": protocol, **notes}
+    if reader.repairs:
+        notes["repaired_rows"] = reader.repairs
     labels = [] if fmt.kind == "regression" else label_vocabulary(str(e.label) for e in splits["train"])
     return TaskData(
         name=name,
         kind=fmt.kind,
         splits=splits,
         labels=labels,
-        files=list(dict.fromkeys(files)),
+        files=list(dict.fromkeys(reader.files)),
         notes=notes,
     )
+
+
+def _split_train(cfg: dict[str, Any], reader: _GlueFiles, seed: int) -> tuple[dict, dict]:
+    """The paper's protocol: official train -> train/dev by a seeded permutation; official dev = test."""
+    fraction = _fraction(cfg["name"], "dev_fraction", cfg["dev_fraction"])
+    official = reader.read("files.train", cfg["files"].get("train"))
+    train_file = reader.files[-1].name
+    n_dev = _round(len(official) * fraction)
+    dev_idx, train_idx = seeded_split(len(official), [n_dev, len(official) - n_dev], seed)
+    test = reader.read("files.test", cfg["files"].get("test"))
+    rule = f"seeded permutation (numpy default_rng, split_seed={seed}) of its {len(official)} rows"
+    splits = {
+        "train": [official[i] for i in train_idx],
+        "dev": [official[i] for i in dev_idx],
+        "test": test,
+    }
+    notes = {
+        "train": {"source": f"{1 - fraction:.0%} of {train_file} (files.train), {rule}"},
+        "dev": {"source": f"the other {fraction:.0%} of {train_file}; disjoint from train"},
+        "test": {"source": f"{reader.files[-1].name} (files.test; GLUE's official dev) in file order"},
+    }
+    return splits, notes
+
+
+def _split_pool(cfg: dict[str, Any], reader: _GlueFiles, seed: int) -> tuple[dict, dict]:
+    """Tasks without a train file here: one seeded permutation of all labelled rows -> train/dev/test."""
+    name = cfg["name"]
+    pool_files = cfg["files"].get("pool")
+    if not isinstance(pool_files, list) or not pool_files:
+        raise LexpInputError(f"task {name}: protocol 'pool' needs files.pool, a list of labelled files")
+    fractions = cfg["pool_fractions"] or {}
+    if set(fractions) != {"train", "dev", "test"}:
+        raise LexpInputError(f"task {name}: pool_fractions must give train, dev and test, got {fractions!r}")
+    f = {split: _fraction(name, f"pool_fractions.{split}", fractions[split]) for split in fractions}
+    if not math.isclose(sum(f.values()), 1.0, abs_tol=1e-9):
+        raise LexpInputError(f"task {name}: pool_fractions must sum to 1, got {fractions!r}")
+    pool: list[Example] = []
+    for i, value in enumerate(pool_files):
+        pool += reader.read(f"files.pool[{i}]", value)
+    n_dev, n_test = _round(len(pool) * f["dev"]), _round(len(pool) * f["test"])
+    dev_idx, test_idx, train_idx = seeded_split(len(pool), [n_dev, n_test, len(pool) - n_dev - n_test], seed)
+    splits = {
+        "train": [pool[i] for i in train_idx],
+        "dev": [pool[i] for i in dev_idx],
+        "test": [pool[i] for i in test_idx],
+    }
+    rule = (
+        f"one seeded permutation (numpy default_rng, split_seed={seed}) of the {len(pool)} labelled rows "
+        f"of {' + '.join(p.name for p in reader.files)}; dev = its first {n_dev}, test = the next "
+        f"{n_test}, train = the rest"
+    )
+    notes = {split: {"source": f"{f[split]:.0%} of the pool: {rule}"} for split in ("train", "dev", "test")}
+    return splits, notes

@@ -128,7 +128,9 @@ def read_glue(
                 row = _repair_or_fail(fmt, row, names, path, line, repairs)
             examples.append(_example(fmt, row, columns, path, line))
     if not examples:
-        raise LexpInputError(f"{path}:2: the file has a header but no rows. Point task.files at a {task} file.")
+        raise LexpInputError(
+            f"{path}:2: the file has a header but no rows. Point task.files at a {task} file."
+        )
     return examples
 
 

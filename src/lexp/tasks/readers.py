@@ -179,18 +179,30 @@ def _separator_name(separator: str | None) -> str:
     return "any whitespace" if separator is None else repr(separator)
 
 
-def _sentence(path: Path, rows: list[_Row], word_column: int, label_column: int, ids_possible: bool) -> Sentence:
+def _sentence(
+    path: Path, rows: list[_Row], word_column: int, label_column: int, ids_possible: bool
+) -> Sentence:
     """Turn a block of token lines into a Sentence, skipping CoNLL-U ranges and empty nodes."""
-    if ids_possible and _is_conllu_sentence(rows):
+    conllu = ids_possible and _is_conllu_sentence(rows)
+    if conllu:
         rows = [row for row in rows if row[1][0].isdigit()]  # "1-2" and "8.1" are not words
-        conllu = True
-    else:
-        conllu = False
-    words: list[str] = []
-    labels: list[str] = []
-    for lineno, columns in rows:
-        word = columns[word_column].strip()
-        label = columns[label_column].strip()
+    words = tuple(columns[word_column].strip() for _, columns in rows)
+    labels = tuple(columns[label_column].strip() for _, columns in rows)
+    if not all(words) or not all(labels) or (conllu and "_" in labels):
+        _fail_on_empty(path, rows, words, labels, word_column, label_column, conllu)
+    return Sentence(words=words, labels=labels, source=f"{path}:{rows[0][0]}")
+
+
+def _fail_on_empty(
+    path: Path,
+    rows: list[_Row],
+    words: tuple[str, ...],
+    labels: tuple[str, ...],
+    word_column: int,
+    label_column: int,
+    conllu: bool,
+) -> None:
+    for (lineno, _), word, label in zip(rows, words, labels, strict=True):
         if not word:
             raise LexpInputError(
                 f"{path}:{lineno}: the word (column {word_column + 1}) is empty. Fix the line, or check "
@@ -202,18 +214,17 @@ def _sentence(path: Path, rows: list[_Row], word_column: int, label_column: int,
                 f"{path}:{lineno}: the label (column {label_column + 1}) is {what}. Every word needs a "
                 "label: fix the line, or point task.label_column at a filled column."
             )
-        words.append(word)
-        labels.append(label)
-    return Sentence(words=tuple(words), labels=tuple(labels), source=f"{path}:{rows[0][0]}")
+
+
+#: "1", "2", ... as written in CoNLL-U, to compare a sentence's word ids without parsing them.
+_WORD_IDS = [str(i) for i in range(1, 1001)]
 
 
 def _is_conllu_sentence(rows: list[_Row]) -> bool:
     """Column 0 is a CoNLL-U ID column: every entry is an ID and the word IDs run 1, 2, ..., n."""
-    word_ids = []
-    for _, columns in rows:
-        first = columns[0]
-        if not _CONLLU_ID.fullmatch(first):
-            return False
-        if first.isdigit():
-            word_ids.append(int(first))
-    return bool(word_ids) and word_ids == list(range(1, len(word_ids) + 1))
+    firsts = [columns[0] for _, columns in rows]
+    word_ids = [first for first in firsts if first.isdigit()]
+    if not word_ids or len(word_ids) < len(firsts) and not all(map(_CONLLU_ID.fullmatch, firsts)):
+        return False
+    expected = _WORD_IDS if len(word_ids) <= len(_WORD_IDS) else [str(i) for i in range(1, len(word_ids) + 1)]
+    return word_ids == expected[: len(word_ids)]
