@@ -61,6 +61,15 @@ def test_truncated_last_hidden_state_is_hidden_state_k(make) -> None:
     torch.testing.assert_close(again.last_hidden_state, full.last_hidden_state)
 
 
+def test_truncated_model_used_first_leaves_no_hooks_on_the_original() -> None:
+    # transformers installs hidden-state recording hooks lazily on first use; if the copy shared
+    # hook containers with the original, the original would later record every layer twice.
+    model, inputs = tiny_bert(), batch()
+    with torch.inference_mode():
+        assert len(truncate_encoder(model, 2)(**inputs, output_hidden_states=True).hidden_states) == 3
+        assert len(model(**inputs, output_hidden_states=True).hidden_states) == 5
+
+
 def test_truncation_shares_weights_and_copies_the_config() -> None:
     model = tiny_bert()
     truncated = truncate_encoder(model, 2)

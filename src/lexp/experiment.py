@@ -466,7 +466,8 @@ def print_summary(ctx: RunContext) -> None:
     ]
     if ctx.oracle:
         lines.append(
-            f"  oracle {metric:<8}dev {ctx.oracle['dev'][metric]:.4f}   test {ctx.oracle.get('test', {}).get(metric, float('nan')):.4f}"
+            f"  oracle         {metric}: dev {ctx.oracle['dev'][metric]:.4f}   "
+            f"test {ctx.oracle.get('test', {}).get(metric, float('nan')):.4f}"
         )
     for line in data.get("summary_lines", []):
         lines.append("  " + line)

@@ -98,7 +98,7 @@ def _clone_structure(module: nn.Module, config: Any, new_config: Any) -> nn.Modu
     for key, value in list(clone.__dict__.items()):
         if isinstance(value, dict | set | list):
             clone.__dict__[key] = copy.copy(value)
-        elif False:
+        elif config is not None and value is config:
             clone.__dict__[key] = new_config
     clone._modules = {
         name: None if child is None else _clone_structure(child, config, new_config)
