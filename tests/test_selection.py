@@ -47,7 +47,9 @@ def accuracy(W, b, X, y) -> float:
 class Task:
     """Train/dev/test splits of constructed activations, and the injected probe trainer."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, n_classes: int = 2, test_labels: np.ndarray | None = None):
+    def __init__(
+        self, X: np.ndarray, y: np.ndarray, n_classes: int = 2, test_labels: np.ndarray | None = None
+    ):
         n = len(y)
         self.X, self.n_classes = X, n_classes
         self.tr, self.dev, self.te = slice(0, n // 2), slice(n // 2, 3 * n // 4), slice(3 * n // 4, n)

@@ -252,7 +252,7 @@ def build_stores(ctx: RunContext) -> None:
             "model": model_cfg,
             "model_digest": digest,
             "task": task_cfg,
-            "limit": OmegaConf.to_container(cfg.limit, resolve=True) if cfg.get("limit") else None,
+            "limit": (cfg.get("limit") or {}).get(split),
             "split": split,
             "subword": extract_cfg["subword"],
             "long_sentences": extract_cfg["long_sentences"],

@@ -30,10 +30,12 @@ counted as false positives of whatever class was predicted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -565,6 +567,34 @@ def _settings(probe_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's per-Trainer banners (GPU/TPU availability, tips): a minimal-set search
+    builds dozens of Trainers. Warnings still show."""
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            # In-memory batches need no worker processes; Lightning's hint does not apply.
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _restore_determinism() -> Iterator[None]:
+    """``Trainer(deterministic=True)`` switches torch's global flag on; switch it back afterwards so
+    that code running later in the same process (a notebook, other stages) is unaffected."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def _trainer(epochs: int, trainer_kwargs: Mapping[str, Any] | None, logger: Any) -> pl.Trainer:
     kwargs = dict(trainer_kwargs or {})
     if "max_epochs" in kwargs:
@@ -637,10 +667,8 @@ def train_probes(
     else:
         module = MultiHeadProbe(subsets, n_features, n_classes, **common)
 
-    trainer = _trainer(cfg["epochs"], trainer_kwargs, logger)
-    with warnings.catch_warnings():
-        # In-memory batches need no worker processes; Lightning's hint does not apply.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    with _quiet_lightning(), _restore_determinism():
+        trainer = _trainer(cfg["epochs"], trainer_kwargs, logger)
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         train_seconds = time.perf_counter() - start

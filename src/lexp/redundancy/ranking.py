@@ -62,7 +62,9 @@ def _abs_weights(W: Any) -> np.ndarray:
 
 def _check_p(p: float) -> float:
     if not 0.0 <= p <= 1.0:
-        raise LexpInputError(f"top_neurons: p = {p!r} is outside [0, 1]; p is a fraction of each class's weight mass")
+        raise LexpInputError(
+            f"top_neurons: p = {p!r} is outside [0, 1]; p is a fraction of each class's weight mass"
+        )
     return float(p)
 
 
@@ -120,7 +122,9 @@ def _entry_points(A: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
-        raise LexpInputError(f"rank_neurons: steps = {steps!r} must be a positive integer (the paper uses 1000)")
+        raise LexpInputError(
+            f"rank_neurons: steps = {steps!r} must be a positive integer (the paper uses 1000)"
+        )
     return int(steps)
 
 
@@ -140,7 +144,7 @@ def rank_neurons(W: Any, steps: int = 1000) -> np.ndarray:
     ordering the neurons that enter at the same step by (exact entry mass fraction, ``-max |w|``,
     index), then the neurons that never enter by (``-max |w|``, index) — for all-zero neurons,
     simply by index. Vectorised over neurons: one sort per class row and one ``searchsorted`` per
-    class, no loop over steps (9,984 neurons × 1,272 CCG classes take about a second).
+    class, no loop over steps (9,984 neurons × 1,272 CCG classes: 2–2.6 s on 2 cores).
     """
     steps = _check_steps(steps)
     A = _abs_weights(W)

@@ -213,7 +213,9 @@ def _dev_score(name: str, value: Any) -> float:
 def _as_columns(name: str, columns: Any) -> np.ndarray:
     cols = np.asarray(columns)
     if cols.ndim != 1 or cols.size == 0 or not np.issubdtype(cols.dtype, np.integer):
-        raise LexpInputError(f"{name}: expected a non-empty 1-D array of integer column indices, got {cols!r}")
+        raise LexpInputError(
+            f"{name}: expected a non-empty 1-D array of integer column indices, got {cols!r}"
+        )
     if np.any(cols < 0):
         raise LexpInputError(f"{name}: negative column index {int(cols.min())}")
     if np.unique(cols).size != cols.size:
@@ -378,7 +380,9 @@ def ccfs(
     4. FS: :func:`minimal_set` over that ranking with ``grid(len(survivors))``.
     """
     if isinstance(hidden, bool) or not isinstance(hidden, int | np.integer) or hidden < 1:
-        raise LexpInputError(f"ccfs: hidden = {hidden!r} must be the positive layer width (neurons per layer)")
+        raise LexpInputError(
+            f"ccfs: hidden = {hidden!r} must be the positive layer width (neurons per layer)"
+        )
     oracle = _probe("oracle probe", oracle)
     layers = [_probe(f"probe on layers 0..{k}", r) for k, r in enumerate(incremental)]
     if not layers:

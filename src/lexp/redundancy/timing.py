@@ -148,7 +148,9 @@ def _n_sentences(batches: Sequence[Batch]) -> int:
         if tensor is None:
             tensor = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
         if tensor is None or tensor.ndim == 0:
-            raise LexpInputError(f"timing: batch {i + 1} holds no tensor; pass tokenizer outputs (input_ids, ...)")
+            raise LexpInputError(
+                f"timing: batch {i + 1} holds no tensor; pass tokenizer outputs (input_ids, ...)"
+            )
         total += int(tensor.shape[0])
     if total == 0:
         raise LexpInputError("timing: no sentences to time; pass at least one non-empty batch")

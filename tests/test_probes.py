@@ -1,0 +1,341 @@
+"""ElasticNet probes: the loss, metrics with unseen labels, reproducibility, multi-head equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassF1Score
+
+from lexp.errors import LexpInputError
+from lexp.probes import (
+    ElasticNetProbe,
+    MultiHeadProbe,
+    classification_scores,
+    elasticnet_penalty,
+    predict,
+    train_probes,
+)
+
+QUIET = {"enable_progress_bar": False}
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """In-memory (x, y) splits; the training order is a seeded permutation per epoch.
+
+    ``dev_by_epoch`` (optional) swaps the dev labels per evaluation, to construct a dev curve
+    whose best epoch is known.
+    """
+
+    def __init__(self, train, dev, test=None, *, n_classes, batch_size=32, seed=0, dev_by_epoch=None):
+        super().__init__()
+        self.train, self.dev, self.test = train, dev, test
+        self.n_classes, self.batch_size, self.seed = n_classes, batch_size, seed
+        self.n_features = train[0].shape[1]
+        self.dev_by_epoch = dev_by_epoch
+
+    @staticmethod
+    def _ds(split):
+        return TensorDataset(torch.as_tensor(split[0]), torch.as_tensor(split[1]))
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self._ds(self.train), batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self):
+        if self.dev_by_epoch is None:
+            return DataLoader(self._ds(self.dev), batch_size=256)
+        return _EpochDependent(self.dev[0], self.dev_by_epoch)
+
+    def test_dataloader(self):
+        return DataLoader(self._ds(self.test or self.dev), batch_size=256)
+
+
+class _EpochDependent:
+    """A dev 'loader' whose labels change with every pass (pass e uses labels[e])."""
+
+    def __init__(self, x, labels):
+        self.x, self.labels, self.passes = torch.as_tensor(x), labels, 0
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        y = torch.as_tensor(self.labels[min(self.passes, len(self.labels) - 1)])
+        self.passes += 1
+        yield self.x, y
+
+
+def _blobs(n, n_classes=4, n_features=12, spread=0.3, seed=0):
+    """Linearly separable classes: well-separated Gaussian blobs."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(n_classes, n_features)) * 3
+    y = rng.integers(0, n_classes, n)
+    x = centres[y] + spread * rng.normal(size=(n, n_features))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _cfg(**overrides):
+    return {"epochs": 5, "lr": 1e-2, "l1": 1e-5, "l2": 1e-5, "seed": 0, **overrides}
+
+
+# ----------------------------------------------------------------------------------------- loss
+def test_penalty_matches_hand_computed_values_and_is_unsquared():
+    w = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    # Σ|W| = 10, ‖W‖₂ = √30 (un-squared; the squared norm would give 30)
+    assert elasticnet_penalty(w, 0.1, 0.0).item() == pytest.approx(1.0)
+    assert elasticnet_penalty(w, 0.0, 0.01).item() == pytest.approx(0.01 * math.sqrt(30))
+    assert elasticnet_penalty(w, 0.1, 0.01).item() == pytest.approx(1.0 + 0.01 * math.sqrt(30))
+    stacked = torch.stack([w, 2 * w])  # one value per head
+    assert elasticnet_penalty(stacked, 0.1, 0.01).tolist() == pytest.approx(
+        [1.0 + 0.01 * math.sqrt(30), 2.0 + 0.02 * math.sqrt(30)]
+    )
+
+
+def test_training_loss_is_mean_cross_entropy_plus_penalty_on_weights_only():
+    probe = ElasticNetProbe(2, 2, l1=0.1, l2=0.01, seed=0)
+    with torch.no_grad():
+        probe.linear.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, -4.0]]))
+        probe.linear.bias.copy_(torch.tensor([100.0, -50.0]))  # would dominate if it were penalised
+    x = torch.tensor([[0.5, 1.0], [-1.0, 0.25], [2.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    loss = probe.training_step((x, y), 0)
+    ce = F.cross_entropy(x @ probe.linear.weight.T + probe.linear.bias, y)
+    assert loss.item() == pytest.approx(ce.item() + 1.0 + 0.01 * math.sqrt(30), rel=1e-6)
+    loss.backward()
+    bias = probe.linear.bias.detach().clone().requires_grad_()
+    F.cross_entropy(x @ probe.linear.weight.detach().T + bias, y).backward()
+    assert torch.allclose(probe.linear.bias.grad, bias.grad)  # no penalty gradient on the bias
+
+
+# -------------------------------------------------------------------------------------- metrics
+def test_classification_scores_count_unseen_labels_as_errors():
+    # 3 train classes; gold id 3 (and 5) = labels unseen in train, clamped to the extra class 3.
+    gold = torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0, 2, 2])
+    cm = torch.zeros(4, 4, dtype=torch.long)
+    for g, p in zip(gold.tolist(), pred.tolist(), strict=True):
+        cm[g, p] += 1
+    scores = classification_scores(cm, 3)
+    assert scores["accuracy"] == pytest.approx(4 / 8)
+    # class 0: tp 1, fp 1 (an unseen row), fn 1 -> 2/4; class 1: tp 2, fp 1, fn 0 -> 4/5;
+    # class 2: tp 1, fp 2 (unseen rows), fn 0 -> 2/4
+    assert scores["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.5) / 3)
+
+
+def test_macro_f1_equals_torchmetrics_without_unseen_labels():
+    rng = np.random.default_rng(3)
+    gold, pred = torch.as_tensor(rng.integers(0, 5, 400)), torch.as_tensor(rng.integers(0, 5, 400))
+    pred[pred == 4] = 3  # class 4 is never predicted, only gold
+    cm = torch.zeros(6, 6, dtype=torch.long)
+    cm.index_put_((gold, pred), torch.ones(400, dtype=torch.long), accumulate=True)
+    expected = MulticlassF1Score(num_classes=5, average="macro")(pred, gold).item()
+    assert classification_scores(cm, 5)["macro_f1"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_unseen_dev_labels_count_as_errors_and_do_not_crash():
+    train = _blobs(1200, seed=1)
+    xd, yd = _blobs(400, seed=2)
+    yd = yd.copy()
+    yd[:40] = 4  # first unseen label
+    yd[40:60] = 7  # another one
+    dm = ArrayDataModule(train, (xd, yd), (xd, yd), n_classes=4)
+    result = train_probes(dm, None, probe_cfg=_cfg(), trainer_kwargs=QUIET)["all"]
+    preds = predict(result["weights"], result["bias"], xd)
+    assert preds.max() < 4
+    assert result["test"]["accuracy"] == pytest.approx(float(np.mean(preds == yd)))
+    assert result["test"]["accuracy"] <= 340 / 400 + 1e-9  # 60 unseen rows are always wrong
+    assert result["test"]["accuracy"] >= 0.98 * 340 / 400
+
+
+# ------------------------------------------------------------------------------------- training
+def test_separable_multiclass_task_is_learned():
+    dm = ArrayDataModule(_blobs(1500, seed=1), _blobs(300, seed=2), _blobs(300, seed=3), n_classes=4)
+    result = train_probes(dm, None, probe_cfg=_cfg(), trainer_kwargs=QUIET)["all"]
+    assert result["dev"]["accuracy"] >= 0.98
+    assert result["test"]["accuracy"] >= 0.98
+    assert result["test"]["macro_f1"] >= 0.98
+    assert result["weights"].shape == (4, 12) and result["bias"].shape == (4,)
+    assert result["columns"].tolist() == list(range(12))
+    x, y = _blobs(300, seed=3)
+    assert np.mean(predict(result["weights"], result["bias"], x) == y) == pytest.approx(result["test"]["accuracy"])
+
+
+def test_regression_reaches_high_pearson():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=8).astype(np.float32)
+
+    def split(n, seed):
+        x = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+        return x, (x @ w + 0.1 * np.random.default_rng(seed + 1).normal(size=n)).astype(np.float32)
+
+    dm = ArrayDataModule(split(2000, 1), split(300, 2), split(300, 3), n_classes=0)
+    result = train_probes(dm, None, probe_cfg=_cfg(regression=True), trainer_kwargs=QUIET)["all"]
+    assert set(result["test"]) == {"pearson", "spearman", "mse"}
+    assert result["dev"]["pearson"] >= 0.98
+    assert result["test"]["spearman"] >= 0.97
+    assert result["weights"].shape == (1, 8)
+    x, y = split(300, 3)
+    assert np.corrcoef(predict(result["weights"], result["bias"], x), y)[0, 1] == pytest.approx(
+        result["test"]["pearson"], abs=1e-5
+    )
+
+
+def test_training_is_reproducible_and_seeds_matter():
+    def run(seed=0, init_seed=None):
+        dm = ArrayDataModule(_blobs(600, seed=1), _blobs(100, seed=2), n_classes=4, seed=seed)
+        cfg = _cfg(epochs=2, init_seed=init_seed)
+        return train_probes(dm, None, probe_cfg=cfg, trainer_kwargs=QUIET)["all"]["weights"]
+
+    first = run()
+    assert np.array_equal(first, run())
+    assert not np.allclose(first, run(init_seed=1), atol=1e-3)  # other initialisation
+    assert not np.allclose(first, run(seed=1), atol=1e-3)  # other data order
+
+
+def test_train_labels_outside_the_classes_raise():
+    x, y = _blobs(64, seed=1)
+    y[5] = 4
+    dm = ArrayDataModule((x, y), (x, y), n_classes=4)
+    with pytest.raises(LexpInputError, match="label id 4"):
+        train_probes(dm, None, probe_cfg=_cfg(epochs=1), trainer_kwargs=QUIET)
+
+
+# ------------------------------------------------------------------------------- model selection
+def test_model_selection_on_dev_returns_the_best_epoch():
+    train = _blobs(800, seed=1)
+    xd, yd = _blobs(200, seed=2)
+    wrong = (yd + 1) % 4
+    # Dev labels are the true ones only after epoch 3: the best dev epoch is 3 by construction.
+    dm = ArrayDataModule(train, (xd, yd), n_classes=4, dev_by_epoch=[wrong, wrong, yd, wrong, wrong])
+    result = train_probes(dm, None, probe_cfg=_cfg(), trainer_kwargs=QUIET)["all"]
+    assert result["best_epoch"] == 3
+    assert int(np.argmax(result["dev_history"])) == 2 and len(result["dev_history"]) == 5
+    assert result["dev"]["accuracy"] == pytest.approx(result["dev_history"][2])
+
+    # The returned weights are those after epoch 3, not after epoch 5.
+    dm3 = ArrayDataModule(train, (xd, yd), n_classes=4)
+    three = train_probes(dm3, None, probe_cfg=_cfg(epochs=3), trainer_kwargs=QUIET)["all"]
+    assert np.array_equal(result["weights"], three["weights"])
+    last = train_probes(
+        ArrayDataModule(train, (xd, yd), n_classes=4, dev_by_epoch=[wrong, wrong, yd, wrong, wrong]),
+        None,
+        probe_cfg=_cfg(select_on_dev=False),
+        trainer_kwargs=QUIET,
+    )["all"]
+    assert last["best_epoch"] == 5
+    assert not np.allclose(last["weights"], three["weights"])
+
+
+# ------------------------------------------------------------------------------------ multi-head
+SUBSETS = {
+    "layer_0": np.arange(0, 4),
+    "layer_1": np.arange(4, 8),
+    "layer_2": np.arange(8, 12),  # the three equal-width heads share one batched matmul
+    "layers_0-1": np.arange(0, 8),  # overlaps layer_0 and layer_1
+    "scattered": np.array([11, 2, 7, 5]),  # non-contiguous, unsorted, same width as the layers
+    "odd": np.array([3, 9, 1]),
+    "oracle": np.arange(12),
+    "oracle_again": np.arange(12),  # identical subset: trained once, reported twice
+}
+
+
+def test_head_initialisation_equals_the_single_probe():
+    multi = MultiHeadProbe(SUBSETS, 12, 4, seed=7)
+    tensors = multi._head_tensors()
+    for name in ("layer_0", "scattered", "odd", "layers_0-1"):
+        single = ElasticNetProbe(12, 4, columns=SUBSETS[name], seed=7)
+        weight, bias = tensors[name]
+        assert torch.equal(weight, single.linear.weight) and torch.equal(bias, single.linear.bias)
+
+
+def test_multihead_gradients_are_those_of_each_head_alone():
+    """The total loss is the SUM over heads: every head's gradient equals its single-probe gradient."""
+    x, y = _blobs(32, seed=5)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    multi = MultiHeadProbe(SUBSETS, 12, 4, l1=1e-3, l2=1e-3, seed=3)
+    multi.training_step((x, y), 0).backward()
+    for name, (weight, bias) in multi._head_tensors().items():
+        single = ElasticNetProbe(12, 4, columns=SUBSETS[name], l1=1e-3, l2=1e-3, seed=3)
+        single.training_step((x, y), 0).backward()
+        gi, slot = multi._slots[name]
+        assert torch.allclose(multi.groups[gi].weight.grad[slot], single.linear.weight.grad, rtol=1e-6, atol=1e-8)
+        assert torch.allclose(multi.groups[gi].bias.grad[slot], single.linear.bias.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_multihead_equals_separately_trained_probes():
+    train, dev, test = _blobs(640, seed=1), _blobs(160, seed=2), _blobs(160, seed=3)
+    cfg = _cfg(epochs=3, lr=5e-2, l1=1e-3, l2=1e-3, seed=11)
+    multi = train_probes(
+        ArrayDataModule(train, dev, test, n_classes=4, seed=4), SUBSETS, probe_cfg=cfg, trainer_kwargs=QUIET
+    )
+    assert list(multi) == list(SUBSETS)
+    assert multi["oracle"]["heads_in_pass"] == len(SUBSETS) - 1
+    for name, cols in SUBSETS.items():
+        restricted = [(split[0][:, cols], split[1]) for split in (train, dev, test)]
+        dm = ArrayDataModule(*restricted, n_classes=4, seed=4)
+        alone = train_probes(dm, None, probe_cfg=cfg, trainer_kwargs=QUIET)["all"]
+        np.testing.assert_allclose(multi[name]["weights"], alone["weights"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(multi[name]["bias"], alone["bias"], atol=1e-5, rtol=0)
+        assert multi[name]["columns"].tolist() == cols.tolist()
+        assert multi[name]["best_epoch"] == alone["best_epoch"]
+        assert multi[name]["dev"] == pytest.approx(alone["dev"])
+        assert multi[name]["test"] == pytest.approx(alone["test"])
+    assert multi["oracle_again"]["weights"] is not multi["oracle"]["weights"]
+
+
+def test_elasticnet_probe_columns_equal_a_restricted_datamodule():
+    train, dev = _blobs(320, seed=1), _blobs(80, seed=2)
+    cols = np.array([10, 0, 5])
+    cfg = _cfg(epochs=2)
+    picked = train_probes(ArrayDataModule(train, dev, n_classes=4), {"p": cols}, probe_cfg=cfg, trainer_kwargs=QUIET)
+    restricted = ArrayDataModule((train[0][:, cols], train[1]), (dev[0][:, cols], dev[1]), n_classes=4)
+    alone = train_probes(restricted, None, probe_cfg=cfg, trainer_kwargs=QUIET)["all"]
+    np.testing.assert_allclose(picked["p"]["weights"], alone["weights"], atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- input checks
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        (np.array([0, 12]), "column 12 is outside"),
+        (np.array([-1, 2]), "column -1 is outside"),
+        (np.array([1, 1, 2]), "column 1 occurs more than once"),
+        (np.zeros(12, dtype=bool), "boolean mask"),
+        (np.array([], dtype=np.int64), "non-empty 1-D integer"),
+        (np.array([0.0, 1.0]), "non-empty 1-D integer"),
+    ],
+)
+def test_bad_subsets_raise(columns, message):
+    with pytest.raises(LexpInputError, match=message):
+        MultiHeadProbe({"bad": columns}, 12, 4)
+
+
+def test_bad_config_raises():
+    dm = ArrayDataModule(_blobs(64), _blobs(32), n_classes=4)
+    with pytest.raises(LexpInputError, match="unknown key"):
+        train_probes(dm, None, probe_cfg={"l_1": 0.1}, trainer_kwargs=QUIET)
+    with pytest.raises(LexpInputError, match="max_epochs"):
+        train_probes(dm, None, probe_cfg={}, trainer_kwargs={**QUIET, "max_epochs": 3})
+    with pytest.raises(LexpInputError, match="at least 2"):
+        ElasticNetProbe(4, 1)
+
+
+def test_determinism_flag_is_restored():
+    before = torch.are_deterministic_algorithms_enabled()
+    dm = ArrayDataModule(_blobs(64), _blobs(32), n_classes=4)
+    train_probes(dm, None, probe_cfg=_cfg(epochs=1), trainer_kwargs=QUIET)
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_predict_selects_columns_and_validates_shapes():
+    w = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    x = np.array([[5.0, 9.0, 1.0], [5.0, 0.0, 7.0]], dtype=np.float16)
+    assert predict(w, np.zeros(2), x, columns=np.array([2, 1])).tolist() == [1, 0]
+    with pytest.raises(LexpInputError, match="columns"):
+        predict(w, np.zeros(2), x)
