@@ -34,7 +34,7 @@ FILLER = "the a movie film plot actor was is very really quite and of".split()
 KEYWORDS = ("good", "bad")
 QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False}
 # Tiny models learn in seconds only with a larger step than the paper's 5e-5.
-FAST = {"learning_rate": 1e-2, "epochs": 4, "batch_size": 16, "max_seq_length": 64, "seed": 42}
+FAST = {"learning_rate": 3e-3, "epochs": 6, "batch_size": 16, "max_seq_length": 64, "seed": 42}
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -215,8 +215,8 @@ def test_bert_pair_task_beats_chance_and_saves_the_encoder(bert_run: dict) -> No
     assert manifest["metrics"]["test"]["accuracy"] >= 0.9
     assert 0.9 <= manifest["metrics"]["dev"]["f1"] <= 1.0
     assert manifest["examples"] == {"train": 192, "dev": 64, "test": 64}
-    assert manifest["global_step"] == 4 * _steps(192, 16)
-    assert manifest["timing"]["train_examples"] == 4 * 192
+    assert manifest["global_step"] == 6 * _steps(192, 16)
+    assert manifest["timing"]["train_examples"] == 6 * 192
     assert manifest["timing"]["train_examples_per_s"] > 0
     assert manifest["truncated"] == {"train": 0, "dev": 0, "test": 0}
     # transformers 5 loads models in eval mode; fine-tuning must train in train mode (dropout on).
@@ -278,7 +278,7 @@ def test_fingerprint_changes_with_hyperparameters_and_data(
     base = dict(task_data=bert_run["task"], model=bert_run["model"], cache_root=bert_run["cache"])
     assert finetune(**base, ft_cfg=bert_run["ft"], trainer_kwargs=QUIET) == bert_run["out"]
     assert calls == []
-    other_lr = finetune(**base, ft_cfg={**bert_run["ft"], "learning_rate": 2e-2}, trainer_kwargs=QUIET)
+    other_lr = finetune(**base, ft_cfg={**bert_run["ft"], "learning_rate": 1e-3}, trainer_kwargs=QUIET)
     two_devices = finetune(**base, ft_cfg=bert_run["ft"], trainer_kwargs={**QUIET, "devices": 2})
     task = bert_run["task"]
     edited = tmp_path / "train.tsv"
@@ -297,7 +297,7 @@ def test_xlnet_pair_task_pads_left_and_uses_the_last_token(xlnet_dir: Path, tmp_
     out = finetune(
         task,
         {"name": "tiny-xlnet", "name_or_path": str(xlnet_dir)},
-        {**FAST, "epochs": 5},
+        FAST,
         cache_root=tmp_path / "cache",
         trainer_kwargs=QUIET,
     )
@@ -331,7 +331,7 @@ def test_regression_learns_a_score(bert_dir: Path, tmp_path: Path) -> None:
     out = finetune(
         task,
         {"name": "tiny-bert", "name_or_path": str(bert_dir)},
-        {**FAST, "learning_rate": 3e-3, "epochs": 6},
+        {**FAST, "epochs": 10},
         cache_root=tmp_path / "cache",
         trainer_kwargs={**QUIET, "callbacks": [recorder]},
     )
@@ -356,8 +356,8 @@ def test_checkpoint_loads_weights_only_and_fit_resumes(bert_dir: Path, tmp_path:
     data = GlueDataModule.from_task(task, tokenizer, batch_size=16)
     pl.seed_everything(0, verbose=False)
     module = FineTuner(str(bert_dir), labels=["0", "1"], learning_rate=1e-3)
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[saver], logger=False, **QUIET)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[saver], logger=False, default_root_dir=tmp_path, **QUIET)
     trainer.fit(module, datamodule=data)
     last = tmp_path / "ckpt" / "last.ckpt"
 
@@ -369,7 +369,9 @@ def test_checkpoint_loads_weights_only_and_fit_resumes(bert_dir: Path, tmp_path:
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
 
     recorder = Recorder()
-    resumed = pl.Trainer(max_epochs=2, callbacks=[recorder], logger=False, **QUIET)
+    resumed = pl.Trainer(
+        max_epochs=2, callbacks=[recorder], logger=False, enable_checkpointing=False, default_root_dir=tmp_path, **QUIET
+    )
     resumed.fit(FineTuner(str(bert_dir), labels=["0", "1"], learning_rate=1e-3), datamodule=data, ckpt_path=last)
     assert recorder.steps == [4, 5, 6, 7]  # continues from the saved global step, one more epoch
     assert resumed.global_step == 8 and resumed.current_epoch == 2
@@ -408,14 +410,14 @@ def test_interrupted_finetune_resumes_to_the_same_model(bert_dir: Path, tmp_path
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def test_unseen_labels_count_as_errors_and_f1_uses_the_positive_class(bert_dir: Path) -> None:
+def test_unseen_labels_count_as_errors_and_f1_uses_the_positive_class(bert_dir: Path, tmp_path: Path) -> None:
     """A head forced to always predict "1": accuracy and F1 have known values."""
     tokenizer = load_tokenizer(bert_dir)
     texts = ["good movie", "bad film", "the plot", "a movie", "very good"]
     dev = [Example(t, None, "?", f"dev.tsv:{i + 2}") for i, t in enumerate(texts)]
     targets = np.array([1, 1, 0, 0, 2])  # id 2: a dev label unseen in train
     data = GlueDataModule(tokenizer, {"dev": dev}, {"dev": targets}, eval_batch_size=2)
-    trainer = pl.Trainer(logger=False, **QUIET)
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path, **QUIET)
     for positive, f1 in (("1", 2 * 0.4 * 1.0 / 1.4), ("0", 0.0)):
         module = FineTuner(str(bert_dir), labels=["0", "1"], metrics=["accuracy", "f1"], positive_label=positive)
         with torch.no_grad():
@@ -467,7 +469,9 @@ def test_truncation_is_counted_not_hidden(bert_dir: Path) -> None:
     assert encoded.n_truncated == 1
     assert encoded.lengths().tolist() == [10, 10, 5]
     first = tokenizer.convert_ids_to_tokens(encoded[0][0].tolist())
-    assert first == ["[CLS]", *["good"] * 4, "[SEP]", *["bad"] * 4, "[SEP]"]  # longest-first, both sides kept
+    # Cut longest-first to 7 words: both texts keep their share, the special tokens stay.
+    assert first[0] == "[CLS]" and first[-1] == "[SEP]" and first.count("[SEP]") == 2
+    assert first.count("good") >= 3 and first.count("bad") >= 3
 
 
 def test_bad_input_is_reported(bert_dir: Path, tmp_path: Path) -> None:

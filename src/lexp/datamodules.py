@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lexp.errors import LexpInputError
-from lexp.store import Store, _as_float, _gather, open_store
+from lexp.store import Store, open_store
 
 __all__ = ["ActivationDataModule", "EpochBatchSampler", "StoreBatches", "epoch_order"]
 
@@ -48,7 +48,12 @@ class EpochBatchSampler(Sampler):
     def __init__(self, n_rows: int, batch_size: int, *, shuffle: bool, seed: int = 0) -> None:
         if batch_size < 1:
             raise LexpInputError(f"batch_size must be ≥ 1, got {batch_size}")
-        self.n_rows, self.batch_size, self.shuffle, self.seed = int(n_rows), int(batch_size), shuffle, int(seed)
+        self.n_rows, self.batch_size, self.shuffle, self.seed = (
+            int(n_rows),
+            int(batch_size),
+            shuffle,
+            int(seed),
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -106,15 +111,11 @@ class StoreBatches(Dataset):
         return self.store.n_rows
 
     def __getitem__(self, rows: slice | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        acts = self.store.activations
-        if isinstance(rows, slice):
-            block = acts[rows]
-            block = np.take(block, self.columns, axis=1) if self.columns is not None else np.array(block)
-            y = self.labels[rows]
-        else:
-            block = _gather(acts, rows, self.columns)
-            y = self.labels[torch.from_numpy(rows)]
-        return torch.from_numpy(_as_float(block, np.dtype(np.float32))), y
+        x = self.store.read_rows(rows, self.columns)
+        if not x.flags.writeable:  # a float32 store read without a cast is a view of the memmap
+            x = x.copy()
+        y = self.labels[rows] if isinstance(rows, slice) else self.labels[torch.from_numpy(rows)]
+        return torch.from_numpy(x), y
 
 
 def _as_batch(item: Any) -> Any:
@@ -193,7 +194,9 @@ class ActivationDataModule(pl.LightningDataModule):
     def loader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         """A loader over one split; ``shuffle`` uses the seeded per-epoch order."""
         if split not in self._datasets:
-            raise LexpInputError(f"no {split!r} store was given to ActivationDataModule (have {sorted(self._datasets)})")
+            raise LexpInputError(
+                f"no {split!r} store was given to ActivationDataModule (have {sorted(self._datasets)})"
+            )
         dataset = self._datasets[split]
         sampler = EpochBatchSampler(
             self.stores[split].n_rows, batch_size or self.batch_size, shuffle=shuffle, seed=self.seed
@@ -214,8 +217,9 @@ class ActivationDataModule(pl.LightningDataModule):
         """Store-order batches of a split (evaluation, prediction, ranking)."""
         return self.loader(split, shuffle=False, batch_size=self.eval_batch_size)
 
-    def val_dataloader(self) -> DataLoader:
-        return self.ordered_dataloader("dev")
+    def val_dataloader(self) -> DataLoader | list:
+        """Store-order dev batches; no dev store means no validation (an empty list for Lightning)."""
+        return self.ordered_dataloader("dev") if "dev" in self._datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self.ordered_dataloader("test")

@@ -86,7 +86,29 @@ def elasticnet_penalty(weight: Tensor, l1: float, l2: float) -> Tensor:
     The L2 term is the un-squared Frobenius norm, as in the published code. Pass the weight
     matrix only: the bias is not penalised.
     """
-    return l1 * weight.abs().sum(dim=(-2, -1)) + l2 * weight.pow(2).sum(dim=(-2, -1)).sqrt()
+    return _ElasticNetPenalty.apply(weight, float(l1), float(l2))
+
+
+class _ElasticNetPenalty(torch.autograd.Function):
+    """The penalty with a hand-fused backward: the gradient autograd would give for
+    ``l1·|W|.sum() + l2·W.pow(2).sum().sqrt()`` — ``l1·sign(W) + l2·W/‖W‖₂`` (sign(0) = 0) —
+    in three passes over W instead of about eight. It runs on every step of every head."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, l1: float, l2: float) -> Tensor:
+        dims = (-2, -1)
+        norm2 = torch.linalg.vector_norm(weight, 2, dim=dims)
+        ctx.save_for_backward(weight, norm2)
+        ctx.l1, ctx.l2 = l1, l2
+        return l1 * torch.linalg.vector_norm(weight, 1, dim=dims) + l2 * norm2
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        weight, norm2 = ctx.saved_tensors
+        g = grad[..., None, None]
+        out = torch.sign(weight).mul_(ctx.l1 * g)
+        out.addcmul_(weight, ctx.l2 * g / norm2[..., None, None])
+        return out, None, None
 
 
 def _data_loss(outputs: Tensor, y: Tensor, regression: bool) -> Tensor:
@@ -217,7 +239,10 @@ class _ProbeModule(pl.LightningModule):
     # ---- metrics
     def _new_metrics(self) -> dict[str, Metric]:
         if self.regression:
-            return {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef(), "mse": MeanSquaredError()}
+            with warnings.catch_warnings():  # "will save all targets": dev/test sets are small
+                warnings.filterwarnings("ignore", message=".*save all targets.*")
+                spearman = SpearmanCorrCoef()
+            return {"pearson": PearsonCorrCoef(), "spearman": spearman, "mse": MeanSquaredError()}
         # One extra class collects every gold label unseen in train (see classification_scores).
         return {"confusion": MulticlassConfusionMatrix(num_classes=self.n_classes + 1, validate_args=False)}
 
@@ -621,6 +646,14 @@ def _trainer(epochs: int, trainer_kwargs: Mapping[str, Any] | None, logger: Any)
     return pl.Trainer(**settings)
 
 
+def _has_split(datamodule: pl.LightningDataModule, split: str) -> bool:
+    """Whether the datamodule can serve ``split`` ("dev" or "test")."""
+    stores = getattr(datamodule, "stores", None)  # ActivationDataModule: one store per split given
+    if isinstance(stores, Mapping):
+        return split in stores
+    return is_overridden("val_dataloader" if split == "dev" else "test_dataloader", datamodule)
+
+
 def train_probes(
     datamodule: pl.LightningDataModule,
     subsets: Mapping[str, np.ndarray] | None,
@@ -657,9 +690,9 @@ def train_probes(
         "regression": bool(regression),
         "select_on_dev": bool(cfg["select_on_dev"]),
     }
-    if cfg["select_on_dev"] and not is_overridden("val_dataloader", datamodule):
+    if cfg["select_on_dev"] and not _has_split(datamodule, "dev"):
         raise LexpInputError(
-            f"probe.select_on_dev=true, but {type(datamodule).__name__} has no val_dataloader; "
+            f"probe.select_on_dev=true, but {type(datamodule).__name__} has no dev split; "
             "give it a dev split or set probe.select_on_dev=false"
         )
     if subsets is None:
@@ -672,7 +705,7 @@ def train_probes(
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         train_seconds = time.perf_counter() - start
-        if is_overridden("test_dataloader", datamodule):
+        if _has_split(datamodule, "test"):
             trainer.test(module, datamodule=datamodule, verbose=False)
 
     results = module.head_results()

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -215,6 +216,7 @@ def load_tokenizer(
     if model is not None and "token_type_ids" not in tokenizer.model_input_names:
         if "token_type_ids" in inspect.signature(model.forward).parameters:
             tokenizer.model_input_names = [*tokenizer.model_input_names, "token_type_ids"]
+            tokenizer.init_kwargs["model_input_names"] = list(tokenizer.model_input_names)  # saved
     return tokenizer
 
 
@@ -577,7 +579,9 @@ class FineTuner(pl.LightningModule):
             elif name == "pearson":
                 made[name] = PearsonCorrCoef()
             elif name == "spearman":
-                made[name] = SpearmanCorrCoef()
+                with warnings.catch_warnings():  # "saves all predictions": fine at dev/test sizes
+                    warnings.simplefilter("ignore", UserWarning)
+                    made[name] = SpearmanCorrCoef()
         return torch.nn.ModuleDict(made)
 
     @property
@@ -698,7 +702,8 @@ def finetune(
         "kind": task_data.kind,
         "labels": list(task_data.labels),
         "split_notes": task_data.notes,
-        "examples": {s: len(v) for s, v in sorted(task_data.splits.items())},
+        # The examples themselves: whatever carved, capped or sampled them, other data = other model.
+        "examples": {s: [len(v), examples_digest(v)] for s, v in sorted(task_data.splits.items())},
         "finetune": config.weight_settings(),
         # The effective batch (devices × accumulation) and the precision change the weights too.
         "trainer": {k: str(trainer_kwargs.get(k)) for k in ("devices", "num_nodes", "accumulate_grad_batches", "precision")},
@@ -785,10 +790,11 @@ def _train_and_save(
             )
 
     throughput = _Throughput()
+    # Keeps only the newest checkpoint (no monitor), with last.ckpt linking to it.
     saver = ModelCheckpoint(
         dirpath=checkpoints,
-        save_last=True,
-        save_top_k=0,
+        save_last="link",
+        save_top_k=1,
         every_n_train_steps=config.checkpoint_every_n_steps,
     )
     kwargs: dict[str, Any] = {"logger": False, "num_sanity_val_steps": 0, **trainer_kwargs}
@@ -940,6 +946,14 @@ def model_digest(name_or_path: str | Path) -> str:
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
+    return digest.hexdigest()
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 over the texts and labels of a split, in order."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(f"{e.text_a}\0{e.text_b}\0{e.label}\n".encode())
     return digest.hexdigest()
 
 

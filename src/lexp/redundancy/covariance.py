@@ -1,0 +1,405 @@
+"""One streaming pass over an activation matrix → mean and co-moment of every neuron pair.
+
+General redundancy (paper Section 5) needs two things from the T × N activations: the Pearson
+correlation of every neuron pair (correlation clustering) and the centred cross-products of every
+pair of layers (linear CKA). Both are functions of the same N × N co-moment matrix
+``C = Σ_t (x_t − x̄)(x_t − x̄)ᵀ``, so a single chunked pass over the rows serves both.
+
+Numerics. Each chunk is centred on its own (float32) mean before the product, so the GEMM only
+sees deviations — an activation with mean 1e4 and std 1 loses nothing — and the chunks are
+merged exactly by the law of total covariance (Chan et al.): with chunk counts ``n_c``, means
+``m_c``, the shift ``a_c`` actually subtracted and ``v_c = m_c − a_c``::
+
+    C = Σ_c G_c + Σ_c n_c (m_c − m)(m_c − m)ᵀ − Σ_c n_c v_c v_cᵀ,    G_c = Σ_{t∈c} (x_t − a_c)(x_t − a_c)ᵀ
+
+The two low-rank sums are applied once at the end (one k × N GEMM, k = number of chunks). ``G_c``
+is a float32 (or bfloat16) GEMM of the centred chunk accumulated into a float64 ``C``; only the
+upper block triangle is computed (a blocked ``syrk``) and mirrored at the end. Memory: the float64
+``C`` (N² × 8 bytes, 0.8 GB at BERT-base size, N = 9,984) plus one float32 chunk and one block
+row of the product — never a float64 copy of the activations.
+
+``compute="bfloat16"`` rounds the centred chunk to bfloat16 and runs the product on the CPU's
+BF16 units (≈ 4× the float32 rate on AVX-512-BF16). The product block comes back rounded to
+bfloat16 (relative error ≤ 2⁻⁹ per chunk, averaging out over chunks); correlations then differ
+from float32 by ~1e-4–1e-3, which moves only merges whose height lies that close to ct
+(see tests/test_covariance.py for the measured agreement of the flat clusters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from lexp.errors import LexpInputError
+
+__all__ = [
+    "Moments",
+    "constant_columns",
+    "correlation",
+    "covariance",
+    "load_moments",
+    "save_moments",
+    "streaming_moments",
+]
+
+Compute = Literal["float32", "bfloat16"]
+
+#: Rows of the float64 result processed at a time by the blockwise N × N passes (80 MB at N=10⁴).
+_ROW_BLOCK = 1024
+#: Columns per block of the blocked X^T X: fewer, larger GEMMs are faster, more blocks skip more
+#: of the lower triangle ((nb + 1) / 2nb of the full product is computed).
+_GEMM_BLOCK = 1536
+#: A column is constant when its standard deviation is below this fraction of |mean| — far below
+#: float32 resolution (1.2e-7), far above float64 rounding of the mean (1e-16).
+_CONSTANT_RTOL = 1e3 * np.finfo(np.float64).eps
+
+_TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@runtime_checkable
+class ChunkSource(Protocol):
+    """Anything that streams float32 row blocks, e.g. :class:`lexp.store.Store`."""
+
+    def iter_chunks(self, chunk_rows: int, columns: np.ndarray | None) -> Iterator[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Moments:
+    """First and second central moments of N neurons over ``n`` rows (float64).
+
+    ``comoment`` is the un-normalised centred cross-product ``Σ (x − mean)(x − mean)ᵀ``; divide by
+    ``n − ddof`` for the covariance (:func:`covariance`), or normalise for :func:`correlation`.
+    """
+
+    n: int
+    mean: np.ndarray
+    comoment: np.ndarray
+
+    def __post_init__(self) -> None:
+        n_feat = self.mean.shape[0] if self.mean.ndim == 1 else -1
+        if self.mean.ndim != 1 or self.comoment.shape != (n_feat, n_feat):
+            raise LexpInputError(
+                f"Moments: mean must be (N,) and comoment (N, N), got {self.mean.shape} and "
+                f"{self.comoment.shape}; build moments with streaming_moments() or load_moments()"
+            )
+
+    @property
+    def n_features(self) -> int:
+        return int(self.mean.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming pass
+# --------------------------------------------------------------------------------------------
+
+
+def _source_name(source: object) -> str:
+    """A human-readable name for error messages: the file behind a memmap or a store."""
+    for attr in ("filename", "path"):
+        name = getattr(source, attr, None)
+        if name:
+            return str(name)
+    return f"<{type(source).__name__}>"
+
+
+def _check_columns(columns: Sequence[int] | np.ndarray | None, n_cols: int, name: str) -> np.ndarray | None:
+    if columns is None:
+        return None
+    cols = np.asarray(columns)
+    if cols.ndim != 1 or cols.size == 0 or not np.issubdtype(cols.dtype, np.integer):
+        raise LexpInputError(
+            f"{name}: columns must be a non-empty 1-D array of integer neuron indices, got "
+            f"shape {cols.shape} dtype {cols.dtype}; pass e.g. store.layer_columns([0, 1])"
+        )
+    if cols.min() < 0 or cols.max() >= n_cols:
+        raise LexpInputError(
+            f"{name}: columns must lie in [0, {n_cols}), got min {cols.min()} max {cols.max()}; "
+            "pass indices of existing neurons"
+        )
+    return cols.astype(np.int64, copy=False)
+
+
+def _release_rows(x: np.ndarray, start: int, stop: int) -> None:
+    """Drop the pages of rows [start, stop) of a memmap from this process's resident set.
+
+    MADV_DONTNEED on a read-only file mapping leaves the data in the page cache and unchanged; it
+    only keeps a streaming pass from showing the whole file in the RSS (as lexp.store does).
+    """
+    mm = getattr(x, "_mmap", None)
+    flag = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or flag is None or mm.closed or stop <= start:
+        return
+    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    first = x.ctypes.data - base + start * x.strides[0]
+    last = x.ctypes.data - base + stop * x.strides[0]
+    lo = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE  # keep pages shared with neighbouring rows
+    hi = last // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(flag, lo, hi - lo)
+
+
+def _array_chunks(x: np.ndarray, chunk_rows: int, cols: np.ndarray | None) -> Iterator[np.ndarray]:
+    """Row blocks of a 2-D array or memmap; a contiguous column range stays a cheap slice."""
+    sel: slice | np.ndarray | None = cols
+    if cols is not None and np.array_equal(cols, np.arange(cols[0], cols[0] + cols.size)):
+        sel = slice(int(cols[0]), int(cols[0]) + cols.size)
+    for start in range(0, x.shape[0], chunk_rows):
+        block = x[start : start + chunk_rows]
+        yield block if sel is None else block[:, sel]
+        _release_rows(x, start, start + block.shape[0])
+
+
+def _iter_source(
+    source: np.ndarray | ChunkSource, chunk_rows: int, columns: Sequence[int] | np.ndarray | None
+) -> tuple[Iterator[np.ndarray], int | None, str]:
+    """(chunk iterator, number of rows if known, name) for an array or a chunk source."""
+    name = _source_name(source)
+    if isinstance(source, ChunkSource):
+        n_cols = getattr(source, "n_neurons", None)
+        cols = (
+            _check_columns(columns, int(n_cols), name)
+            if n_cols is not None
+            else (None if columns is None else np.asarray(columns))
+        )
+        return source.iter_chunks(chunk_rows, cols), getattr(source, "n_rows", None), name
+    if not isinstance(source, np.ndarray) or source.ndim != 2:
+        raise LexpInputError(
+            f"{name}: streaming_moments needs a 2-D array (rows × neurons), an np.memmap or an object "
+            f"with iter_chunks(); got {type(source).__name__} with shape {getattr(source, 'shape', None)}"
+        )
+    if not np.issubdtype(source.dtype, np.floating):
+        raise LexpInputError(f"{name}: activations must be floating point (float16/float32), got {source.dtype}")
+    cols = _check_columns(columns, source.shape[1], name)
+    return _array_chunks(source, chunk_rows, cols), source.shape[0], name
+
+
+def _raise_not_finite(chunk: np.ndarray, row0: int, name: str) -> None:
+    bad = ~np.isfinite(chunk)
+    r, c = np.argwhere(bad)[0]
+    raise LexpInputError(
+        f"{name}: row {row0 + int(r) + 1} (1-based), column {int(c)} is {chunk[r, c]} "
+        f"({int(bad.sum())} non-finite values in rows {row0 + 1}–{row0 + chunk.shape[0]}); "
+        "activations must be finite — re-extract the store (float16 overflows above 65504: "
+        "use extract.dtype=float32)"
+    )
+
+
+def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc[i-block, i-block:] += x[:, i-block]ᵀ x[:, i-block:] for every column block i.
+
+    The blocked upper triangle of xᵀx (a syrk done with GEMMs, which torch lacks); the result
+    block is at most ``_GEMM_BLOCK × N``, so no full N × N float32 product is ever allocated.
+    """
+    n = x.shape[1]
+    for i0 in range(0, n, _GEMM_BLOCK):
+        i1 = min(i0 + _GEMM_BLOCK, n)
+        acc[i0:i1, i0:].add_(x[:, i0:i1].T @ x[:, i0:])
+
+
+def _mirror_upper(c: np.ndarray) -> None:
+    """Copy the block upper triangle onto the lower one so ``c`` is exactly symmetric."""
+    n = c.shape[0]
+    for i0 in range(0, n, _GEMM_BLOCK):
+        i1 = min(i0 + _GEMM_BLOCK, n)
+        diag = c[i0:i1, i0:i1]
+        diag[np.tril_indices(i1 - i0, -1)] = diag.T[np.tril_indices(i1 - i0, -1)]
+        c[i1:, i0:i1] = c[i0:i1, i1:].T
+
+
+def streaming_moments(
+    source: np.ndarray | ChunkSource,
+    *,
+    chunk_rows: int = 8192,
+    columns: Sequence[int] | np.ndarray | None = None,
+    compute: Compute = "float32",
+    progress: bool = False,
+) -> Moments:
+    """Mean and co-moment of the selected neurons in ONE pass over the rows of ``source``.
+
+    ``source``: a 2-D float16/float32 array or ``np.load(path, mmap_mode="r")``, or any object with
+    ``iter_chunks(chunk_rows, columns)`` yielding float32 row blocks (:class:`lexp.store.Store`).
+    ``columns``: neuron indices to keep (default all). ``compute``: dtype of the products —
+    ``"float32"`` (exact to float32 rounding) or ``"bfloat16"`` (≈ 4× faster on BF16 CPUs; see
+    the module docstring for its accuracy). Sums are always accumulated in float64.
+    """
+    if compute not in _TORCH_DTYPE:
+        raise LexpInputError(f"streaming_moments: compute must be 'float32' or 'bfloat16', got {compute!r}")
+    if chunk_rows < 1:
+        raise LexpInputError(f"streaming_moments: chunk_rows must be ≥ 1, got {chunk_rows}")
+    chunks, n_rows, name = _iter_source(source, chunk_rows, columns)
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = None if n_rows is None else math.ceil(n_rows / chunk_rows)
+        chunks = tqdm(chunks, total=total, desc="covariance", unit="chunk")
+
+    acc_np: np.ndarray | None = None
+    acc: torch.Tensor | None = None
+    counts: list[int] = []
+    means: list[np.ndarray] = []  # m_c of the values the GEMM saw, float64
+    exact_means: list[np.ndarray] = []  # m_c of the input rows (differs under bfloat16 rounding)
+    offsets: list[np.ndarray] = []  # v_c = m_c − a_c, float64
+    row0 = 0
+    for chunk in chunks:
+        chunk = np.asarray(chunk)
+        if chunk.ndim != 2 or chunk.shape[0] == 0:
+            raise LexpInputError(f"{name}: expected 2-D row blocks, got a chunk of shape {chunk.shape}")
+        if acc_np is None:
+            acc_np = np.zeros((chunk.shape[1], chunk.shape[1]), dtype=np.float64)
+            acc = torch.from_numpy(acc_np)
+        elif chunk.shape[1] != acc_np.shape[0]:
+            raise LexpInputError(
+                f"{name}: chunk at row {row0 + 1} has {chunk.shape[1]} columns, earlier ones "
+                f"{acc_np.shape[0]}; a source must keep its width"
+            )
+        shift = chunk.mean(axis=0, dtype=np.float64)
+        if not np.isfinite(shift).all():
+            _raise_not_finite(chunk, row0, name)
+        centred = np.subtract(chunk, shift.astype(np.float32), dtype=np.float32)
+        x = torch.from_numpy(centred)
+        if compute == "bfloat16":
+            x = x.to(torch.bfloat16)
+            del centred
+        # The mean of the values the GEMM actually sees (exact, in float64): keeps the merge
+        # consistent with the rounded data, so C stays positive semi-definite.
+        v = x.sum(dim=0, dtype=torch.float64).numpy() / x.shape[0]
+        counts.append(x.shape[0])
+        offsets.append(v)
+        means.append(shift.astype(np.float32).astype(np.float64) + v)
+        exact_means.append(shift)
+        _gram_upper_into(acc, x)
+        del x
+        row0 += chunk.shape[0]
+
+    if acc_np is None or row0 == 0:
+        raise LexpInputError(f"{name}: no rows to compute moments over; the source is empty")
+    n = row0
+    cnt = np.asarray(counts, dtype=np.float64)[:, None]
+    w = np.sqrt(cnt)
+    m_c = np.stack(means)
+    mean = (m_c * cnt).sum(axis=0) / n  # centre of the co-moment (consistent with rounding)
+    between = torch.from_numpy(w * (m_c - mean))  # k × N: Σ_c n_c (m_c − m)(m_c − m)ᵀ
+    within = torch.from_numpy(w * np.stack(offsets))  # k × N: Σ_c n_c v_c v_cᵀ
+    n_feat = acc_np.shape[0]
+    for i0 in range(0, n_feat, _GEMM_BLOCK):
+        i1 = min(i0 + _GEMM_BLOCK, n_feat)
+        blk = acc[i0:i1, i0:]
+        blk.addmm_(between[:, i0:i1].T, between[:, i0:])
+        blk.addmm_(within[:, i0:i1].T, within[:, i0:], alpha=-1.0)
+    _mirror_upper(acc_np)
+    exact_mean = (np.stack(exact_means) * cnt).sum(axis=0) / n
+    return Moments(n=n, mean=exact_mean, comoment=acc_np)
+
+
+# --------------------------------------------------------------------------------------------
+# Covariance and correlation
+# --------------------------------------------------------------------------------------------
+
+
+def constant_columns(m: Moments) -> np.ndarray:
+    """Boolean (N,): neurons whose variance is zero up to rounding (correlation undefined)."""
+    var = np.diagonal(m.comoment) / max(m.n, 1)
+    return var <= (_CONSTANT_RTOL * np.abs(m.mean)) ** 2
+
+
+def covariance(m: Moments, ddof: int = 1) -> np.ndarray:
+    """Covariance matrix (float64 N × N) = comoment / (n − ddof), like ``np.cov(X, rowvar=False)``."""
+    if m.n - ddof <= 0:
+        raise LexpInputError(f"covariance: need more than ddof={ddof} rows, got n={m.n}")
+    return m.comoment / (m.n - ddof)
+
+
+def correlation(m: Moments, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Pearson correlation (float64 N × N, exactly symmetric, clipped to [−1, 1], never NaN).
+
+    A constant neuron has no defined correlation: it gets 0 with every other neuron and 1 with
+    itself (so it ends up a singleton cluster), and a warning reports how many there are.
+    ``out=m.comoment`` computes in place, saving an N × N float64 matrix (the moments are then
+    overwritten). Entries are ``c_ij / sqrt(c_ii c_jj)``: symmetric bit for bit, and exact
+    duplicates (or sign flips) get |corr| = 1 exactly, so they merge even at ct = 0.
+    """
+    c = m.comoment
+    if out is None:
+        out = np.empty_like(c)
+    elif out.shape != c.shape or out.dtype != np.float64:
+        raise LexpInputError(f"correlation: out must be float64 {c.shape}, got {out.dtype} {out.shape}")
+    const = constant_columns(m)
+    var = np.diagonal(c).copy()
+    var[const] = 1.0
+    n_feat = c.shape[0]
+    for i0 in range(0, n_feat, _ROW_BLOCK):
+        i1 = min(i0 + _ROW_BLOCK, n_feat)
+        denom = np.sqrt(var[i0:i1, None] * var[None, :])
+        np.divide(c[i0:i1], denom, out=out[i0:i1])
+    np.clip(out, -1.0, 1.0, out=out)
+    if const.any():
+        out[const, :] = 0.0
+        out[:, const] = 0.0
+        warnings.warn(
+            f"correlation: {int(const.sum())} of {n_feat} neurons are constant over {m.n} rows; "
+            "their correlation is set to 0 (they stay singleton clusters)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    np.fill_diagonal(out, 1.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load (.npy, no pickle)
+# --------------------------------------------------------------------------------------------
+
+_FILES = {"n": "moments_n.npy", "mean": "moments_mean.npy", "comoment": "moments_comoment.npy"}
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def save_moments(m: Moments, directory: Path | str) -> list[Path]:
+    """Write ``moments_{n,mean,comoment}.npy`` into ``directory`` (each written atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, value in (("comoment", m.comoment), ("mean", m.mean), ("n", np.asarray(m.n, dtype=np.int64))):
+        path = directory / _FILES[key]
+        _save_npy_atomic(path, value)
+        paths.append(path)
+    return paths
+
+
+def load_moments(directory: Path | str, *, mmap: bool = False) -> Moments:
+    """Read moments written by :func:`save_moments`; ``mmap=True`` maps the N × N matrix read-only."""
+    directory = Path(directory)
+    arrays = {}
+    for key, fname in _FILES.items():
+        path = directory / fname
+        if not path.is_file():
+            raise LexpInputError(f"{path}: missing; recompute the moments with streaming_moments()")
+        try:
+            arrays[key] = np.load(path, mmap_mode="r" if mmap and key == "comoment" else None, allow_pickle=False)
+        except ValueError as exc:
+            raise LexpInputError(f"{path}: not a readable .npy file ({exc}); delete it and recompute") from exc
+    n, mean, com = arrays["n"], arrays["mean"], arrays["comoment"]
+    if n.shape != () or mean.ndim != 1 or com.shape != (mean.shape[0], mean.shape[0]):
+        raise LexpInputError(
+            f"{directory}: inconsistent moments (n {n.shape}, mean {mean.shape}, comoment {com.shape}); "
+            "delete the moments_*.npy files and recompute"
+        )
+    if mean.dtype != np.float64 or com.dtype != np.float64:
+        raise LexpInputError(f"{directory}: moments must be float64, got {mean.dtype}/{com.dtype}; recompute")
+    return Moments(n=int(n), mean=mean, comoment=com)
