@@ -485,13 +485,19 @@ def test_streaming_pass_keeps_resident_set_small(store_200mb: Path) -> None:
     assert peak_total < 80, f"RSS grew by {peak_total:.0f} MB while streaming a 205 MB store"
 
 
-def test_read_rows_touches_only_requested_rows(store_200mb: Path) -> None:
+def test_read_rows_copies_only_requested_rows(store_200mb: Path) -> None:
+    """Random-row reads never copy the store into process memory.
+
+    Anonymous memory is what a copy would cost; file-backed pages are not counted, because the
+    kernel maps up to 64 KiB around every faulting page of a cached file ("fault-around") and can
+    drop them again at any time.
+    """
     store = open_store(store_200mb)
     gc.collect()
-    base = _rss_mb("total")
+    base = _rss_mb("anon")
     idx = np.random.default_rng(0).choice(store.n_rows, size=2000, replace=False)
     got = store.read_rows(idx, columns=[0, 1023])
+    grown = _rss_mb("anon") - base
     np.testing.assert_array_equal(got[:, 0], idx % 1000)
     np.testing.assert_array_equal(got[:, 1], pattern_value(idx, 1023))
-    # 2,000 rows of 2 KiB touch at most 2,000 × 2 pages = 16 MB of a 205 MB file
-    assert _rss_mb("total") - base < 40
+    assert grown < 30, f"read_rows of 2,000 rows grew anonymous memory by {grown:.0f} MB"

@@ -62,15 +62,11 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
             out["corr"] = np.load(files["corr"], mmap_mode="r")
         return out
 
-    source: Any = store
-    if max_rows is not None:
-        source = store.activations[:max_rows]
-        if columns is not None:
-            source = source[:, np.asarray(columns)] if len(columns) < store.n_neurons else source
+    source: Any = store if max_rows is None else store.activations[:max_rows]
     moments = covariance.streaming_moments(
         source,
         chunk_rows=int(cfg.chunk_rows),
-        columns=None if (max_rows is not None or columns is None) else np.asarray(columns),
+        columns=None if columns is None else np.asarray(columns),
         compute=str(cfg.compute),
         progress=bool(ctx.cfg.progress),
     )
@@ -83,7 +79,7 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
     tmp = cache.with_name(cache.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    clustering.save_linkage(tmp / "linkage.npy", linkage)
+    clustering.save_linkage(linkage, tmp / "linkage.npy")
     if cka is not None:
         np.save(tmp / "cka.npy", cka, allow_pickle=False)
     if need_corr:
@@ -194,7 +190,7 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         ctx.report.figure(path)
         ctx.tracker.log_image("general/figure2", path)
     path = figures.cluster_makeup_bars(
-        {r["ct"]: r["makeup"]["shares"] for r in rows},
+        {r["ct"]: r["makeup"]["pct"] for r in rows},
         ctx.run_dir / "figures" / "cluster_makeup.png",
         f"{ctx.cfg.model.name}: where clustered neurons lie (Fig. 3)",
     )

@@ -67,13 +67,13 @@ def reduction_vs_score(
 
 
 def cluster_makeup_bars(makeup: Mapping[float, Mapping[str, float]], path: Path, title: str) -> Path:
-    """Figure 3: share of clusters within one layer, adjacent layers, within three, further apart."""
-    keys = ["same_layer", "adjacent_layers", "within_three_layers", "further_apart"]
+    """Figure 3: % of clusters within one layer, adjacent layers, within three, further apart."""
+    keys = list(next(iter(makeup.values())).keys()) if makeup else []
     cts = sorted(makeup)
     width = 0.8 / len(keys)
     fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(cts), 4))
     for i, key in enumerate(keys):
-        values = [100 * makeup[ct].get(key, 0.0) for ct in cts]
+        values = [makeup[ct].get(key, 0.0) for ct in cts]
         ax.bar(np.arange(len(cts)) + i * width, values, width, label=key.replace("_", " "))
     ax.set_xticks(np.arange(len(cts)) + 0.4 - width / 2, [f"ct={ct:g}" for ct in cts])
     ax.set_ylabel("% of multi-neuron clusters")
