@@ -60,7 +60,9 @@ def write_synthetic(path: Path, rows: int, n_layers: int, hidden: int, seed: int
     for lay in range(n_layers):  # each neuron joins a random group homed in its target layer
         members = np.flatnonzero(target == lay)
         homed = np.flatnonzero(home == lay)
-        group[members] = rng.choice(homed, members.size) if homed.size else rng.integers(0, n_groups, members.size)
+        group[members] = (
+            rng.choice(homed, members.size) if homed.size else rng.integers(0, n_groups, members.size)
+        )
     noise = np.exp(rng.uniform(np.log(0.03), np.log(2.0), n)).astype(np.float32)
     loadings = (0.08 * rng.standard_normal((n_factors, n))).astype(np.float32)
     scale = (rng.choice([-1.0, 1.0], n) * rng.lognormal(0, 0.5, n)).astype(np.float32)
@@ -87,11 +89,18 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux: KiB
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process: less distorted than wall time on a busy host."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def worker_lexp(data: Path, ct: float, compute: str, labels_out: Path) -> dict:
     from lexp.redundancy.clustering import flat_clusters, neuron_linkage
     from lexp.redundancy.covariance import correlation, streaming_moments
 
     stages = {}
+    c0 = _cpu_s()
     t0 = time.perf_counter()
     x = np.load(data, mmap_mode="r")
     m = streaming_moments(x, chunk_rows=8192, compute=compute)
@@ -107,7 +116,13 @@ def worker_lexp(data: Path, ct: float, compute: str, labels_out: Path) -> dict:
     stages["cut_s"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     np.save(labels_out, labels)
-    return {"time_s": total, "stages": stages, "peak_rss_gb": _rss_gb(), "n_clusters": int(labels.max() + 1)}
+    return {
+        "time_s": total,
+        "cpu_s": _cpu_s() - c0,
+        "stages": stages,
+        "peak_rss_gb": _rss_gb(),
+        "n_clusters": int(labels.max() + 1),
+    }
 
 
 def worker_neurox(data: Path, ct: float, labels_out: Path) -> dict:
@@ -119,17 +134,26 @@ def worker_neurox(data: Path, ct: float, labels_out: Path) -> dict:
     t = time.perf_counter()
     x = np.load(data)  # NeuroX works on an in-memory array (the output of create_tensors)
     load_s = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), _cpu_s()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             labels = create_correlation_clusters(x, use_abs_correlation=True, clustering_threshold=ct)
     except MemoryError:
-        return {"failed": "MemoryError in create_correlation_clusters", "after_s": time.perf_counter() - t,
-                "peak_rss_gb": _rss_gb()}
+        return {
+            "failed": "MemoryError in create_correlation_clusters",
+            "after_s": time.perf_counter() - t,
+            "peak_rss_gb": _rss_gb(),
+        }
     total = time.perf_counter() - t
     labels = np.asarray(labels)
     np.save(labels_out, labels)
-    return {"time_s": total, "load_s": load_s, "peak_rss_gb": _rss_gb(), "n_clusters": int(np.unique(labels).size)}
+    return {
+        "time_s": total,
+        "cpu_s": _cpu_s() - c0,
+        "load_s": load_s,
+        "peak_rss_gb": _rss_gb(),
+        "n_clusters": int(np.unique(labels).size),
+    }
 
 
 def worker_gemm(data: Path) -> dict:
@@ -139,13 +163,18 @@ def worker_gemm(data: Path) -> dict:
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         a = x if dtype == torch.float32 else x.to(dtype)
-        t = time.perf_counter()
+        t, c0 = time.perf_counter(), _cpu_s()
         g = a.T @ a
         dt = time.perf_counter() - t
         del g
-        out[name] = {"time_s": dt, "gflops": 2 * a.shape[0] * a.shape[1] ** 2 / dt / 1e9}
+        out[name] = {
+            "time_s": dt,
+            "cpu_s": _cpu_s() - c0,
+            "gflops": 2 * a.shape[0] * a.shape[1] ** 2 / dt / 1e9,
+        }
         del a
     out["time_s"] = out["float32"]["time_s"]
+    out["cpu_s"] = out["float32"]["cpu_s"]
     out["peak_rss_gb"] = _rss_gb()
     return out
 
@@ -172,7 +201,12 @@ def mem_available_gb() -> float:
 
 
 def spawn(cmd: list[str], as_limit_gb: float | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "OPENBLAS_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": THREADS,
+        "OPENBLAS_NUM_THREADS": THREADS,
+        "MKL_NUM_THREADS": THREADS,
+    }
     env.pop("VIRTUAL_ENV", None)
 
     def limit() -> None:
@@ -186,8 +220,12 @@ def spawn(cmd: list[str], as_limit_gb: float | None = None) -> dict:
     wall = time.perf_counter() - t
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"failed": f"exit code {proc.returncode}", "stderr_tail": proc.stderr[-2000:], "process_wall_s": wall,
-                "loadavg_before": load}
+        return {
+            "failed": f"exit code {proc.returncode}",
+            "stderr_tail": proc.stderr[-2000:],
+            "process_wall_s": wall,
+            "loadavg_before": load,
+        }
     res = json.loads(lines[-1][len("RESULT ") :])
     res["process_wall_s"] = wall
     res["loadavg_before"] = load
@@ -210,7 +248,7 @@ def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    pairs = set(zip(a.tolist(), b.tolist()))
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
@@ -248,8 +286,9 @@ def main(argv: list[str]) -> int:
     for compute in ("float32", "bfloat16"):
         name = f"lexp-{compute}"
         print(f"running {name} ...", flush=True)
-        results[name] = spawn([*me, "--worker", "lexp", "--compute", compute,
-                               "--labels-out", str(work / f"labels_{name}.npy")])
+        results[name] = spawn(
+            [*me, "--worker", "lexp", "--compute", compute, "--labels-out", str(work / f"labels_{name}.npy")]
+        )
     if not args.skip_gemm:
         print("running gemm-floor ...", flush=True)
         results["gemm-floor"] = spawn([*me, "--worker", "gemm"])
@@ -257,23 +296,34 @@ def main(argv: list[str]) -> int:
         need = (args.rows * n * (4 + 8) + 4 * n * n * 8) / GB + 0.5  # X, float64 copy, N×N matrices
         avail = mem_available_gb()
         if not Path(args.neurox_python).exists():
-            results["neurox"] = {"skipped": f"{args.neurox_python} not found (run benchmarks/setup_neurox.sh)"}
+            results["neurox"] = {
+                "skipped": f"{args.neurox_python} not found (run benchmarks/setup_neurox.sh)"
+            }
         elif avail < need + 1.5:
             results["neurox"] = {"skipped": f"needs ≈ {need:.1f} GB, only {avail:.1f} GB available"}
         else:
             print(f"running neurox (estimated peak {need:.1f} GB, {avail:.1f} GB available) ...", flush=True)
-            neurox_cmd = [args.neurox_python, *me[1:], "--worker", "neurox",
-                          "--labels-out", str(work / "labels_neurox.npy")]
+            neurox_cmd = [
+                args.neurox_python,
+                *me[1:],
+                "--worker",
+                "neurox",
+                "--labels-out",
+                str(work / "labels_neurox.npy"),
+            ]
             results["neurox"] = spawn(neurox_cmd, as_limit_gb=avail - 1.0)
 
     # ------------------------------------------------------------------ comparison and report
-    labels = {k: np.load(work / f"labels_{k}.npy") for k in results
-              if k != "gemm-floor" and "time_s" in results[k]}
+    labels = {
+        k: np.load(work / f"labels_{k}.npy") for k in results if k != "gemm-floor" and "time_s" in results[k]
+    }
     agreement = {}
     for a, b in (("lexp-float32", "neurox"), ("lexp-bfloat16", "neurox"), ("lexp-bfloat16", "lexp-float32")):
         if a in labels and b in labels:
-            agreement[f"{a} vs {b}"] = {"adjusted_rand": adjusted_rand(labels[a], labels[b]),
-                                        "same_partition": same_partition(labels[a], labels[b])}
+            agreement[f"{a} vs {b}"] = {
+                "adjusted_rand": adjusted_rand(labels[a], labels[b]),
+                "same_partition": same_partition(labels[a], labels[b]),
+            }
     ratios = {}
     nx = results.get("neurox", {})
     floor = results.get("gemm-floor", {}).get("time_s")
@@ -288,9 +338,19 @@ def main(argv: list[str]) -> int:
         if floor:
             ratios[k]["time_over_gemm_floor"] = r["time_s"] / floor
     record = {
-        "config": {"rows": args.rows, "neurons": n, "layers": args.layers, "hidden": args.hidden, "ct": args.ct,
-                   "seed": args.seed, "data": str(data), "threads": int(THREADS), "cpus": os.cpu_count(),
-                   "machine": platform.machine(), "python": platform.python_version()},
+        "config": {
+            "rows": args.rows,
+            "neurons": n,
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "ct": args.ct,
+            "seed": args.seed,
+            "data": str(data),
+            "threads": int(THREADS),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
         "results": results,
         "ratios": ratios,
         "agreement": agreement,
@@ -301,22 +361,30 @@ def main(argv: list[str]) -> int:
     out.write_text(json.dumps(record, indent=2))
 
     print(f"\ncorrelation clustering, {args.rows} rows × {n} neurons, ct = {args.ct}")
-    print(f"{'run':16s} {'time s':>8s} {'peak RSS GB':>12s} {'clusters':>9s} {'load':>5s}  notes")
+    print(
+        f"{'run':16s} {'time s':>8s} {'CPU s':>8s} {'peak RSS GB':>12s} {'clusters':>9s} {'load':>5s}  notes"
+    )
     for k, r in results.items():
         if "time_s" in r:
             note = ""
             if "stages" in r:
                 note = " ".join(f"{s[:-2]} {v:.1f}" for s, v in r["stages"].items())
             elif k == "gemm-floor":
-                note = (f"f32 {r['float32']['gflops']:.0f} GFLOP/s, bf16 {r['bfloat16']['time_s']:.1f} s "
-                        f"({r['bfloat16']['gflops']:.0f} GFLOP/s)")
+                note = (
+                    f"f32 {r['float32']['gflops']:.0f} GFLOP/s, bf16 {r['bfloat16']['time_s']:.1f} s "
+                    f"({r['bfloat16']['gflops']:.0f} GFLOP/s)"
+                )
             elif "load_s" in r:
                 note = f"+ {r['load_s']:.1f} s np.load"
-            print(f"{k:16s} {r['time_s']:8.1f} {r['peak_rss_gb']:12.2f} {r.get('n_clusters', ''):>9} "
-                  f"{r['loadavg_before']:5.1f}  {note}")
+            print(
+                f"{k:16s} {r['time_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss_gb']:12.2f} {r.get('n_clusters', ''):>9} "
+                f"{r['loadavg_before']:5.1f}  {note}"
+            )
         else:
-            print(f"{k:16s} {'-':>8s} {r.get('peak_rss_gb', float('nan')):12.2f}  "
-                  f"{r.get('skipped') or r.get('failed')}")
+            print(
+                f"{k:16s} {'-':>8s} {'-':>8s} {r.get('peak_rss_gb', float('nan')):12.2f}  "
+                f"{r.get('skipped') or r.get('failed')}"
+            )
     for k, rr in ratios.items():
         print(f"{k}: " + ", ".join(f"{m} {v:.2f}" for m, v in rr.items()))
     for k, v in agreement.items():

@@ -67,13 +67,20 @@ def test_cka_matrix_from_moments_equals_blockwise_linear_cka() -> None:
     base = rng.standard_normal((600, hidden))
     layers = [base]
     for _ in range(n_layers - 1):  # each layer a noisy mix of the previous one, like a transformer
-        layers.append(layers[-1] @ rng.standard_normal((hidden, hidden)) * 0.5 + rng.standard_normal((600, hidden)))
+        layers.append(
+            layers[-1] @ rng.standard_normal((hidden, hidden)) * 0.5 + rng.standard_normal((600, hidden))
+        )
     x = np.concatenate(layers, axis=1).astype(np.float32)
     m = streaming_moments(x, chunk_rows=128)
     mat = cka_matrix(m, n_layers, hidden)
     expected = np.array(
-        [[linear_cka(x[:, a * hidden : (a + 1) * hidden], x[:, b * hidden : (b + 1) * hidden]) for b in range(n_layers)]
-         for a in range(n_layers)]
+        [
+            [
+                linear_cka(x[:, a * hidden : (a + 1) * hidden], x[:, b * hidden : (b + 1) * hidden])
+                for b in range(n_layers)
+            ]
+            for a in range(n_layers)
+        ]
     )
     np.testing.assert_allclose(mat, expected, atol=1e-6)
     np.testing.assert_array_equal(mat, mat.T)

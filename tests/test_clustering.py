@@ -9,8 +9,8 @@ from scipy.spatial.distance import squareform
 
 from lexp.errors import LexpInputError
 from lexp.redundancy.clustering import (
-    condensed_distance,
     cluster_makeup,
+    condensed_distance,
     cut_many,
     flat_clusters,
     load_linkage,
@@ -36,7 +36,11 @@ def _grouped(seed: int = 0, rows: int = 2000, noise: float = 0.05) -> tuple[np.n
     groups = groups[perm]
     signals = rng.standard_normal((rows, 8))
     sign = rng.choice([-1.0, 1.0], groups.size)
-    x = sign * rng.uniform(0.5, 3, groups.size) * (signals[:, groups] + noise * rng.standard_normal((rows, groups.size)))
+    x = (
+        sign
+        * rng.uniform(0.5, 3, groups.size)
+        * (signals[:, groups] + noise * rng.standard_normal((rows, groups.size)))
+    )
     return (x + rng.normal(0, 5, groups.size)).astype(np.float32), groups
 
 

@@ -81,7 +81,9 @@ def test_matches_numpy_for_any_chunking(chunk_rows: int) -> None:
     assert m.n == 301
     np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(covariance(m), _ref_cov(x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(covariance(m, ddof=0), np.cov(x.astype(np.float64), rowvar=False, ddof=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        covariance(m, ddof=0), np.cov(x.astype(np.float64), rowvar=False, ddof=0), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(correlation(m), _ref_corr(x), atol=2e-6)
     np.testing.assert_array_equal(m.comoment, m.comoment.T)
 

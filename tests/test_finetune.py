@@ -205,9 +205,20 @@ def bert_run(bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     model_cfg = {"name": "tiny-bert", "name_or_path": str(bert_dir)}
     ft_cfg = {**FAST, "metrics": ["accuracy", "f1"]}
     out = finetune(
-        task, model_cfg, ft_cfg, cache_root=folder / "cache", trainer_kwargs={**QUIET, "callbacks": [recorder]}
+        task,
+        model_cfg,
+        ft_cfg,
+        cache_root=folder / "cache",
+        trainer_kwargs={**QUIET, "callbacks": [recorder]},
     )
-    return {"out": out, "task": task, "model": model_cfg, "ft": ft_cfg, "cache": folder / "cache", "rec": recorder}
+    return {
+        "out": out,
+        "task": task,
+        "model": model_cfg,
+        "ft": ft_cfg,
+        "cache": folder / "cache",
+        "rec": recorder,
+    }
 
 
 def test_bert_pair_task_beats_chance_and_saves_the_encoder(bert_run: dict) -> None:
@@ -215,7 +226,9 @@ def test_bert_pair_task_beats_chance_and_saves_the_encoder(bert_run: dict) -> No
 
     out, task, recorder = bert_run["out"], bert_run["task"], bert_run["rec"]
     assert out.parent.parent == bert_run["cache"] / "finetuned"
-    assert out.parent.name == "tiny-bert" and out.name.startswith("toy-") and len(out.name) == len("toy-") + 12
+    assert (
+        out.parent.name == "tiny-bert" and out.name.startswith("toy-") and len(out.name) == len("toy-") + 12
+    )
     assert not out.with_name(out.name + ".partial").exists()
     assert not (out / "checkpoints").exists()  # removed unless keep_checkpoints
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
@@ -381,9 +394,16 @@ def test_checkpoint_loads_weights_only_and_fit_resumes(bert_dir: Path, tmp_path:
 
     recorder = Recorder()
     resumed = pl.Trainer(
-        max_epochs=2, callbacks=[recorder], logger=False, enable_checkpointing=False, default_root_dir=tmp_path, **QUIET
+        max_epochs=2,
+        callbacks=[recorder],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        **QUIET,
     )
-    resumed.fit(FineTuner(str(bert_dir), labels=["0", "1"], learning_rate=1e-3), datamodule=data, ckpt_path=last)
+    resumed.fit(
+        FineTuner(str(bert_dir), labels=["0", "1"], learning_rate=1e-3), datamodule=data, ckpt_path=last
+    )
     assert recorder.steps == [4, 5, 6, 7]  # continues from the saved global step, one more epoch
     assert resumed.global_step == 8 and resumed.current_epoch == 2
 
@@ -396,14 +416,20 @@ def test_interrupted_finetune_resumes_to_the_same_model(bert_dir: Path, tmp_path
     ft_cfg = {**FAST, "learning_rate": 1e-3, "epochs": 3}
     with pytest.raises(Interrupted):
         finetune(
-            task, model, ft_cfg, cache_root=tmp_path / "a", trainer_kwargs={**QUIET, "callbacks": [InterruptAtEpoch(1)]}
+            task,
+            model,
+            ft_cfg,
+            cache_root=tmp_path / "a",
+            trainer_kwargs={**QUIET, "callbacks": [InterruptAtEpoch(1)]},
         )
     (partial,) = (tmp_path / "a" / "finetuned" / "tiny-bert").glob("*.partial")
     last = partial / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
 
     recorder = Recorder()
-    out = finetune(task, model, ft_cfg, cache_root=tmp_path / "a", trainer_kwargs={**QUIET, "callbacks": [recorder]})
+    out = finetune(
+        task, model, ft_cfg, cache_root=tmp_path / "a", trainer_kwargs={**QUIET, "callbacks": [recorder]}
+    )
     assert recorder.steps == list(range(4, 12))
     manifest = read_manifest(out)
     assert manifest["resumed_from"] == str(last) and manifest["global_step"] == 12
@@ -413,7 +439,10 @@ def test_interrupted_finetune_resumes_to_the_same_model(bert_dir: Path, tmp_path
     assert straight.name == out.name  # same fingerprint, different cache root
     from safetensors.torch import load_file
 
-    resumed_weights, straight_weights = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    resumed_weights, straight_weights = (
+        load_file(out / "model.safetensors"),
+        load_file(straight / "model.safetensors"),
+    )
     assert resumed_weights.keys() == straight_weights.keys()
     for name, tensor in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6)
@@ -430,7 +459,9 @@ def test_unseen_labels_count_as_errors_and_f1_uses_the_positive_class(bert_dir: 
     data = GlueDataModule(tokenizer, {"dev": dev}, {"dev": targets}, eval_batch_size=2)
     trainer = pl.Trainer(logger=False, default_root_dir=tmp_path, **QUIET)
     for positive, f1 in (("1", 2 * 0.4 * 1.0 / 1.4), ("0", 0.0)):
-        module = FineTuner(str(bert_dir), labels=["0", "1"], metrics=["accuracy", "f1"], positive_label=positive)
+        module = FineTuner(
+            str(bert_dir), labels=["0", "1"], metrics=["accuracy", "f1"], positive_label=positive
+        )
         with torch.no_grad():
             module.model.classifier.weight.zero_()
             module.model.classifier.bias.copy_(torch.tensor([-10.0, 10.0]))
@@ -498,7 +529,13 @@ def test_bad_input_is_reported(bert_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(LexpInputError, match="unknown fine-tuning setting.*'lr'"):
         finetune(pair_task(tmp_path), str(bert_dir), {"lr": 1e-3}, cache_root=tmp_path)
     with pytest.raises(LexpInputError, match="exceeds the 64 positions"):
-        finetune(pair_task(tmp_path), str(bert_dir), {"max_seq_length": 128}, cache_root=tmp_path, trainer_kwargs=QUIET)
+        finetune(
+            pair_task(tmp_path),
+            str(bert_dir),
+            {"max_seq_length": 128},
+            cache_root=tmp_path,
+            trainer_kwargs=QUIET,
+        )
     with pytest.raises(LexpInputError, match="positive_label='yes'"):
         FineTuner(str(bert_dir), labels=["0", "1"], metrics=["accuracy", "f1"], positive_label="yes")
     with pytest.raises(LexpInputError, match="do not apply to classification"):
@@ -507,9 +544,16 @@ def test_bad_input_is_reported(bert_dir: Path, tmp_path: Path) -> None:
 
 def test_config_file_holds_the_paper_defaults() -> None:
     """conf/finetune/default.yaml = transformers' run_glue.py defaults used by the paper."""
-    raw = OmegaConf.merge({"seed": 42}, {"finetune": OmegaConf.load(REPO / "conf" / "finetune" / "default.yaml")})
+    raw = OmegaConf.merge(
+        {"seed": 42}, {"finetune": OmegaConf.load(REPO / "conf" / "finetune" / "default.yaml")}
+    )
     config = FineTuneConfig.from_mapping(OmegaConf.to_container(raw.finetune, resolve=True))
     assert config == FineTuneConfig()
-    assert (config.learning_rate, config.epochs, config.batch_size, config.max_seq_length) == (5e-5, 3, 8, 128)
+    assert (config.learning_rate, config.epochs, config.batch_size, config.max_seq_length) == (
+        5e-5,
+        3,
+        8,
+        128,
+    )
     assert (config.weight_decay, config.warmup_steps, config.seed) == (0.0, 0, 42)
     assert json.dumps(config.weight_settings())  # fingerprintable

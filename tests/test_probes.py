@@ -271,7 +271,7 @@ def test_multihead_gradients_are_those_of_each_head_alone():
         assert torch.allclose(
             multi.groups[gi].weight.grad[slot], single.linear.weight.grad, rtol=1e-6, atol=1e-8
         )
-        assert torch.allclose(multi.groups[gi].bias.grad[slot], single.linear.bias.grad, rtol=1e-6, atol=1e-8)
+        assert torch.allclose(multi.groups[gi].bias.grad[slot], single.linear.bias.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_multihead_equals_separately_trained_probes():

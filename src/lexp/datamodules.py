@@ -112,8 +112,6 @@ class StoreBatches(Dataset):
 
     def __getitem__(self, rows: slice | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.store.read_rows(rows, self.columns)
-        if not x.flags.writeable:  # a float32 store read without a cast is a view of the memmap
-            x = x.copy()
         y = self.labels[rows] if isinstance(rows, slice) else self.labels[torch.from_numpy(rows)]
         return torch.from_numpy(x), y
 
@@ -163,7 +161,7 @@ class ActivationDataModule(pl.LightningDataModule):
                     f"{store.path}: {name} store's label_vocab differs from train's ({first.path}); class ids "
                     "would not mean the same labels. Rebuild the stores from one task config."
                 )
-        self.columns = first._columns(columns)
+        self.columns = first.column_index(columns)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.seed, self.shuffle, self.regression = int(seed), bool(shuffle), bool(regression)
         self.num_workers = int(num_workers)

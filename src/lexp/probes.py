@@ -117,6 +117,7 @@ def _data_loss(outputs: Tensor, y: Tensor, regression: bool) -> Tensor:
     Both probes go through this function, so a head of a :class:`MultiHeadProbe` and an
     :class:`ElasticNetProbe` compute their loss with the same operations.
     """
+    outputs = outputs.float()  # bf16-mixed precision: the loss itself stays in float32
     lead = outputs.shape[:-2]
     target = y.expand(*lead, y.shape[0])
     if regression:
@@ -465,12 +466,18 @@ class _HeadGroup(nn.Module):
         self.register_buffer("columns", torch.from_numpy(flat.copy()), persistent=True)
         self._slice = _contiguous(flat)  # e.g. all per-layer heads together = every column in order
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, N) -> (G, B, K); the gather reads each column once per step."""
-        xs = x[:, self._slice] if self._slice is not None else x.index_select(1, self.columns)
+    def forward(self, x_t: Tensor) -> Tensor:
+        """Transposed batch (N, B) -> outputs (G, B, K).
+
+        Works on ``xᵀ`` and computes ``W @ xᵀ``: each head's inputs are then whole rows (a view for a
+        contiguous column range, a cheap row gather otherwise), and the weight gradient
+        ``dZᵀ @ x`` comes out in the layout of ``weight`` — the other way round autograd adds a
+        strided copy of the gradient that costs as much as the matmul.
+        """
+        rows = x_t[self._slice] if self._slice is not None else x_t.index_select(0, self.columns)
         n_heads, _, width = self.weight.shape
-        xs = xs.view(x.shape[0], n_heads, width).transpose(0, 1)
-        return torch.baddbmm(self.bias.unsqueeze(1), xs, self.weight.transpose(1, 2))
+        xs = rows.view(n_heads, width, x_t.shape[1])  # (G, C, B)
+        return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, xs).transpose(1, 2)
 
 
 class MultiHeadProbe(_ProbeModule):
@@ -522,16 +529,17 @@ class MultiHeadProbe(_ProbeModule):
         self._group_heads = list(by_width.values())
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """One (G, B, K) output tensor per width group."""
-        return [group(x) for group in self.groups]
+        """One (G, B, K) output tensor per width group (every column transposed once per step)."""
+        x_t = x.t().contiguous()
+        return [group(x_t) for group in self.groups]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         self._check_train_labels(y)
         x = _as_float32(x)
         loss = x.new_zeros(())
-        for group in self.groups:
-            per_head = _data_loss(group(x), y, self.regression) + elasticnet_penalty(
+        for group, outputs in zip(self.groups, self(x), strict=True):
+            per_head = _data_loss(outputs, y, self.regression) + elasticnet_penalty(
                 group.weight, self.l1, self.l2
             )
             loss = loss + per_head.sum()

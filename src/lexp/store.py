@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from lexp import __version__
 from lexp.errors import LexpInputError
@@ -249,7 +250,8 @@ class Store:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.arange(layer * h, (layer + 1) * h, dtype=np.int64) for layer in layers])
 
-    def _columns(self, columns: np.ndarray | Sequence[int] | None) -> np.ndarray | None:
+    def column_index(self, columns: np.ndarray | Sequence[int] | None) -> np.ndarray | None:
+        """Validated int64 neuron indices (``None`` = all columns); LexpInputError if out of range."""
         if columns is None:
             return None
         cols = np.asarray(columns)
@@ -267,7 +269,7 @@ class Store:
         self,
         chunk_rows: int = 8192,
         columns: np.ndarray | Sequence[int] | None = None,
-        dtype: type | np.dtype = np.float32,
+        dtype: npt.DTypeLike = np.float32,
     ) -> Iterator[np.ndarray]:
         """Yield consecutive row blocks ``(≤ chunk_rows, n_cols)`` as ``dtype`` (a streaming pass).
 
@@ -277,7 +279,7 @@ class Store:
         """
         if chunk_rows < 1:
             raise LexpInputError(f"iter_chunks: chunk_rows must be ≥ 1, got {chunk_rows}")
-        cols = self._columns(columns)
+        cols = self.column_index(columns)
         dtype = np.dtype(dtype)
         acts = self.activations
         for start in range(0, self.n_rows, chunk_rows):
@@ -291,17 +293,18 @@ class Store:
     def read_rows(
         self, idx: np.ndarray | Sequence[int] | slice, columns: np.ndarray | Sequence[int] | None = None
     ) -> np.ndarray:
-        """float32 ``(len(idx), n_cols)`` for an arbitrary row subset, rows in the order of ``idx``.
+        """A new float32 array ``(len(idx), n_cols)`` of the rows ``idx``, in the order of ``idx``.
 
         Rows are fetched in sorted order (memmap locality, one pass over the file) and put back in
-        the requested order; only the requested rows are touched. A ``slice`` reads a contiguous
+        the requested order; only the requested rows are copied. A ``slice`` reads a contiguous
         block.
         """
-        cols = self._columns(columns)
+        cols = self.column_index(columns)
         if isinstance(idx, slice):
             block = self.activations[idx]
             block = np.take(block, cols, axis=1) if cols is not None else np.asarray(block)
-            return _as_float(block, np.dtype(np.float32))
+            out = _as_float(block, np.dtype(np.float32))
+            return out if out.flags.writeable else out.copy()
         rows = np.asarray(idx)
         if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
             raise LexpInputError(

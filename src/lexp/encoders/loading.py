@@ -193,11 +193,17 @@ def _load_from_dir(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
             f"Could not load model from {str(folder)!r}: the folder has no config.json, so it is not a "
             f"saved transformers model. {_FIX}"
         )
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise LexpModelError(
+            f"Could not load the tokenizer from {str(folder)!r}: the folder has none of "
+            f"{', '.join(_TOKENIZER_FILES[:7])}. Fix: save the tokenizer next to the weights "
+            f"(tokenizer.save_pretrained(DIR)). {_FIX}"
+        )
     try:
         return _load_pair(str(folder), {"local_files_only": True}, dtype)
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:  # corrupt files raise anything (SafetensorError, RuntimeError, ...)
         raise LexpModelError(
-            f"Could not load the model or tokenizer in {str(folder)!r}: {_first_line(exc)} "
+            f"Could not load the model or tokenizer in {str(folder)!r}: {type(exc).__name__}: {_first_line(exc)} "
             f"Check that the folder holds complete weights and tokenizer files. {_FIX}"
         ) from None
 
@@ -212,6 +218,14 @@ def _split_words_ok(tokenizer: Any) -> bool:
 
 def _prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, target: str, kwargs: dict[str, Any]) -> Any:
     """Fast tokenizer able to encode pre-split words, padding on the side the model was trained with."""
+    vocab_size = getattr(model.config, "vocab_size", None)
+    if isinstance(vocab_size, int) and len(tokenizer) < vocab_size // 2:
+        # transformers 5 builds a near-empty tokenizer when vocabulary files are missing or ignored
+        raise LexpModelError(
+            f"The tokenizer of {target!r} has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{vocab_size}: its vocabulary files are missing or were not read. Fix: save the matching "
+            "tokenizer next to the weights (tokenizer.save_pretrained(DIR))."
+        )
     if not getattr(tokenizer, "is_fast", False):
         raise LexpModelError(
             f"The tokenizer of {target!r} ({type(tokenizer).__name__}) is not a fast (Rust) tokenizer; "

@@ -66,7 +66,9 @@ def cka_matrix(cov_or_moments: Moments | np.ndarray, n_layers: int, hidden: int)
     sq = np.empty((n_layers, n_layers), dtype=np.float64)
     for a in range(n_layers):
         row = np.asarray(c[a * hidden : (a + 1) * hidden], dtype=np.float64)
-        sq[a] = np.einsum("ilj,ilj->l", row.reshape(hidden, n_layers, hidden), row.reshape(hidden, n_layers, hidden))
+        sq[a] = np.einsum(
+            "ilj,ilj->l", row.reshape(hidden, n_layers, hidden), row.reshape(hidden, n_layers, hidden)
+        )
     sq = (sq + sq.T) / 2  # exact symmetry despite summation order
     norms = np.sqrt(np.diagonal(sq)).copy()
     dead = norms == 0.0

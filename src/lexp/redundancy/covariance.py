@@ -179,7 +179,9 @@ def _iter_source(
             f"with iter_chunks(); got {type(source).__name__} with shape {getattr(source, 'shape', None)}"
         )
     if not np.issubdtype(source.dtype, np.floating):
-        raise LexpInputError(f"{name}: activations must be floating point (float16/float32), got {source.dtype}")
+        raise LexpInputError(
+            f"{name}: activations must be floating point (float16/float32), got {source.dtype}"
+        )
     cols = _check_columns(columns, source.shape[1], name)
     return _array_chunks(source, chunk_rows, cols), source.shape[0], name
 
@@ -391,9 +393,13 @@ def load_moments(directory: Path | str, *, mmap: bool = False) -> Moments:
         if not path.is_file():
             raise LexpInputError(f"{path}: missing; recompute the moments with streaming_moments()")
         try:
-            arrays[key] = np.load(path, mmap_mode="r" if mmap and key == "comoment" else None, allow_pickle=False)
+            arrays[key] = np.load(
+                path, mmap_mode="r" if mmap and key == "comoment" else None, allow_pickle=False
+            )
         except ValueError as exc:
-            raise LexpInputError(f"{path}: not a readable .npy file ({exc}); delete it and recompute") from exc
+            raise LexpInputError(
+                f"{path}: not a readable .npy file ({exc}); delete it and recompute"
+            ) from exc
     n, mean, com = arrays["n"], arrays["mean"], arrays["comoment"]
     if n.shape != () or mean.ndim != 1 or com.shape != (mean.shape[0], mean.shape[0]):
         raise LexpInputError(

@@ -1,0 +1,103 @@
+"""The reduced extractor: save (truncated encoder + neurons + probe), load, identical predictions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lexp.encoders.extract import extract_words
+from lexp.errors import LexpInputError
+from lexp.extractor import ReducedExtractor, save_reduced_extractor
+from lexp.redundancy.timing import truncate_encoder
+from tiny_models import tiny_bert, tiny_xlnet
+
+SENTENCES = [
+    ["The", "quick", "brown", "foxes", "jumped", "."],
+    ["A", "cat"],
+    ["red", "houses", "and", "old", "dogs"],
+]
+LABELS = ["DT", "JJ", "NN", "VB"]
+
+
+def _expected(model, tokenizer, k: int, columns: np.ndarray, W: np.ndarray, b: np.ndarray) -> list[list[str]]:
+    """Predictions computed from the FULL model's hidden states 0..k (no truncation, no saving)."""
+    out = []
+    rows = dict(extract_words(model, tokenizer, SENTENCES, batch_size=2, progress=False))
+    hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+    for i, words in enumerate(SENTENCES):
+        feats = rows[i][:, : (k + 1) * hidden][:, columns]
+        ids = (torch.from_numpy(feats) @ torch.from_numpy(W).T + torch.from_numpy(b)).argmax(1).numpy()
+        out.append([LABELS[j] for j in ids])
+        assert len(out[-1]) == len(words)
+    return out
+
+
+@pytest.mark.parametrize("family", ["bert", "xlnet"])
+def test_round_trip_gives_identical_predictions(family: str, tmp_path: Path) -> None:
+    model, tokenizer = (tiny_bert if family == "bert" else tiny_xlnet)(tmp_path)
+    k = 1  # keep embeddings + the first transformer layer
+    rng = np.random.default_rng(0)
+    columns = np.sort(rng.choice(64, size=20, replace=False))
+    W = rng.standard_normal((len(LABELS), 20)).astype(np.float32)
+    b = rng.standard_normal(len(LABELS)).astype(np.float32)
+    path = save_reduced_extractor(
+        tmp_path / "extractor",
+        model=truncate_encoder(model, k),
+        tokenizer=tokenizer,
+        n_layers_kept=k + 1,
+        columns=columns,
+        weights=W,
+        bias=b,
+        labels=LABELS,
+        kind="labelling",
+        settings={"subword": "last", "store_dtype": "float32"},
+    )
+    assert not list(tmp_path.glob("extractor.partial-*"))
+    tagger = ReducedExtractor.load(path)
+    assert len(tagger.model.encoder.layer if family == "bert" else tagger.model.layer) == k
+    assert tagger.tag(SENTENCES) == _expected(model, tokenizer, k, columns, W, b)
+
+
+def test_predict_cli_and_its_errors(tmp_path: Path) -> None:
+    model, tokenizer = tiny_bert(tmp_path)
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((len(LABELS), 8)).astype(np.float32)
+    save_reduced_extractor(
+        tmp_path / "run" / "extractor",
+        model=truncate_encoder(model, 1),
+        tokenizer=tokenizer,
+        n_layers_kept=2,
+        columns=np.arange(8),
+        weights=W,
+        bias=np.zeros(len(LABELS), np.float32),
+        labels=LABELS,
+        kind="labelling",
+        settings={},
+    )
+    text = tmp_path / "in.txt"
+    text.write_text("\n".join(" ".join(s) for s in SENTENCES) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "lexp.predict", str(tmp_path / "run"), "--input", str(text)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    blocks = [b.splitlines() for b in done.stdout.strip().split("\n\n")]
+    assert [[line.split("\t")[0] for line in block] for block in blocks] == SENTENCES
+    assert all(line.split("\t")[1] in LABELS for block in blocks for line in block)
+    text.write_text("The cat\n\nA dog\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "lexp.predict", str(tmp_path / "run"), "--input", str(text)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "in.txt:2" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(LexpInputError, match="no reduced extractor"):
+        ReducedExtractor.load(tmp_path)
