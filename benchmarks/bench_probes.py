@@ -284,6 +284,10 @@ def main() -> None:
         neurox_worker(Path(args.neurox_worker))
         return
 
+    # On a shared machine, OpenMP's spinning worker threads slow torch down many times over when
+    # other processes compete for the cores; passive waiting costs little when the machine is idle.
+    # Set before torch is imported, inherited by the NeuroX worker (same setting on both sides).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     if args.threads:
@@ -339,6 +343,7 @@ def main() -> None:
         "probes": list(subsets),
         "precision": args.precision,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "lexp": ours,

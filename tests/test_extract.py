@@ -162,7 +162,9 @@ def test_words_equal_single_sentence_forward(family, subword, bert, xlnet):
     n_layers, hidden = model.config.num_hidden_layers + 1, model.config.hidden_size
     for i, words in enumerate(SENTENCES):
         assert got[i].dtype == np.float32 and got[i].shape == (len(words), n_layers * hidden)
-        np.testing.assert_allclose(got[i], _reference_words(model, tokenizer, words, subword), atol=TOL, rtol=0)
+        np.testing.assert_allclose(
+            got[i], _reference_words(model, tokenizer, words, subword), atol=TOL, rtol=0
+        )
     assert ex.stats.n_words == sum(map(len, SENTENCES))
     assert ex.stats.n_padded_tokens > ex.stats.n_tokens, "batches must actually contain padding"
 
@@ -170,7 +172,10 @@ def test_words_equal_single_sentence_forward(family, subword, bert, xlnet):
 def test_subword_modes_differ_on_split_words(bert):
     model, tokenizer = bert
     words = [["jumped", "treetops"]]  # jump ##ed, tree ##top ##s
-    rows = {m: dict(extract_words(model, tokenizer, words, subword=m, progress=False))[0] for m in ("first", "last")}
+    rows = {
+        m: dict(extract_words(model, tokenizer, words, subword=m, progress=False))[0]
+        for m in ("first", "last")
+    }
     assert np.abs(rows["first"] - rows["last"]).max() > 1e-3
 
 
@@ -213,6 +218,22 @@ def test_zero_subword_words_keep_their_row(bert, caplog):
     assert "2 word(s)" in caplog.text and "f.conllu:7" in caplog.text
     expected = _reference_words(model, tokenizer, ["The", "[UNK]", "cat", "[UNK]"], "last")
     np.testing.assert_allclose(rows, expected, atol=TOL, rtol=0)
+
+
+def test_training_mode_model_is_run_in_eval_mode_and_restored(bert):
+    model, tokenizer = bert
+    model.train()  # dropout on: a forward in this mode would be random
+    try:
+        for i, rows in extract_words(model, tokenizer, SENTENCES[:3], batch_size=2, progress=False):
+            assert model.training, "the caller's mode is restored between batches"
+            np.testing.assert_allclose(
+                rows, _reference_words(model.eval(), tokenizer, SENTENCES[i], "last"), atol=TOL
+            )
+            model.train()
+        for _index, _row in extract_cls(model, tokenizer, EXAMPLES[:2], progress=False):
+            assert model.training
+    finally:
+        model.eval()
 
 
 def test_empty_sentence_gets_empty_block(bert):
@@ -271,17 +292,31 @@ def test_window_mode_is_identical_when_sentences_fit(bert):
 
 
 @pytest.mark.parametrize("subword", ["last", "average"])
-def test_window_rows_equal_their_window_run_alone(short_bert, subword):
-    """Guarantee of window mode: a word's row is its row in the best window encoded as a sentence."""
-    model, tokenizer = short_bert
-    ex = extract_words(model, tokenizer, LONG, batch_size=4, long_sentences="window", subword=subword, progress=False)
+@pytest.mark.parametrize("family", ["bert", "xlnet"])
+def test_window_rows_equal_their_window_run_alone(family, subword, short_bert, xlnet):
+    """Guarantee of window mode: a word's row is its row in the best window encoded as a sentence.
+
+    BERT's limit comes from its 16-entry position table; XLNet has none, so max_length sets it.
+    """
+    model, tokenizer = short_bert if family == "bert" else xlnet
+    limit = 16 if family == "bert" else 40
+    ex = extract_words(
+        model,
+        tokenizer,
+        LONG,
+        batch_size=4,
+        long_sentences="window",
+        subword=subword,
+        progress=False,
+        max_length=None if family == "bert" else limit,
+    )
     got = _collect(ex, len(LONG))
     assert ex.stats.n_windowed == 2 and ex.stats.n_windows >= 4
     np.testing.assert_allclose(got[1], _reference_words(model, tokenizer, LONG[1], subword), atol=TOL, rtol=0)
     for i in (0, 2):
         words = LONG[i]
         counts = [len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
-        windows, owner = plan_windows(counts, 16 - 2)
+        windows, owner = plan_windows(counts, limit - 2)
         assert len(windows) >= 2
         assert got[i].shape[0] == len(words)
         for k, (s, e) in enumerate(windows):
@@ -316,7 +351,7 @@ def test_plan_windows_properties():
         assert windows[0][0] == 0 and windows[-1][1] == len(counts)
         for (s, e), (s2, e2) in zip(windows, windows[1:], strict=False):
             assert s < s2 <= e < e2  # progress, overlap or contiguity, no gap
-        for k, (s, e) in enumerate(windows):
+        for s, e in windows:
             assert prefix[e] - prefix[s] <= budget
             if e < len(counts):
                 assert prefix[e + 1] - prefix[s] > budget  # greedy: the next word did not fit
@@ -418,7 +453,9 @@ def test_minilm_on_real_ewt_sentences(minilm, data_root):
     got = _collect(extract_words(model, tokenizer, sentences, batch_size=5, progress=False), 5)
     for i, words in enumerate(sentences):
         assert got[i].shape == (len(words), 7 * 384)
-        np.testing.assert_allclose(got[i], _reference_words(model, tokenizer, words, "last"), atol=TOL, rtol=0)
+        np.testing.assert_allclose(
+            got[i], _reference_words(model, tokenizer, words, "last"), atol=TOL, rtol=0
+        )
 
 
 def test_minilm_windows_stay_close_to_full_sentence(minilm, data_root):
@@ -442,7 +479,10 @@ def test_minilm_windows_stay_close_to_full_sentence(minilm, data_root):
                 start, used = j, 0
             used += n
         chunks.append((i, start, len(words)))
-    parts = _collect(extract_words(model, tokenizer, [sentences[i][a:b] for i, a, b in chunks], progress=False), len(chunks))
+    parts = _collect(
+        extract_words(model, tokenizer, [sentences[i][a:b] for i, a, b in chunks], progress=False),
+        len(chunks),
+    )
     naive = {i: np.concatenate([parts[k] for k, c in enumerate(chunks) if c[0] == i]) for i in range(5)}
 
     def cosines(rows, layer):

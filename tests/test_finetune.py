@@ -155,11 +155,15 @@ class Recorder(Callback):
         self.losses: list[float] = []
         self.training: list[bool] = []
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: FineTuner, batch: dict, batch_idx: int
+    ) -> None:
         self.steps.append(trainer.global_step)
         self.training.append(module.model.training)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: FineTuner, outputs: dict, batch: dict, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
@@ -173,7 +177,7 @@ class InterruptAtEpoch(Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def on_train_epoch_start(self, trainer, module) -> None:  # noqa: ANN001
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: FineTuner) -> None:
         if trainer.current_epoch == self.epoch:
             raise Interrupted(f"stopped at epoch {self.epoch}")
 
@@ -293,7 +297,7 @@ def test_fingerprint_changes_with_hyperparameters_and_data(
 
     calls: list[Path] = []
 
-    def fake_train(*args, **kwargs):  # noqa: ANN002, ANN003
+    def fake_train(*args: object, **kwargs: object) -> Path:
         out = args[7]  # (task, name_or_path, revision, slug, config, settings, fp, out, trainer_kwargs)
         calls.append(out)
         return out

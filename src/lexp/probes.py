@@ -100,7 +100,8 @@ class _ElasticNetPenalty(torch.autograd.Function):
         norm2 = torch.linalg.vector_norm(weight, 2, dim=dims)
         ctx.save_for_backward(weight, norm2)
         ctx.l1, ctx.l2 = l1, l2
-        return l1 * torch.linalg.vector_norm(weight, 1, dim=dims) + l2 * norm2
+        # abs().sum(): torch's ord-1 vector_norm kernel is several times slower on CPU
+        return l1 * weight.abs().sum(dim=dims) + l2 * norm2
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:

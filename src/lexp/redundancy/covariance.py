@@ -149,21 +149,31 @@ def _release_rows(x: np.ndarray, start: int, stop: int) -> None:
             mm.madvise(flag, lo, hi - lo)
 
 
+def _copy_rows(x: np.ndarray, start: int, stop: int, sel: slice | np.ndarray | None) -> np.ndarray:
+    """A float32 copy of rows [start, stop) (selected columns); the file pages are released at once."""
+    block = x[start:stop] if sel is None else x[start:stop, sel]
+    out = np.array(block, dtype=np.float32)
+    _release_rows(x, start, stop)
+    return out
+
+
 def _array_chunks(x: np.ndarray, chunk_rows: int, cols: np.ndarray | None) -> Iterator[np.ndarray]:
-    """Row blocks of a 2-D array or memmap; a contiguous column range stays a cheap slice."""
+    """float32 copies of the row blocks of a 2-D array or memmap, owned by the consumer.
+
+    The generator keeps no reference to a yielded block, so the consumer can centre it in place
+    and free it before the product. A contiguous column range is read as a slice.
+    """
     sel: slice | np.ndarray | None = cols
     if cols is not None and np.array_equal(cols, np.arange(cols[0], cols[0] + cols.size)):
         sel = slice(int(cols[0]), int(cols[0]) + cols.size)
     for start in range(0, x.shape[0], chunk_rows):
-        block = x[start : start + chunk_rows]
-        yield block if sel is None else block[:, sel]
-        _release_rows(x, start, start + block.shape[0])
+        yield _copy_rows(x, start, min(start + chunk_rows, x.shape[0]), sel)
 
 
 def _iter_source(
     source: np.ndarray | ChunkSource, chunk_rows: int, columns: Sequence[int] | np.ndarray | None
-) -> tuple[Iterator[np.ndarray], int | None, str]:
-    """(chunk iterator, number of rows if known, name) for an array or a chunk source."""
+) -> tuple[Iterator[np.ndarray], int | None, str, bool]:
+    """(chunk iterator, number of rows if known, name, whether the chunks are ours to modify)."""
     name = _source_name(source)
     if isinstance(source, ChunkSource):
         n_cols = getattr(source, "n_neurons", None)
@@ -172,7 +182,7 @@ def _iter_source(
             if n_cols is not None
             else (None if columns is None else np.asarray(columns))
         )
-        return source.iter_chunks(chunk_rows, cols), getattr(source, "n_rows", None), name
+        return source.iter_chunks(chunk_rows, cols), getattr(source, "n_rows", None), name, False
     if not isinstance(source, np.ndarray) or source.ndim != 2:
         raise LexpInputError(
             f"{name}: streaming_moments needs a 2-D array (rows × neurons), an np.memmap or an object "
@@ -183,7 +193,7 @@ def _iter_source(
             f"{name}: activations must be floating point (float16/float32), got {source.dtype}"
         )
     cols = _check_columns(columns, source.shape[1], name)
-    return _array_chunks(source, chunk_rows, cols), source.shape[0], name
+    return _array_chunks(source, chunk_rows, cols), source.shape[0], name, True
 
 
 def _raise_not_finite(chunk: np.ndarray, row0: int, name: str) -> None:
@@ -195,6 +205,15 @@ def _raise_not_finite(chunk: np.ndarray, row0: int, name: str) -> None:
         "activations must be finite — re-extract the store (float16 overflows above 65504: "
         "use extract.dtype=float32)"
     )
+
+
+def _column_sums64(x: torch.Tensor) -> np.ndarray:
+    """Float64 column sums of a float32/bfloat16 chunk, a few rows at a time: torch's
+    ``sum(dtype=float64)`` would first make a float64 copy of the whole chunk."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i0 in range(0, x.shape[0], _ROW_BLOCK):
+        total += x[i0 : i0 + _ROW_BLOCK].sum(dim=0, dtype=torch.float64)
+    return total.numpy()
 
 
 def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -239,12 +258,13 @@ def streaming_moments(
         raise LexpInputError(f"streaming_moments: compute must be 'float32' or 'bfloat16', got {compute!r}")
     if chunk_rows < 1:
         raise LexpInputError(f"streaming_moments: chunk_rows must be ≥ 1, got {chunk_rows}")
-    chunks, n_rows, name = _iter_source(source, chunk_rows, columns)
-    if progress:
+    chunks, n_rows, name, owned = _iter_source(source, chunk_rows, columns)
+    bar = None
+    if progress:  # a manual bar: wrapping the iterator would keep the previous chunk alive
         from tqdm.auto import tqdm
 
         total = None if n_rows is None else math.ceil(n_rows / chunk_rows)
-        chunks = tqdm(chunks, total=total, desc="covariance", unit="chunk")
+        bar = tqdm(total=total, desc="covariance", unit="chunk")
 
     acc_np: np.ndarray | None = None
     acc: torch.Tensor | None = None
@@ -268,21 +288,28 @@ def streaming_moments(
         shift = chunk.mean(axis=0, dtype=np.float64)
         if not np.isfinite(shift).all():
             _raise_not_finite(chunk, row0, name)
-        centred = np.subtract(chunk, shift.astype(np.float32), dtype=np.float32)
-        x = torch.from_numpy(centred)
+        n_c = chunk.shape[0]
+        if owned:  # our own float32 copy: centre in place, then drop the name
+            x = torch.from_numpy(np.subtract(chunk, shift.astype(np.float32), out=chunk))
+        else:
+            x = torch.from_numpy(np.subtract(chunk, shift.astype(np.float32), dtype=np.float32))
+        del chunk
         if compute == "bfloat16":
-            x = x.to(torch.bfloat16)
-            del centred
+            x = x.to(torch.bfloat16)  # the float32 block is freed here
         # The mean of the values the GEMM actually sees (exact, in float64): keeps the merge
         # consistent with the rounded data, so C stays positive semi-definite.
-        v = x.sum(dim=0, dtype=torch.float64).numpy() / x.shape[0]
-        counts.append(x.shape[0])
+        v = _column_sums64(x) / n_c
+        counts.append(n_c)
         offsets.append(v)
         means.append(shift.astype(np.float32).astype(np.float64) + v)
         exact_means.append(shift)
         _gram_upper_into(acc, x)
         del x
-        row0 += chunk.shape[0]
+        row0 += n_c
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
     if acc_np is None or row0 == 0:
         raise LexpInputError(f"{name}: no rows to compute moments over; the source is empty")
