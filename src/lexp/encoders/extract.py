@@ -151,6 +151,23 @@ def _pad_batch(
     return inputs, offsets, width
 
 
+def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[slice]:
+    """Consecutive batches over sequences sorted longest first: at most ``batch_size`` sequences and,
+    with ``max_tokens``, at most that many padded tokens (count x longest), but never empty.
+
+    A token budget keeps every forward a similar amount of work: many short sentences per batch,
+    few long ones, so padding stays low without making the matrix products small.
+    """
+    out, start, n = [], 0, len(lengths)
+    while start < n:
+        stop = min(start + batch_size, n)
+        if max_tokens is not None:
+            stop = min(stop, start + max(1, max_tokens // max(1, lengths[start])))
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
 def _check_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise LexpModelError(
@@ -296,6 +313,7 @@ def extract_words(
     progress: bool = True,
     sources: Sequence[str] | None = None,
     max_length: int | None = None,
+    max_tokens: int | None = None,
 ) -> Extraction:
     """One activation row per word: yields ``(sentence index, float32 (n_words, n_layers*hidden))``.
 
@@ -309,6 +327,8 @@ def extract_words(
         sources: optional ``"path:line"`` per sentence, used to name offenders in messages.
         max_length: maximum subword tokens incl. special tokens; default: the model's maximum
             (`lexp.encoders.loading.model_max_tokens`; None = unbounded, e.g. XLNet).
+        max_tokens: optional cap on padded tokens per forward (sequences x longest); with a large
+            ``batch_size`` this batches by token budget, which wastes less compute on padding.
 
     Rows are yielded in processing order (longest first); place them by index. Words that tokenise
     to zero subwords (control or zero-width characters) are encoded as the unknown token and counted
@@ -320,8 +340,8 @@ def extract_words(
         )
     if long_sentences not in LONG_SENTENCE_POLICIES:
         raise LexpInputError(f"long_sentences={long_sentences!r} is not one of {LONG_SENTENCE_POLICIES}.")
-    if batch_size < 1:
-        raise LexpInputError(f"batch_size must be >= 1, got {batch_size}.")
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise LexpInputError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}.")
     _check_fast(tokenizer)
     _check_sources(sources, len(sentences), "sentences")
     words = [list(s) for s in sentences]
@@ -390,8 +410,8 @@ def extract_words(
         try:
             for i in empties:
                 yield i, np.zeros((0, n_layers * hidden), dtype=np.float32)
-            for b0 in range(0, len(pieces), batch_size):
-                batch = pieces[b0 : b0 + batch_size]
+            for part in _batches([len(p.ids) for p in pieces], batch_size, max_tokens):
+                batch = pieces[part]
                 rows = _run_word_batch(model, tokenizer, batch, subword, left, want_types, forward_kwargs, st)
                 if rows.shape[1] != n_layers * hidden:
                     raise LexpModelError(
@@ -575,16 +595,18 @@ def extract_cls(
     max_length: int = 128,
     progress: bool = True,
     sources: Sequence[str] | None = None,
+    max_tokens: int | None = None,
 ) -> Extraction:
     """The classification-token representation of each example: yields ``(index, float32 (n_layers*hidden,))``.
 
     Pairs are encoded as pairs (``text_a [SEP] text_b``). As in the paper's fine-tuning, examples
     longer than ``max_length`` tokens are truncated (longest sequence first); their number is in
     ``.stats.n_truncated`` and logged. The token is located from the tokenizer (`cls_position`):
-    BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left).
+    BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources`` and
+    ``max_tokens`` are as in `extract_words`.
     """
-    if batch_size < 1:
-        raise LexpInputError(f"batch_size must be >= 1, got {batch_size}.")
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise LexpInputError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}.")
     _check_fast(tokenizer)
     _check_sources(sources, len(examples), "examples")
     model_limit = model_max_tokens(model, tokenizer)
@@ -657,8 +679,8 @@ def extract_cls(
         clock = time.perf_counter()
         device = _device(model)
         try:
-            for b0 in range(0, len(order), batch_size):
-                chunk = order[b0 : b0 + batch_size]
+            for part in _batches([len(ids[i]) for i in order], batch_size, max_tokens):
+                chunk = order[part]
                 inputs, offsets, width = _pad_batch(
                     [ids[i] for i in chunk],
                     [types[i] for i in chunk] if want_types else None,
