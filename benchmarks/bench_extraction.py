@@ -19,8 +19,8 @@ because the machine is shared; the table reports the best and the median round o
 process CPU seconds as well as wall seconds, and checks that the vectors agree (max abs diff
 over all words and neurons, float32; NeuroX's HDF5 is converted to a row matrix after timing).
 
-Optional ``--bf16``: lexp again under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (bfloat16
-matmuls on AVX-512-BF16 CPUs); reported separately, with its (much larger) difference to NeuroX.
+Optional ``--bf16``: lexp again with ``precision="bf16-mixed"`` (bfloat16 autocast: bfloat16
+matmuls on AVX-512-BF16 CPUs); reported separately, with its (much larger) difference to float32.
 
 Usage::
 
@@ -96,18 +96,19 @@ def lexp_worker(args: argparse.Namespace) -> None:
     load_seconds = time.perf_counter() - t0
     width = enc.info["n_layers"] * enc.info["hidden"]
     out = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), width))
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if args.precision == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    with autocast:
-        stream = extract_words(
-            enc.model, enc.tokenizer, sentences, batch_size=args.batch_size, subword="last", progress=False
-        )
-        for i, rows in stream:
-            out[offsets[i] : offsets[i + 1]] = rows
+    stream = extract_words(
+        enc.model,
+        enc.tokenizer,
+        sentences,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        precision=args.precision,
+        subword="last",
+        progress=False,
+    )
+    for i, rows in stream:
+        out[offsets[i] : offsets[i + 1]] = rows
     out.flush()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     st = stream.stats
@@ -115,6 +116,7 @@ def lexp_worker(args: argparse.Namespace) -> None:
         "tool": "lexp",
         "precision": args.precision,
         "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens,
         "threads": args.threads,
         "words": int(offsets[-1]),
         "load_seconds": load_seconds,
@@ -134,15 +136,16 @@ def neurox_worker(args: argparse.Namespace) -> None:
     from neurox.data.extraction import transformers_extractor as tx
 
     torch.set_num_threads(args.threads)
-    load = {"seconds": 0.0}
+    load = {"seconds": 0.0, "cpu_seconds": 0.0}
     original = tx.get_model_and_tokenizer
 
     def timed_load(*a, **kw):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             return original(*a, **kw)
         finally:
             load["seconds"] += time.perf_counter() - t
+            load["cpu_seconds"] += time.process_time() - c
 
     tx.get_model_and_tokenizer = timed_load
     words = sum(len(line.split(" ")) for line in Path(args.input).read_text(encoding="utf-8").splitlines())
@@ -166,7 +169,7 @@ def neurox_worker(args: argparse.Namespace) -> None:
         "load_seconds": load["seconds"],
         "seconds": wall - load["seconds"],  # extraction only, as for lexp
         "seconds_incl_load": wall,
-        "cpu_seconds": cpu,  # includes the load's CPU time (small next to extraction)
+        "cpu_seconds": cpu - load["cpu_seconds"],
         "words_per_second": words / (wall - load["seconds"]),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -257,6 +260,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per forward (lexp)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating lexp/NeuroX rounds")
     parser.add_argument("--bf16", action="store_true", help="also run lexp under bfloat16 autocast")
@@ -318,7 +322,7 @@ def main() -> None:
                     f"round {r + 1}: NeuroX {neurox_runs[-1]['words_per_second']:8,.0f} words/s", flush=True
                 )
             if args.bf16:
-                bf_args = [*lexp_args, "--precision", "bf16-autocast", "--output", str(tmp / "lexp-bf16.npy")]
+                bf_args = [*lexp_args, "--precision", "bf16-mixed", "--output", str(tmp / "lexp-bf16.npy")]
                 bf16_runs.append(_run_worker(sys.executable, "lexp", bf_args, tmp / "r.json"))
                 print(
                     f"round {r + 1}: lexp bf16 {bf16_runs[-1]['words_per_second']:6,.0f} words/s", flush=True
@@ -337,6 +341,7 @@ def main() -> None:
         "model": args.model,
         "threads": args.threads,
         "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "lexp": _summary(lexp_runs),
         "neurox": _summary(neurox_runs) if neurox_runs else None,
@@ -382,7 +387,7 @@ def _print_table(rep: dict) -> None:
 
     add("lexp float32", rep["lexp"])
     add("NeuroX 1.0.9", rep["neurox"])
-    add("lexp bf16-autocast", rep["lexp_bf16"])
+    add("lexp bf16-mixed", rep["lexp_bf16"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
     for r in rows:

@@ -15,7 +15,7 @@ Usage::
     python benchmarks/bench_probes.py                       # 150,000 × 7·384, 49 classes (synthetic)
     python benchmarks/bench_probes.py --rows 20000          # quick
     python benchmarks/bench_probes.py --store <train-store> --dev-store <dev> --test-store <test>
-    python benchmarks/bench_probes.py --precision bf16-mixed   # lexp side with bfloat16 matmuls
+    python benchmarks/bench_probes.py --precisions 32-true,bf16-mixed   # also bfloat16 matmuls
 
 Writes JSON to ``--out`` (default ``bench_results/probes.json``). This file is also the NeuroX
 worker (``--neurox-worker DIR``, run by the NeuroX venv's python), so it imports lexp lazily.
@@ -201,7 +201,9 @@ def run_neurox(workdir: Path, subsets: dict[str, np.ndarray], epochs: int, threa
             check=False,
         )
     if proc.returncode != 0:
-        raise RuntimeError(f"NeuroX worker failed (exit {proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"NeuroX worker failed (exit {proc.returncode}); see {log}:\n{log.read_text()[-3000:]}"
+        )
     return json.loads((workdir / "neurox_result.json").read_text())
 
 
@@ -213,7 +215,9 @@ def neurox_worker(workdir: Path) -> None:
     spec = json.loads((workdir / "spec.json").read_text())
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))
-    arrays = {name: np.load(workdir / f"{name}.npy", mmap_mode="r") for name in ("x_train", "x_dev", "x_test")}
+    arrays = {
+        name: np.load(workdir / f"{name}.npy", mmap_mode="r") for name in ("x_train", "x_dev", "x_test")
+    }
     labels = {name: np.load(workdir / f"{name}.npy") for name in ("y_train", "y_dev", "y_test")}
     total_cpu, total_wall = time.process_time(), time.perf_counter()
     probes = {}
@@ -239,7 +243,9 @@ def neurox_worker(workdir: Path) -> None:
         for split in ("dev", "test"):
             x = np.ascontiguousarray(arrays[f"x_{split}"][:, cols])
             with contextlib.redirect_stdout(io.StringIO()):
-                out = linear_probe.evaluate_probe(probe, x, labels[f"y_{split}"], batch_size=spec["batch_size"])
+                out = linear_probe.evaluate_probe(
+                    probe, x, labels[f"y_{split}"], batch_size=spec["batch_size"]
+                )
             scores[split] = float(out["__OVERALL__"])
         probes[name] = {
             "test_accuracy": scores["test"],
@@ -271,8 +277,14 @@ def main() -> None:
     parser.add_argument("--store", help="a real train store (then also --dev-store and --test-store)")
     parser.add_argument("--dev-store")
     parser.add_argument("--test-store")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's)")
-    parser.add_argument("--precision", default="32-true", help="Lightning precision of the lexp side")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads on both sides (default: torch's)"
+    )
+    parser.add_argument(
+        "--precisions",
+        default="32-true",
+        help="comma-separated Lightning precisions for the lexp side, e.g. 32-true,bf16-mixed",
+    )
     parser.add_argument("--skip-neurox", action="store_true")
     parser.add_argument("--skip-single", action="store_true", help="skip lexp's single-probe epoch timing")
     parser.add_argument("--progress", action="store_true", help="show lexp's progress bars")
@@ -311,25 +323,39 @@ def main() -> None:
             data = synthetic(args.rows, n_layers, hidden, n_classes, args.seed)
             for name, array in data.items():
                 np.save(workdir / f"{name}.npy", array, allow_pickle=False)
-            print(f"synthetic data {args.rows} × {n_layers * hidden}, {n_classes} classes: {time.perf_counter() - t:.1f} s")
+            print(
+                f"synthetic data {args.rows} × {n_layers * hidden}, {n_classes} classes: {time.perf_counter() - t:.1f} s"
+            )
             dm = _array_datamodule(data, n_classes, HYPER["batch_size"], 42)
             rows, source = args.rows, "synthetic"
 
         subsets = layer_step_subsets(n_layers, hidden)
-        print(f"layer step: {len(subsets)} probes on {rows} rows × {n_layers * hidden} columns, {args.epochs} epochs")
+        print(
+            f"layer step: {len(subsets)} probes on {rows} rows × {n_layers * hidden} columns, {args.epochs} epochs"
+        )
 
-        ours = run_lexp(dm, subsets, args.epochs, args.precision, args.progress)
-        print(f"lexp MultiHeadProbe: {ours['wall_seconds']:.1f} s wall ({ours['cpu_seconds']:.1f} s CPU)")
-        single = None
-        if not args.skip_single:
-            single = run_lexp(dm, None, args.epochs, args.precision, args.progress)
-            single["seconds_per_epoch"] = single["train_seconds"] / args.epochs
-            print(f"lexp ElasticNetProbe on all columns: {single['seconds_per_epoch']:.2f} s/epoch (dev eval included)")
+        lexp, singles = {}, {}
+        for precision in args.precisions.split(","):
+            ours = run_lexp(dm, subsets, args.epochs, precision, args.progress)
+            lexp[precision] = ours
+            print(
+                f"lexp MultiHeadProbe [{precision}]: {ours['wall_seconds']:.1f} s wall ({ours['cpu_seconds']:.1f} s CPU)"
+            )
+            if not args.skip_single:
+                single = run_lexp(dm, None, args.epochs, precision, args.progress)
+                single["seconds_per_epoch"] = single["train_seconds"] / args.epochs
+                singles[precision] = single
+                print(
+                    f"lexp ElasticNetProbe on all columns [{precision}]: {single['seconds_per_epoch']:.2f} s/epoch "
+                    "(dev evaluation included)"
+                )
 
         theirs = None
         if not args.skip_neurox:
             theirs = run_neurox(workdir, subsets, args.epochs, args.threads)
-            print(f"NeuroX, probes one by one: {theirs['wall_seconds']:.1f} s wall ({theirs['cpu_seconds']:.1f} s CPU)")
+            print(
+                f"NeuroX, probes one by one: {theirs['wall_seconds']:.1f} s wall ({theirs['cpu_seconds']:.1f} s CPU)"
+            )
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -341,37 +367,48 @@ def main() -> None:
         "classes": n_classes,
         "epochs": args.epochs,
         "probes": list(subsets),
-        "precision": args.precision,
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
-        "lexp": ours,
-        "lexp_single": single,
+        "lexp": lexp,
+        "lexp_single": singles,
         "neurox": theirs,
+        "comparison": {},
     }
-    print(f"\n{'probe':<14}{'lexp test acc':>14}{'NeuroX':>10}{'diff (pt)':>11}{'NeuroX s':>10}")
-    diffs = []
-    for name in subsets:
-        a = ours["probes"][name]["test_accuracy"]
+    for precision, ours in lexp.items():
+        print(
+            f"\n[{precision}] {'probe':<14}{'lexp test acc':>14}{'NeuroX':>10}{'diff (pt)':>11}{'NeuroX s':>10}"
+        )
+        diffs = []
+        for name in subsets:
+            a = ours["probes"][name]["test_accuracy"]
+            if theirs:
+                b = theirs["probes"][name]["test_accuracy"]
+                diffs.append(100 * (a - b))
+                line = f"{b:>10.4f}{100 * (a - b):>+11.2f}{theirs['probes'][name]['seconds']:>10.1f}"
+            else:
+                line = ""
+            print(f"{'':<{len(precision) + 3}}{name:<14}{a:>14.4f}{line}")
         if theirs:
-            b = theirs["probes"][name]["test_accuracy"]
-            diffs.append(100 * (a - b))
-            print(f"{name:<14}{a:>14.4f}{b:>10.4f}{100 * (a - b):>+11.2f}{theirs['probes'][name]['seconds']:>10.1f}")
-        else:
-            print(f"{name:<14}{a:>14.4f}")
+            cmp = {
+                "speedup_wall": theirs["wall_seconds"] / ours["wall_seconds"],
+                "speedup_cpu": theirs["cpu_seconds"] / ours["cpu_seconds"],
+                "max_abs_accuracy_diff_points": float(np.max(np.abs(diffs))),
+                "mean_accuracy_diff_points": float(np.mean(diffs)),
+            }
+            report["comparison"][precision] = cmp
+            print(
+                f"speed-up (wall): {cmp['speedup_wall']:.1f}x   (CPU time: {cmp['speedup_cpu']:.1f}x)   "
+                f"max |accuracy diff|: {cmp['max_abs_accuracy_diff_points']:.2f} points"
+            )
     if theirs:
-        report["speedup_wall"] = theirs["wall_seconds"] / ours["wall_seconds"]
-        report["speedup_cpu"] = theirs["cpu_seconds"] / ours["cpu_seconds"]
-        report["max_abs_accuracy_diff_points"] = float(np.max(np.abs(diffs)))
         neurox_oracle = theirs["probes"]["oracle"]["train_seconds"] / args.epochs
         report["neurox_oracle_seconds_per_epoch"] = neurox_oracle
+        ours_oracle = ", ".join(f"lexp [{p}] {s['seconds_per_epoch']:.2f}" for p, s in singles.items())
         print(
-            f"\nspeed-up (wall): {report['speedup_wall']:.1f}x   (CPU time: {report['speedup_cpu']:.1f}x)   "
-            f"max |accuracy diff|: {report['max_abs_accuracy_diff_points']:.2f} points"
+            f"\noracle alone, s/epoch: NeuroX {neurox_oracle:.2f} (training only){', ' + ours_oracle if singles else ''}"
         )
-        print(f"oracle alone, s/epoch: NeuroX {neurox_oracle:.2f}", end="")
-        print(f", lexp {single['seconds_per_epoch']:.2f}" if single else "")
     print(f"load average before/after: {load_before[0]:.1f} / {report['loadavg_after'][0]:.1f} (2 cores)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -225,3 +225,19 @@ def test_bfloat16_compute_gives_the_same_clusters() -> None:
     # The data is not degenerate: clusters form gradually over the thresholds.
     sizes = [len(np.unique(cuts32[ct])) for ct in CTS]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] < 520 and sizes[-1] < 200
+
+
+def test_real_store_source(tmp_path) -> None:
+    """The activation store streams into the same moments as the array it holds."""
+    from lexp.store import StoreWriter, open_store
+
+    x = _data(rows=250, cols=12, seed=4).astype(np.float16)
+    path = tmp_path / "store"
+    with StoreWriter(path, n_rows=250, n_layers=3, hidden=4, dtype="float16", manifest={"fingerprint": "f"}) as w:
+        w.write_rows(0, x)
+        w.finish(np.zeros(250, dtype=np.int64))
+    store = open_store(path)
+    cols = store.layer_columns([1, 2])
+    m = streaming_moments(store, chunk_rows=64, columns=cols, progress=True)
+    np.testing.assert_allclose(correlation(m), _ref_corr(x[:, cols]), atol=2e-6)
+    np.testing.assert_allclose(m.mean, x[:, cols].astype(np.float64).mean(0), rtol=1e-12)

@@ -17,6 +17,7 @@ import torch
 
 from lexp.encoders.extract import (
     ExtractionStats,
+    _batches,
     cls_position,
     extract_cls,
     extract_words,
@@ -167,6 +168,42 @@ def test_words_equal_single_sentence_forward(family, subword, bert, xlnet):
         )
     assert ex.stats.n_words == sum(map(len, SENTENCES))
     assert ex.stats.n_padded_tokens > ex.stats.n_tokens, "batches must actually contain padding"
+
+
+def test_token_budget_batches():
+    lengths = [10, 8, 8, 5, 3, 3, 3, 2]
+    assert _batches(lengths, 4, None) == [slice(0, 4), slice(4, 8)]
+    assert _batches(lengths, 4, 20) == [slice(0, 2), slice(2, 4), slice(4, 8)]
+    assert _batches([50, 1], 8, 20) == [slice(0, 1), slice(1, 2)]  # one sequence over budget: alone
+
+
+@pytest.mark.parametrize("family", ["bert", "xlnet"])
+def test_token_budget_gives_the_same_rows(family, bert, xlnet):
+    model, tokenizer = bert if family == "bert" else xlnet
+    ex = extract_words(model, tokenizer, SENTENCES, batch_size=64, max_tokens=40, progress=False)
+    got = _collect(ex, len(SENTENCES))
+    assert 1 < ex.stats.n_batches < len(SENTENCES)
+    for i, words in enumerate(SENTENCES):
+        np.testing.assert_allclose(
+            got[i], _reference_words(model, tokenizer, words, "last"), atol=TOL, rtol=0
+        )
+
+
+@pytest.mark.parametrize("family", ["bert", "xlnet"])
+def test_bf16_mixed_precision_is_close_but_not_equal(family, bert, xlnet):
+    model, tokenizer = bert if family == "bert" else xlnet
+    exact = _collect(extract_words(model, tokenizer, SENTENCES, progress=False), len(SENTENCES))
+    fast = _collect(
+        extract_words(model, tokenizer, SENTENCES, precision="bf16-mixed", progress=False), len(SENTENCES)
+    )
+    diff = max(float(np.abs(exact[i] - fast[i]).max()) for i in exact)
+    assert all(fast[i].dtype == np.float32 for i in fast)
+    assert 1e-4 < diff < 0.15  # bfloat16 has 8 mantissa bits: visible, small differences
+    cls_exact = dict(extract_cls(model, tokenizer, EXAMPLES, progress=False))
+    cls_fast = dict(extract_cls(model, tokenizer, EXAMPLES, precision="bf16-mixed", progress=False))
+    assert 1e-4 < max(float(np.abs(cls_exact[i] - cls_fast[i]).max()) for i in cls_exact) < 0.15
+    with pytest.raises(LexpInputError, match="precision"):
+        extract_words(model, tokenizer, SENTENCES, precision="16")
 
 
 def test_subword_modes_differ_on_split_words(bert):

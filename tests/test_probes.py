@@ -107,6 +107,22 @@ def test_penalty_matches_hand_computed_values_and_is_unsquared():
     )
 
 
+def test_penalty_gradient_equals_autograd_of_the_plain_formula():
+    w = torch.randn(3, 4, 5, dtype=torch.float64)
+    w[0, 1, 2] = 0.0  # |w| has the subgradient 0 at 0, as in torch's abs
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v: elasticnet_penalty(v, 0.3, 0.7), (w.detach().clone().requires_grad_(),)
+    )
+    elasticnet_penalty(w, 0.3, 0.7).sum().backward()
+    plain = w.detach().clone().requires_grad_()
+    (0.3 * plain.abs().sum(dim=(1, 2)) + 0.7 * plain.pow(2).sum(dim=(1, 2)).sqrt()).sum().backward()
+    torch.testing.assert_close(w.grad, plain.grad)
+    zero = torch.zeros(2, 3, requires_grad=True)  # ‖W‖₂ = 0: subgradient 0, never NaN
+    elasticnet_penalty(zero, 0.1, 0.1).backward()
+    assert torch.equal(zero.grad, torch.zeros(2, 3))
+
+
 def test_training_loss_is_mean_cross_entropy_plus_penalty_on_weights_only():
     probe = ElasticNetProbe(2, 2, l1=0.1, l2=0.01, seed=0)
     with torch.no_grad():
@@ -307,6 +323,53 @@ def test_multihead_equals_separately_trained_probes():
         assert multi[name]["dev"] == pytest.approx(alone["dev"])
         assert multi[name]["test"] == pytest.approx(alone["test"])
     assert multi["oracle_again"]["weights"] is not multi["oracle"]["weights"]
+
+
+def test_multihead_regression_equals_separately_trained_probes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=6) + 0.1 * rng.normal(size=400)).astype(np.float32)
+    split = ((x[:320], y[:320]), (x[320:], y[320:]))
+    subsets = {"a": np.arange(3), "b": np.arange(3, 6), "all": np.arange(6)}
+    cfg = _cfg(epochs=2, regression=True)
+    multi = train_probes(ArrayDataModule(*split, n_classes=0), subsets, probe_cfg=cfg, trainer_kwargs=QUIET)
+    for name, cols in subsets.items():
+        restricted = [(part[0][:, cols], part[1]) for part in split]
+        alone = train_probes(
+            ArrayDataModule(*restricted, n_classes=0), None, probe_cfg=cfg, trainer_kwargs=QUIET
+        )
+        np.testing.assert_allclose(multi[name]["weights"], alone["all"]["weights"], atol=1e-5)
+        assert multi[name]["dev"] == pytest.approx(alone["all"]["dev"], abs=1e-5)
+
+
+def test_works_with_the_activation_datamodule(tmp_path):
+    """The real batches: a float16 store, seeded per-epoch order, dev/test with an unseen label."""
+    from lexp.datamodules import ActivationDataModule
+    from lexp.store import StoreWriter
+
+    def store(name, split):
+        x, y = split
+        with StoreWriter(
+            tmp_path / name,
+            n_rows=len(y),
+            n_layers=3,
+            hidden=4,
+            dtype="float16",
+            manifest={"label_vocab": list("abcd")},
+        ) as writer:
+            writer.write_rows(0, x)
+            return writer.finish(y)
+
+    dev = _blobs(200, seed=2)
+    dev[1][:10] = 4  # unseen in train
+    paths = [store("train", _blobs(800, seed=1)), store("dev", dev), store("test", dev)]
+    dm = ActivationDataModule(*paths, batch_size=32, seed=3)
+    layers = {f"layer_{k}": np.arange(4 * k, 4 * k + 4) for k in range(3)}
+    results = train_probes(dm, {**layers, "oracle": np.arange(12)}, probe_cfg=_cfg(), trainer_kwargs=QUIET)
+    assert results["oracle"]["test"]["accuracy"] == pytest.approx(
+        np.mean(predict(results["oracle"]["weights"], results["oracle"]["bias"], dev[0]) == dev[1]), abs=2e-3
+    )  # the store holds float16 activations
+    assert 0.9 <= results["oracle"]["test"]["accuracy"] <= 190 / 200
 
 
 def test_elasticnet_probe_columns_equal_a_restricted_datamodule():

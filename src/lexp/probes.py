@@ -51,6 +51,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from lexp.errors import LexpInputError
 
 __all__ = [
+    "ALL_COLUMNS",
     "ElasticNetProbe",
     "MultiHeadProbe",
     "PROBE_DEFAULTS",
@@ -108,23 +109,23 @@ class _ElasticNetPenalty(torch.autograd.Function):
         weight, norm2 = ctx.saved_tensors
         g = grad[..., None, None]
         out = torch.sign(weight).mul_(ctx.l1 * g)
-        out.addcmul_(weight, ctx.l2 * g / norm2[..., None, None])
+        # ‖W‖₂ = 0 only if W = 0, where W/‖W‖₂ has the subgradient 0 (the clamp keeps it 0, not NaN)
+        out.addcmul_(weight, ctx.l2 * g / norm2.clamp_min(torch.finfo(norm2.dtype).tiny)[..., None, None])
         return out, None, None
 
 
 def _data_loss(outputs: Tensor, y: Tensor, regression: bool) -> Tensor:
-    """Batch-mean cross-entropy (or MSE) of outputs ``(..., B, K)``; one value per head.
+    """Batch-mean cross-entropy (or MSE); one value per head.
 
-    Both probes go through this function, so a head of a :class:`MultiHeadProbe` and an
-    :class:`ElasticNetProbe` compute their loss with the same operations.
+    ``outputs`` has the classes in dim 1: ``(B, K)`` for one probe, ``(G, K, B)`` for G stacked
+    heads (torch's "K-dimensional" cross-entropy layout, which needs no transposed copy).
     """
     outputs = outputs.float()  # bf16-mixed precision: the loss itself stays in float32
-    lead = outputs.shape[:-2]
-    target = y.expand(*lead, y.shape[0])
     if regression:
-        return F.mse_loss(outputs.squeeze(-1), target.to(outputs.dtype), reduction="none").mean(dim=-1)
-    per_row = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1), reduction="none")
-    return per_row.view(*lead, y.shape[0]).mean(dim=-1)
+        pred = outputs.squeeze(1)
+        return F.mse_loss(pred, y.to(pred.dtype).expand_as(pred), reduction="none").mean(dim=-1)
+    target = y if outputs.ndim == 2 else y.expand(outputs.shape[0], y.shape[0])
+    return F.cross_entropy(outputs, target, reduction="none").mean(dim=-1)
 
 
 @torch.no_grad()
@@ -329,8 +330,9 @@ class _ProbeModule(pl.LightningModule):
         for name in self.head_names:
             self._dev_history[name].append(scores[name])
             score = scores[name][self.primary_metric]
+            score = score if np.isfinite(score) else -np.inf  # e.g. Pearson of constant predictions
             best = self._best.get(name)
-            # Strictly better (earliest epoch on ties); NaN never wins but the first epoch is kept.
+            # Strictly better: the earliest epoch wins ties. Without selection: always the latest.
             if best is None or not self.select_on_dev or score > best["score"]:
                 weight, bias = tensors[name]
                 self._best[name] = {
@@ -468,7 +470,7 @@ class _HeadGroup(nn.Module):
         self._slice = _contiguous(flat)  # e.g. all per-layer heads together = every column in order
 
     def forward(self, x_t: Tensor) -> Tensor:
-        """Transposed batch (N, B) -> outputs (G, B, K).
+        """Transposed batch (N, B) -> outputs (G, K, B).
 
         Works on ``xᵀ`` and computes ``W @ xᵀ``: each head's inputs are then whole rows (a view for a
         contiguous column range, a cheap row gather otherwise), and the weight gradient
@@ -478,7 +480,7 @@ class _HeadGroup(nn.Module):
         rows = x_t[self._slice] if self._slice is not None else x_t.index_select(0, self.columns)
         n_heads, _, width = self.weight.shape
         xs = rows.view(n_heads, width, x_t.shape[1])  # (G, C, B)
-        return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, xs).transpose(1, 2)
+        return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, xs)
 
 
 class MultiHeadProbe(_ProbeModule):
@@ -530,7 +532,7 @@ class MultiHeadProbe(_ProbeModule):
         self._group_heads = list(by_width.values())
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """One (G, B, K) output tensor per width group (every column transposed once per step)."""
+        """One (G, K, B) output tensor per width group (the batch is transposed once per step)."""
         x_t = x.t().contiguous()
         return [group(x_t) for group in self.groups]
 
@@ -549,7 +551,7 @@ class MultiHeadProbe(_ProbeModule):
 
     def _outputs(self, x: Tensor) -> dict[str, Tensor]:
         return {
-            name: out[slot]
+            name: out[slot].t()
             for names, out in zip(self._group_heads, self(x), strict=True)
             for slot, name in enumerate(names)
         }
@@ -745,8 +747,7 @@ def predict(
             f"predict: weights must be (K, C) and bias (K,), got {tuple(w.shape)} and {tuple(b.shape)}; "
             "pass a head's 'weights' and 'bias' from train_probes"
         )
-    width = w.shape[1] if columns is None else len(columns)
-    if x.ndim != 2 or (columns is None and x.shape[1] != width):
+    if x.ndim != 2 or (columns is None and x.shape[1] != w.shape[1]):
         raise LexpInputError(
             f"predict: x has shape {x.shape}, the probe expects {w.shape[1]} columns; "
             "pass the head's 'columns' to select them from a wider matrix"

@@ -32,6 +32,7 @@ from lexp.errors import LexpInputError, LexpModelError
 
 __all__ = [
     "SUBWORD_MODES",
+    "PRECISIONS",
     "LONG_SENTENCE_POLICIES",
     "Extraction",
     "ExtractionStats",
@@ -44,6 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUBWORD_MODES = ("last", "first", "average")
+PRECISIONS = ("32", "bf16-mixed")
 LONG_SENTENCE_POLICIES = ("error", "window")
 _SHOW = 5  # offenders named in messages
 
@@ -108,16 +110,33 @@ def _forward_options(model: torch.nn.Module) -> tuple[bool, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
+def _inference(model: torch.nn.Module, precision: str) -> Iterator[None]:
     """Eval mode (no dropout) and inference mode for one forward; the caller's mode is restored, so
-    a model being fine-tuned is never left in eval mode between two yielded rows."""
+    a model being fine-tuned is never left in eval mode between two yielded rows.
+
+    ``precision="bf16-mixed"`` runs the matrix products in bfloat16 (autocast): several times faster
+    on CPUs with AVX-512-BF16, at the cost of ~1e-2 absolute error in the activations.
+    """
     was_training = model.training
     model.eval()
+    autocast = (
+        torch.autocast(_device(model).type, dtype=torch.bfloat16)
+        if precision == "bf16-mixed"
+        else contextlib.nullcontext()
+    )
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             yield
     finally:
         model.train(was_training)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise LexpInputError(
+            f"precision={precision!r} is not one of {PRECISIONS}: '32' computes in float32, 'bf16-mixed' "
+            "runs the matrix products in bfloat16."
+        )
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -314,6 +333,7 @@ def extract_words(
     sources: Sequence[str] | None = None,
     max_length: int | None = None,
     max_tokens: int | None = None,
+    precision: str = "32",
 ) -> Extraction:
     """One activation row per word: yields ``(sentence index, float32 (n_words, n_layers*hidden))``.
 
@@ -329,6 +349,8 @@ def extract_words(
             (`lexp.encoders.loading.model_max_tokens`; None = unbounded, e.g. XLNet).
         max_tokens: optional cap on padded tokens per forward (sequences x longest); with a large
             ``batch_size`` this batches by token budget, which wastes less compute on padding.
+        precision: ``"32"`` (float32, default) or ``"bf16-mixed"`` (bfloat16 matrix products,
+            faster on AVX-512-BF16 CPUs, ~1e-2 absolute error); rows are float32 either way.
 
     Rows are yielded in processing order (longest first); place them by index. Words that tokenise
     to zero subwords (control or zero-width characters) are encoded as the unknown token and counted
@@ -342,6 +364,7 @@ def extract_words(
         raise LexpInputError(f"long_sentences={long_sentences!r} is not one of {LONG_SENTENCE_POLICIES}.")
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise LexpInputError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}.")
+    _check_precision(precision)
     _check_fast(tokenizer)
     _check_sources(sources, len(sentences), "sentences")
     words = [list(s) for s in sentences]
@@ -412,7 +435,9 @@ def extract_words(
                 yield i, np.zeros((0, n_layers * hidden), dtype=np.float32)
             for part in _batches([len(p.ids) for p in pieces], batch_size, max_tokens):
                 batch = pieces[part]
-                rows = _run_word_batch(model, tokenizer, batch, subword, left, want_types, forward_kwargs, st)
+                rows = _run_word_batch(
+                    model, tokenizer, batch, subword, left, want_types, forward_kwargs, precision, st
+                )
                 if rows.shape[1] != n_layers * hidden:
                     raise LexpModelError(
                         f"the model returned {rows.shape[1]} activations per token, expected "
@@ -544,6 +569,7 @@ def _run_word_batch(
     left: bool,
     want_types: bool,
     forward_kwargs: dict[str, Any],
+    precision: str,
     stats: ExtractionStats,
 ) -> np.ndarray:
     """Forward one batch and gather one row per taken word: float32 (n_words, n_layers*hidden)."""
@@ -557,7 +583,7 @@ def _run_word_batch(
     stats.n_tokens += int(inputs["attention_mask"].sum())
     stats.n_padded_tokens += inputs["input_ids"].numel()
     device = _device(model)
-    with _inference(model):
+    with _inference(model, precision):
         hidden_states = model(**{k: v.to(device) for k, v in inputs.items()}, **forward_kwargs).hidden_states
         n_rows, dim = len(starts), hidden_states[0].shape[-1]
         out = torch.empty((n_rows, len(hidden_states), dim), dtype=torch.float32)
@@ -596,6 +622,7 @@ def extract_cls(
     progress: bool = True,
     sources: Sequence[str] | None = None,
     max_tokens: int | None = None,
+    precision: str = "32",
 ) -> Extraction:
     """The classification-token representation of each example: yields ``(index, float32 (n_layers*hidden,))``.
 
@@ -603,10 +630,11 @@ def extract_cls(
     longer than ``max_length`` tokens are truncated (longest sequence first); their number is in
     ``.stats.n_truncated`` and logged. The token is located from the tokenizer (`cls_position`):
     BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources`` and
-    ``max_tokens`` are as in `extract_words`.
+    ``max_tokens`` and ``precision`` are as in `extract_words`.
     """
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise LexpInputError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}.")
+    _check_precision(precision)
     _check_fast(tokenizer)
     _check_sources(sources, len(examples), "examples")
     model_limit = model_max_tokens(model, tokenizer)
@@ -693,7 +721,7 @@ def extract_cls(
                 st.n_batches += 1
                 st.n_tokens += int(lengths.sum())
                 st.n_padded_tokens += inputs["input_ids"].numel()
-                with _inference(model):
+                with _inference(model, precision):
                     hidden_states = model(
                         **{k: v.to(device) for k, v in inputs.items()}, **forward_kwargs
                     ).hidden_states

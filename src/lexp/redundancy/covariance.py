@@ -13,10 +13,12 @@ merged exactly by the law of total covariance (Chan et al.): with chunk counts `
     C = Σ_c G_c + Σ_c n_c (m_c − m)(m_c − m)ᵀ − Σ_c n_c v_c v_cᵀ,    G_c = Σ_{t∈c} (x_t − a_c)(x_t − a_c)ᵀ
 
 The two low-rank sums are applied once at the end (one k × N GEMM, k = number of chunks). ``G_c``
-is a float32 (or bfloat16) GEMM of the centred chunk accumulated into a float64 ``C``; only the
-upper block triangle is computed (a blocked ``syrk``) and mirrored at the end. Memory: the float64
-``C`` (N² × 8 bytes, 0.8 GB at BERT-base size, N = 9,984) plus one float32 chunk and one block
-row of the product — never a float64 copy of the activations.
+is computed in float32 (OpenBLAS ``ssyrk``) or bfloat16 (torch GEMMs over the upper block
+triangle) and accumulated into a float64 ``C``, whose upper triangle is mirrored at the end.
+Memory: the float64 ``C`` (N² × 8 bytes, 0.8 GB at BERT-base size, N = 9,984), one float32 chunk
+(0.33 GB at 8,192 rows) and the product (float32: an N × N float32 buffer, 0.4 GB; bfloat16: one
+block row) — never a float64 copy of the activations. Pages of a memory-mapped file are dropped
+from the resident set as soon as their chunk is copied.
 
 ``compute="bfloat16"`` rounds the centred chunk to bfloat16 and runs the product on the CPU's
 BF16 units (≈ 4× the float32 rate on AVX-512-BF16). The product block comes back rounded to
@@ -39,6 +41,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from scipy.linalg import blas
 
 from lexp.errors import LexpInputError
 
@@ -63,7 +66,7 @@ _GEMM_BLOCK = 1536
 #: float32 resolution (1.2e-7), far above float64 rounding of the mean (1e-16).
 _CONSTANT_RTOL = 1e3 * np.finfo(np.float64).eps
 
-_TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_COMPUTE = ("float32", "bfloat16")
 
 
 @runtime_checkable
@@ -216,13 +219,22 @@ def _column_sums64(x: torch.Tensor) -> np.ndarray:
     return total.numpy()
 
 
-def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor) -> None:
+def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor, syrk_out: np.ndarray | None = None) -> None:
     """acc[i-block, i-block:] += x[:, i-block]ᵀ x[:, i-block:] for every column block i.
 
-    The blocked upper triangle of xᵀx (a syrk done with GEMMs, which torch lacks); the result
-    block is at most ``_GEMM_BLOCK × N``, so no full N × N float32 product is ever allocated.
+    bfloat16: the blocked upper triangle of xᵀx with torch GEMMs (torch has no syrk); a result
+    block is at most ``_GEMM_BLOCK × N``. float32 (``syrk_out`` given, a Fortran-ordered N × N
+    float32 buffer): OpenBLAS ``ssyrk``, measured ≈ 20% faster here than torch's float32 GEMMs.
     """
     n = x.shape[1]
+    if syrk_out is not None:
+        # x is C-contiguous, so x.T is Fortran-contiguous (no copy); the lower triangle of the
+        # Fortran-ordered product is the upper triangle of its C-ordered transpose.
+        prod = blas.ssyrk(1.0, x.numpy().T, beta=0.0, c=syrk_out, trans=0, lower=1, overwrite_c=1)
+        prod_t = torch.from_numpy(prod.T)
+        for i0 in range(0, n, _GEMM_BLOCK):
+            acc[i0 : i0 + _GEMM_BLOCK, i0:].add_(prod_t[i0 : i0 + _GEMM_BLOCK, i0:])
+        return
     for i0 in range(0, n, _GEMM_BLOCK):
         i1 = min(i0 + _GEMM_BLOCK, n)
         acc[i0:i1, i0:].add_(x[:, i0:i1].T @ x[:, i0:])
@@ -254,7 +266,7 @@ def streaming_moments(
     ``"float32"`` (exact to float32 rounding) or ``"bfloat16"`` (≈ 4× faster on BF16 CPUs; see
     the module docstring for its accuracy). Sums are always accumulated in float64.
     """
-    if compute not in _TORCH_DTYPE:
+    if compute not in _COMPUTE:
         raise LexpInputError(f"streaming_moments: compute must be 'float32' or 'bfloat16', got {compute!r}")
     if chunk_rows < 1:
         raise LexpInputError(f"streaming_moments: chunk_rows must be ≥ 1, got {chunk_rows}")
@@ -268,6 +280,7 @@ def streaming_moments(
 
     acc_np: np.ndarray | None = None
     acc: torch.Tensor | None = None
+    syrk_out: np.ndarray | None = None  # float32 product buffer, reused across chunks
     counts: list[int] = []
     means: list[np.ndarray] = []  # m_c of the values the GEMM saw, float64
     exact_means: list[np.ndarray] = []  # m_c of the input rows (differs under bfloat16 rounding)
@@ -292,7 +305,7 @@ def streaming_moments(
         if owned:  # our own float32 copy: centre in place, then drop the name
             x = torch.from_numpy(np.subtract(chunk, shift.astype(np.float32), out=chunk))
         else:
-            x = torch.from_numpy(np.subtract(chunk, shift.astype(np.float32), dtype=np.float32))
+            x = torch.from_numpy(np.subtract(chunk, shift.astype(np.float32), dtype=np.float32, order="C"))
         del chunk
         if compute == "bfloat16":
             x = x.to(torch.bfloat16)  # the float32 block is freed here
@@ -303,7 +316,9 @@ def streaming_moments(
         offsets.append(v)
         means.append(shift.astype(np.float32).astype(np.float64) + v)
         exact_means.append(shift)
-        _gram_upper_into(acc, x)
+        if compute == "float32" and syrk_out is None:
+            syrk_out = np.zeros(acc_np.shape, dtype=np.float32, order="F")
+        _gram_upper_into(acc, x, syrk_out)
         del x
         row0 += n_c
         if bar is not None:
