@@ -188,18 +188,6 @@ def read_task(ctx: RunContext) -> None:
 
 
 # ------------------------------------------------------------------------------------------ extract
-def model_digest(model_dir: Path) -> str:
-    """Fingerprint the model's weights, config and tokenizer files, so new weights never reuse a store."""
-    from lexp.store import fingerprint
-
-    names = sorted(
-        p
-        for p in Path(model_dir).iterdir()
-        if p.is_file() and (p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"})
-    )
-    return fingerprint({"model_files": [p.name for p in names]}, names)
-
-
 def local_model_dir(model_cfg: Mapping[str, Any]) -> Path:
     """The folder holding the model's files: a local dir, or the hub id's snapshot in the local cache.
 
@@ -240,6 +228,8 @@ def build_stores(ctx: RunContext) -> None:
     else:
         model_dir = local_model_dir(model_cfg)  # type: ignore[arg-type]
     ctx.model_dir = Path(model_dir)
+    from lexp.encoders.loading import model_digest
+
     digest = model_digest(ctx.model_dir)
     extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)

@@ -50,6 +50,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from lexp.encoders.loading import model_digest
 from lexp.errors import LexpInputError, LexpModelError
 from lexp.tasks.base import Example, TaskData
 
@@ -961,24 +962,6 @@ def _model_source(model: Mapping[str, Any] | str | Path) -> tuple[str, str, dict
         path = str(Path(path).expanduser().resolve())
     slug = str(cfg.get("name") or Path(path).name or path)
     return slug, path, cfg
-
-
-def model_digest(name_or_path: str | Path) -> str:
-    """sha256 over a local model folder's config, tokenizer and weight files (names and bytes).
-
-    A model id that is not a local folder is identified by its name (and revision, if configured).
-    """
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        return hashlib.sha256(str(name_or_path).encode()).hexdigest()
-    digest = hashlib.sha256()
-    suffixes = {".json", ".safetensors", ".bin", ".txt", ".model"}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def examples_digest(examples: Sequence[Example]) -> str:

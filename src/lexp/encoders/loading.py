@@ -156,6 +156,22 @@ def _fingerprint_files(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
+def model_digest(name_or_path: str | Path) -> str:
+    """One sha256 over a model folder's config, weight and tokenizer files (names, sizes, contents).
+
+    Caches key on it, so new weights never reuse a stale store or fine-tuned model. A hub id that
+    is not a local folder is identified by the id itself.
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return hashlib.sha256(str(name_or_path).encode()).hexdigest()
+    files = _fingerprint_files(folder)
+    if not files:
+        raise LexpModelError(f"{folder}: no config, weight or tokenizer files; is this a model folder?")
+    text = "\n".join(f"{f['name']}\t{f['size']}\t{f['sha256']}" for f in files)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _load_pair(target: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
