@@ -62,6 +62,22 @@ class RunContext:
 
 
 @contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch threads (None: leave the setting alone)."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def stage(ctx: RunContext, name: str) -> Iterator[None]:
     """Time a stage, record it in results.json and the tracker."""
     log.info("stage %s ...", name)
@@ -258,7 +274,8 @@ def build_stores(ctx: RunContext) -> None:
                 encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
             _write_store(ctx, encoder, split, target, fp, settings)
 
-        store, was_reused = ensure_store(path, build)
+        with torch_threads(cfg.threads.extract):
+            store, was_reused = ensure_store(path, build)
         ctx.stores[split] = store
         reused[split] = was_reused
         paths[split] = str(store.path)
@@ -290,10 +307,6 @@ def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
 
     cfg = dict(model_cfg)
     cfg["name_or_path"] = str(ctx.model_dir)
-    if ctx.cfg.extract.threads:
-        import torch
-
-        torch.set_num_threads(int(ctx.cfg.extract.threads))
     return load_encoder(cfg)
 
 
@@ -375,13 +388,14 @@ def train_heads(
     """Train one probe per neuron subset in a single pass over the data (see MultiHeadProbe)."""
     from lexp.probes import train_probes
 
-    return train_probes(
-        datamodule(ctx, columns),
-        dict(subsets) if subsets is not None else None,
-        probe_cfg=ctx.probe_cfg(),
-        trainer_kwargs=ctx.trainer_kwargs(),
-        logger=ctx.tracker.lightning_logger(),
-    )
+    with torch_threads(ctx.cfg.threads.probes):
+        return train_probes(
+            datamodule(ctx, columns),
+            dict(subsets) if subsets is not None else None,
+            probe_cfg=ctx.probe_cfg(),
+            trainer_kwargs=ctx.trainer_kwargs(),
+            logger=ctx.tracker.lightning_logger(),
+        )
 
 
 def train_subsets(ctx: RunContext, subsets: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lexp.experiment import RunContext, public
+from lexp.experiment import RunContext, public, torch_threads
 from lexp.report import figures
 
 
@@ -63,13 +63,14 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
         return out
 
     source: Any = store if max_rows is None else store.activations[:max_rows]
-    moments = covariance.streaming_moments(
-        source,
-        chunk_rows=int(cfg.chunk_rows),
-        columns=None if columns is None else np.asarray(columns),
-        compute=str(cfg.compute),
-        progress=bool(ctx.cfg.progress),
-    )
+    with torch_threads(ctx.cfg.threads.clustering):
+        moments = covariance.streaming_moments(
+            source,
+            chunk_rows=int(cfg.chunk_rows),
+            columns=None if columns is None else np.asarray(columns),
+            compute=str(cfg.compute),
+            progress=bool(ctx.cfg.progress),
+        )
     cka = None
     if columns is None:  # CKA needs whole layers
         cka = cka_mod.cka_matrix(moments, store.n_layers, store.hidden)
