@@ -10,14 +10,17 @@ measured by the worker itself, ``getrusage(RUSAGE_SELF).ru_maxrss``):
   (8,192-row chunks) → ``correlation`` (in place) → ``neuron_linkage`` → ``flat_clusters(ct)``;
 * ``neurox``: ``neurox.interpretation.clustering.create_correlation_clusters`` on the array loaded
   into RAM (``np.corrcoef`` in float64, then scipy), in ``.venv-neurox``;
-* ``gemm-floor``: one float32 GEMM ``XᵀX`` (N×R times R×N) in torch — the arithmetic any exact
-  method must do (lexp computes only the upper block triangle, and bfloat16 runs ≈ 4× faster).
+* ``gemm-floor``: one float32 GEMM ``XᵀX`` (N×R times R×N) in torch, the same in bfloat16, and
+  OpenBLAS ``ssyrk`` (one triangle: exactly the arithmetic lexp-float32 does).
 
 Usage::
 
     python benchmarks/bench_clustering.py --rows 20000            # quick (≈ 2 min)
     python benchmarks/bench_clustering.py                         # 150,000 rows (NeuroX: ≈ 19 GB)
-    python benchmarks/bench_clustering.py --skip-neurox --rows 150000
+    python benchmarks/bench_clustering.py --only lexp-bfloat16     # redo one run, keep the others
+
+Wall time on a shared 2-core host depends on what else runs; every run also reports its CPU
+seconds (user + system), which do not, and the ratios are given both ways.
 
 NeuroX is started only when ``MemAvailable`` covers its estimated peak plus a margin, and runs with
 an address-space limit so it fails with MemoryError instead of pushing the machine into the OOM
@@ -366,10 +369,13 @@ def main(argv: list[str]) -> int:
         if "time_s" in nx:
             ratios[k]["speedup_vs_neurox"] = nx["time_s"] / r["time_s"]
             ratios[k]["memory_ratio_vs_neurox"] = nx["peak_rss_gb"] / r["peak_rss_gb"]
+            # CPU seconds do not depend on how busy the shared host was during each run.
+            ratios[k]["cpu_speedup_vs_neurox"] = nx["cpu_s"] / r["cpu_s"]
         if floor:
             ratios[k]["time_over_gemm_floor"] = r["time_s"] / floor
         if syrk_floor:
             ratios[k]["time_over_ssyrk_floor"] = r["time_s"] / syrk_floor
+            ratios[k]["cpu_over_ssyrk_floor"] = r["cpu_s"] / results["gemm-floor"]["ssyrk_float32"]["cpu_s"]
     record = {
         "config": {
             "rows": args.rows,

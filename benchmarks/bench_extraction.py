@@ -95,7 +95,12 @@ def lexp_worker(args: argparse.Namespace) -> None:
     enc = load_encoder({"name": "bench", "name_or_path": args.model})
     load_seconds = time.perf_counter() - t0
     width = enc.info["n_layers"] * enc.info["hidden"]
-    out = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), width))
+    # Rows go to a .npy file with pwrite (as NeuroX writes HDF5 through a buffer): a memmap would count
+    # the written pages in the peak RSS.
+    shape = (int(offsets[-1]), width)
+    np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32, shape=shape).flush()
+    data_start = Path(args.output).stat().st_size - shape[0] * width * 4
+    fd = os.open(args.output, os.O_WRONLY)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     stream = extract_words(
         enc.model,
@@ -108,8 +113,8 @@ def lexp_worker(args: argparse.Namespace) -> None:
         progress=False,
     )
     for i, rows in stream:
-        out[offsets[i] : offsets[i + 1]] = rows
-    out.flush()
+        os.pwrite(fd, np.ascontiguousarray(rows).tobytes(), data_start + int(offsets[i]) * width * 4)
+    os.close(fd)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     st = stream.stats
     result = {
@@ -210,10 +215,15 @@ def _run_worker(python: Path | str, kind: str, extra: list[str], result: Path) -
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{kind} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text(encoding="utf-8"))
+    # The 1-minute load average around the run: > threads means other processes competed for the CPUs.
+    return {
+        **json.loads(result.read_text(encoding="utf-8")),
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
+    }
 
 
 def compare(ours_npy: Path, theirs_npy: Path, lengths: list[int], theirs_lengths: Path | None = None) -> dict:
@@ -313,20 +323,16 @@ def main() -> None:
             lexp_runs.append(
                 _run_worker(sys.executable, "lexp", [*lexp_args, "--output", str(out)], tmp / "r.json")
             )
-            print(f"round {r + 1}: lexp   {lexp_runs[-1]['words_per_second']:8,.0f} words/s", flush=True)
+            _say(r, "lexp float32", lexp_runs[-1])
             if run_neurox:
                 h5 = tmp / ("neurox.hdf5" if r == 0 else "neurox-again.hdf5")
                 neurox_args = [*common, "--input", str(tmp / "sentences.txt"), "--output", str(h5)]
                 neurox_runs.append(_run_worker(NEUROX_PYTHON, "neurox", neurox_args, tmp / "r.json"))
-                print(
-                    f"round {r + 1}: NeuroX {neurox_runs[-1]['words_per_second']:8,.0f} words/s", flush=True
-                )
+                _say(r, "NeuroX 1.0.9", neurox_runs[-1])
             if args.bf16:
                 bf_args = [*lexp_args, "--precision", "bf16-mixed", "--output", str(tmp / "lexp-bf16.npy")]
                 bf16_runs.append(_run_worker(sys.executable, "lexp", bf_args, tmp / "r.json"))
-                print(
-                    f"round {r + 1}: lexp bf16 {bf16_runs[-1]['words_per_second']:6,.0f} words/s", flush=True
-                )
+                _say(r, "lexp bf16-mixed", bf16_runs[-1])
 
         agreement = bf16_agreement = None
         if run_neurox:
@@ -367,6 +373,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
+
+
+def _say(r: int, name: str, run: dict) -> None:
+    print(
+        f"round {r + 1}: {name:<16} {run['words_per_second']:7,.0f} words/s "
+        f"{run['words'] / run['cpu_seconds']:7,.0f} words/CPU-s  (load {run['loadavg_1min'][0]:.1f})",
+        flush=True,
+    )
 
 
 def _print_table(rep: dict) -> None:

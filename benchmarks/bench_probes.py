@@ -43,7 +43,9 @@ HYPER = {"l1": 1e-5, "l2": 1e-5, "lr": 1e-3, "batch_size": 128}
 
 
 # ------------------------------------------------------------------------------------------ data
-def synthetic(rows: int, n_layers: int, hidden: int, n_classes: int, seed: int) -> dict[str, np.ndarray]:
+def synthetic(
+    rows: int, n_layers: int, hidden: int, n_classes: int, seed: int, signal: tuple[float, float] = (0.15, 0.5)
+) -> dict[str, np.ndarray]:
     """Random but learnable activations: class prototypes seen through a noisy random map per layer.
 
     Later layers carry a stronger class signal (as for POS in BERT), so per-layer accuracies differ;
@@ -54,7 +56,7 @@ def synthetic(rows: int, n_layers: int, hidden: int, n_classes: int, seed: int) 
     latent = 24
     prototypes = rng.normal(size=(n_classes, latent))
     maps = rng.normal(size=(n_layers, latent, hidden)) / np.sqrt(latent)
-    strength = np.linspace(0.05, 0.16, n_layers)
+    strength = np.linspace(*signal, n_layers)
     freq = 1.0 / np.arange(1, n_classes + 1) ** 0.8
     freq /= freq.sum()
 
@@ -158,10 +160,17 @@ def _array_datamodule(data: dict[str, np.ndarray], n_classes: int, batch_size: i
     return ArrayDataModule()
 
 
-def run_lexp(datamodule, subsets, epochs: int, precision: str, progress: bool) -> dict:
+def run_lexp(datamodule, subsets, epochs: int, precision: str, progress: bool, select_on_dev: bool) -> dict:
     from lexp.probes import train_probes
 
-    cfg = {"epochs": epochs, "lr": HYPER["lr"], "l1": HYPER["l1"], "l2": HYPER["l2"], "seed": 42}
+    cfg = {
+        "epochs": epochs,
+        "lr": HYPER["lr"],
+        "l1": HYPER["l1"],
+        "l2": HYPER["l2"],
+        "seed": 42,
+        "select_on_dev": select_on_dev,
+    }
     trainer = {"enable_progress_bar": progress, "precision": precision}
     cpu, wall = time.process_time(), time.perf_counter()
     results = train_probes(datamodule, subsets, probe_cfg=cfg, trainer_kwargs=trainer)
@@ -177,6 +186,7 @@ def run_lexp(datamodule, subsets, epochs: int, precision: str, progress: bool) -
                 "test_accuracy": r["test"]["accuracy"],
                 "dev_accuracy": r["dev"]["accuracy"],
                 "best_epoch": r["best_epoch"],
+                "dev_history": r["dev_history"],
             }
             for name, r in results.items()
         },
@@ -285,6 +295,12 @@ def main() -> None:
         default="32-true",
         help="comma-separated Lightning precisions for the lexp side, e.g. 32-true,bf16-mixed",
     )
+    parser.add_argument(
+        "--select-on-dev",
+        action="store_true",
+        help="lexp keeps each probe's best dev epoch (NeuroX has no such option: off by default, so "
+        "both sides report the last epoch; dev is evaluated every epoch either way)",
+    )
     parser.add_argument("--skip-neurox", action="store_true")
     parser.add_argument("--skip-single", action="store_true", help="skip lexp's single-probe epoch timing")
     parser.add_argument("--progress", action="store_true", help="show lexp's progress bars")
@@ -336,13 +352,13 @@ def main() -> None:
 
         lexp, singles = {}, {}
         for precision in args.precisions.split(","):
-            ours = run_lexp(dm, subsets, args.epochs, precision, args.progress)
+            ours = run_lexp(dm, subsets, args.epochs, precision, args.progress, args.select_on_dev)
             lexp[precision] = ours
             print(
                 f"lexp MultiHeadProbe [{precision}]: {ours['wall_seconds']:.1f} s wall ({ours['cpu_seconds']:.1f} s CPU)"
             )
             if not args.skip_single:
-                single = run_lexp(dm, None, args.epochs, precision, args.progress)
+                single = run_lexp(dm, None, args.epochs, precision, args.progress, args.select_on_dev)
                 single["seconds_per_epoch"] = single["train_seconds"] / args.epochs
                 singles[precision] = single
                 print(
@@ -366,6 +382,7 @@ def main() -> None:
         "columns": n_layers * hidden,
         "classes": n_classes,
         "epochs": args.epochs,
+        "select_on_dev": args.select_on_dev,
         "probes": list(subsets),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

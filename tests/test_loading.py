@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lexp.encoders import Encoder, load_encoder
-from lexp.encoders.loading import model_max_tokens, resolve_name_or_path
+from lexp.encoders.loading import model_digest, model_max_tokens, resolve_name_or_path
 from lexp.errors import LexpModelError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +68,7 @@ def test_fingerprint_basis_tracks_the_weights(tiny_bert_dir, tmp_path):
     sha = lambda files, name: next(f["sha256"] for f in files if f["name"] == name)  # noqa: E731
     assert sha(a, "model.safetensors") != sha(b, "model.safetensors")
     assert sha(a, "config.json") == sha(b, "config.json")
+    assert model_digest(tiny_bert_dir) == model_digest(tiny_bert_dir) != model_digest(other)
 
 
 def test_bfloat16_dtype(tiny_bert_dir):

@@ -46,12 +46,12 @@ from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, Metric, PearsonCorrCoef, SpearmanCorrCoef
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lexp.errors import LexpInputError
 
 __all__ = [
     "ALL_COLUMNS",
+    "ConfusionCounts",
     "ElasticNetProbe",
     "MultiHeadProbe",
     "PROBE_DEFAULTS",
@@ -163,6 +163,34 @@ def classification_scores(confusion: Tensor, n_classes: int) -> dict[str, float]
     }
 
 
+class ConfusionCounts(Metric):
+    """Confusion counts of H heads at once: ``(H, K+1, K+1)``, rows = gold, columns = predicted.
+
+    Class ``K`` collects gold labels unseen in train (ids ``>= K``). One ``torch.bincount`` per batch
+    for all heads — torchmetrics' own confusion matrix falls back to a ``(B, K²)`` comparison when
+    deterministic algorithms are on (as in every probe run), which cost more than training.
+    """
+
+    full_state_update = False
+
+    def __init__(self, n_heads: int, n_classes: int):
+        super().__init__()
+        self.n_heads, self.size = int(n_heads), int(n_classes) + 1
+        self.add_state(
+            "counts", default=torch.zeros(self.n_heads * self.size**2, dtype=torch.long), dist_reduce_fx="sum"
+        )
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """``preds`` (H, B) predicted class ids; ``target`` (B,) gold ids (unseen labels allowed)."""
+        gold = target.long().clamp(max=self.size - 1)
+        heads = torch.arange(self.n_heads, device=preds.device).unsqueeze(1) * self.size**2
+        index = heads + gold.unsqueeze(0) * self.size + preds.long()
+        self.counts += torch.bincount(index.flatten(), minlength=self.counts.numel())
+
+    def compute(self) -> Tensor:
+        return self.counts.view(self.n_heads, self.size, self.size)
+
+
 def _adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
     """Adam with torch defaults; the fused CPU kernel when this torch has it (same update rule)."""
     params = list(params)
@@ -214,8 +242,8 @@ def _contiguous(columns: np.ndarray) -> slice | None:
 class _ProbeModule(pl.LightningModule):
     """Metrics, per-head model selection on dev and the optimiser, shared by both probes.
 
-    Subclasses define ``_outputs(x) -> {head: (B, K) outputs}`` for evaluation and
-    ``_head_tensors() -> {head: (weight, bias)}`` (the live parameters of each head).
+    Subclasses define ``_outputs(x) -> (H, K, B)`` (all heads, in ``head_names`` order) for
+    evaluation and ``_head_tensors() -> {head: (weight, bias)}`` (the live parameters of each head).
     """
 
     def __init__(self, heads: list[str], n_classes: int, *, regression: bool, lr: float, select_on_dev: bool):
@@ -231,52 +259,54 @@ class _ProbeModule(pl.LightningModule):
         self.lr = float(lr)
         self.select_on_dev = bool(select_on_dev)
         self.head_names = list(heads)
-        # Plain lists (not submodules): metric state is bookkeeping, not part of the probe.
-        self._metrics: list[dict[str, Metric]] = [self._new_metrics() for _ in self.head_names]
+        self.metrics = nn.ModuleDict(self._new_metrics(len(self.head_names)))
         self._epoch_loss = torch.zeros(())
         self._epoch_steps = 0
         self._dev_history: dict[str, list[dict[str, float]]] = {h: [] for h in self.head_names}
         self._best: dict[str, dict[str, Any]] = {}
         self.test_metrics: dict[str, dict[str, float]] = {}
 
-    # ---- metrics
-    def _new_metrics(self) -> dict[str, Metric]:
-        if self.regression:
-            with warnings.catch_warnings():  # "will save all targets": dev/test sets are small
-                warnings.filterwarnings("ignore", message=".*save all targets.*")
-                spearman = SpearmanCorrCoef()
-            return {"pearson": PearsonCorrCoef(), "spearman": spearman, "mse": MeanSquaredError()}
-        # One extra class collects every gold label unseen in train (see classification_scores).
-        return {"confusion": MulticlassConfusionMatrix(num_classes=self.n_classes + 1, validate_args=False)}
+    # ---- metrics (one metric object serves all heads)
+    def _new_metrics(self, n_heads: int) -> dict[str, Metric]:
+        if not self.regression:
+            return {"confusion": ConfusionCounts(n_heads, self.n_classes)}
+        with warnings.catch_warnings():  # "will save all targets": dev/test sets are small
+            warnings.filterwarnings("ignore", message=".*save all targets.*")
+            spearman = SpearmanCorrCoef(num_outputs=n_heads)
+        return {
+            "pearson": PearsonCorrCoef(num_outputs=n_heads),
+            "spearman": spearman,
+            "mse": MeanSquaredError(num_outputs=n_heads),
+        }
 
     @property
     def primary_metric(self) -> str:
         """The dev score that selects the epoch: accuracy (the paper), Pearson for regression."""
         return "pearson" if self.regression else "accuracy"
 
-    def _update_metrics(self, outputs: Mapping[str, Tensor], y: Tensor) -> None:
-        if self.regression:
-            target = y.float()
-        else:
-            target = y.long().clamp(max=self.n_classes)  # unseen labels -> the extra class K
-        for name, metrics in zip(self.head_names, self._metrics, strict=True):
-            out = outputs[name]
-            if self.regression:
-                pred = out.squeeze(-1).float()
-                for metric in metrics.values():
-                    metric.update(pred, target)
-            else:
-                metrics["confusion"].update(out.argmax(dim=-1), target)
+    def _update_metrics(self, outputs: Tensor, y: Tensor) -> None:
+        """``outputs`` (H, K, B) of every head on one batch."""
+        if not self.regression:
+            self.metrics["confusion"].update(outputs.argmax(dim=1), y)
+            return
+        pred = outputs[:, 0, :].t().float()  # (B, H)
+        target = y.float().unsqueeze(1).expand_as(pred)
+        if pred.shape[1] == 1:  # torchmetrics wants 1-D inputs for a single output
+            pred, target = pred[:, 0], target[:, 0]
+        for metric in self.metrics.values():
+            metric.update(pred, target)
 
     def _compute_metrics(self) -> dict[str, dict[str, float]]:
-        scores: dict[str, dict[str, float]] = {}
-        for name, metrics in zip(self.head_names, self._metrics, strict=True):
-            if self.regression:
-                scores[name] = {k: float(m.compute()) for k, m in metrics.items()}
-            else:
-                scores[name] = classification_scores(metrics["confusion"].compute(), self.n_classes)
-            for metric in metrics.values():
-                metric.reset()
+        if self.regression:
+            values = {k: m.compute().reshape(-1).tolist() for k, m in self.metrics.items()}
+            scores = {h: {k: float(v[i]) for k, v in values.items()} for i, h in enumerate(self.head_names)}
+        else:
+            counts = self.metrics["confusion"].compute()
+            scores = {
+                h: classification_scores(counts[i], self.n_classes) for i, h in enumerate(self.head_names)
+            }
+        for metric in self.metrics.values():
+            metric.reset()
         return scores
 
     def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
@@ -284,7 +314,7 @@ class _ProbeModule(pl.LightningModule):
         self._update_metrics(self._outputs(_as_float32(x)), y)
 
     # ---- subclass interface
-    def _outputs(self, x: Tensor) -> dict[str, Tensor]:
+    def _outputs(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -440,8 +470,8 @@ class ElasticNetProbe(_ProbeModule):
         self._log_train_loss(loss)
         return loss
 
-    def _outputs(self, x: Tensor) -> dict[str, Tensor]:
-        return {self.head_names[0]: self(x)}
+    def _outputs(self, x: Tensor) -> Tensor:
+        return self(x).t().unsqueeze(0)
 
     def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {self.head_names[0]: (self.linear.weight, self.linear.bias)}
@@ -489,6 +519,10 @@ class MultiHeadProbe(_ProbeModule):
     Heads of equal width are evaluated with one batched matmul; heads with identical columns are
     trained once (they would be identical: same seed, same data) and reported under every name.
     Loss = Σ_heads (data loss + penalty) — a sum, so each head's gradients are its own.
+
+    The arithmetic is that of training the heads one after another (it grows with the summed
+    width of the heads); what one pass saves is reading and shuffling the data once per epoch,
+    one Adam kernel and one Lightning step for all heads instead of one per head.
     """
 
     def __init__(
@@ -512,16 +546,17 @@ class MultiHeadProbe(_ProbeModule):
         # Identical subsets train identically: keep the first name, alias the others to it.
         canonical: dict[bytes, str] = {}
         aliases = {name: canonical.setdefault(cols.tobytes(), name) for name, cols in checked.items()}
-        heads = [n for n in checked if aliases[n] == n]
+        by_width: dict[int, list[str]] = {}
+        for name in checked:
+            if aliases[name] == name:
+                by_width.setdefault(checked[name].size, []).append(name)
+        heads = [name for names in by_width.values() for name in names]  # the order of the outputs
         super().__init__(heads, n_classes, regression=regression, lr=lr, select_on_dev=select_on_dev)
         self.save_hyperparameters(ignore=["subsets"])
         self.aliases = aliases
         self.hparams["heads"] = list(checked)
         self.l1, self.l2 = float(l1), float(l2)
         self.subsets = checked
-        by_width: dict[int, list[str]] = {}
-        for name in heads:
-            by_width.setdefault(checked[name].size, []).append(name)
         self.groups = nn.ModuleList(
             _HeadGroup(np.stack([checked[n] for n in names]), self.n_outputs, seed)
             for names in by_width.values()
@@ -529,7 +564,6 @@ class MultiHeadProbe(_ProbeModule):
         self._slots: dict[str, tuple[int, int]] = {
             name: (gi, slot) for gi, names in enumerate(by_width.values()) for slot, name in enumerate(names)
         }
-        self._group_heads = list(by_width.values())
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """One (G, K, B) output tensor per width group (the batch is transposed once per step)."""
@@ -549,12 +583,8 @@ class MultiHeadProbe(_ProbeModule):
         self._log_train_loss(loss)
         return loss
 
-    def _outputs(self, x: Tensor) -> dict[str, Tensor]:
-        return {
-            name: out[slot].t()
-            for names, out in zip(self._group_heads, self(x), strict=True)
-            for slot, name in enumerate(names)
-        }
+    def _outputs(self, x: Tensor) -> Tensor:
+        return torch.cat(self(x))  # (H, K, B): groups in order = head_names
 
     def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {

@@ -21,10 +21,12 @@ block row) — never a float64 copy of the activations. Pages of a memory-mapped
 from the resident set as soon as their chunk is copied.
 
 ``compute="bfloat16"`` rounds the centred chunk to bfloat16 and runs the product on the CPU's
-BF16 units (≈ 4× the float32 rate on AVX-512-BF16). The product block comes back rounded to
-bfloat16 (relative error ≤ 2⁻⁹ per chunk, averaging out over chunks); correlations then differ
-from float32 by ~1e-4–1e-3, which moves only merges whose height lies that close to ct
-(see tests/test_covariance.py for the measured agreement of the flat clusters).
+BF16 units (measured ≈ 2× the CPU throughput of float32 ``ssyrk`` on this AVX-512-BF16 host,
+even though it computes ~54% of the full product rather than one exact triangle). The product
+block comes back rounded to bfloat16 (relative error ≤ 2⁻⁹ per chunk, averaging out over
+chunks); correlations then differ from float32 by ~1e-4–2e-3, which moves only merges whose
+height lies that close to ct (tests/test_covariance.py: adjusted Rand ≥ 0.997 against float32
+at every ct in 0.1–0.9; 0.9999 at 150,000 × 9,984 and ct = 0.3 in benchmarks/bench_clustering.py).
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ Compute = Literal["float32", "bfloat16"]
 
 #: Rows of the float64 result processed at a time by the blockwise N × N passes (80 MB at N=10⁴).
 _ROW_BLOCK = 1024
-#: Columns per block of the blocked X^T X: fewer, larger GEMMs are faster, more blocks skip more
-#: of the lower triangle ((nb + 1) / 2nb of the full product is computed).
-_GEMM_BLOCK = 1536
+#: Columns per block of the blocked XᵀX: more blocks skip more of the lower triangle ((nb + 1) / 2nb
+#: of the full product is computed), fewer blocks make larger GEMMs. 768 measured best at N = 9,984.
+_GEMM_BLOCK = 768
 #: A column is constant when its standard deviation is below this fraction of |mean| — far below
 #: float32 resolution (1.2e-7), far above float64 rounding of the mean (1e-16).
 _CONSTANT_RTOL = 1e3 * np.finfo(np.float64).eps
@@ -210,15 +212,6 @@ def _raise_not_finite(chunk: np.ndarray, row0: int, name: str) -> None:
     )
 
 
-def _column_sums64(x: torch.Tensor) -> np.ndarray:
-    """Float64 column sums of a float32/bfloat16 chunk, a few rows at a time: torch's
-    ``sum(dtype=float64)`` would first make a float64 copy of the whole chunk."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    for i0 in range(0, x.shape[0], _ROW_BLOCK):
-        total += x[i0 : i0 + _ROW_BLOCK].sum(dim=0, dtype=torch.float64)
-    return total.numpy()
-
-
 def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor, syrk_out: np.ndarray | None = None) -> None:
     """acc[i-block, i-block:] += x[:, i-block]ᵀ x[:, i-block:] for every column block i.
 
@@ -263,7 +256,7 @@ def streaming_moments(
     ``source``: a 2-D float16/float32 array or ``np.load(path, mmap_mode="r")``, or any object with
     ``iter_chunks(chunk_rows, columns)`` yielding float32 row blocks (:class:`lexp.store.Store`).
     ``columns``: neuron indices to keep (default all). ``compute``: dtype of the products —
-    ``"float32"`` (exact to float32 rounding) or ``"bfloat16"`` (≈ 4× faster on BF16 CPUs; see
+    ``"float32"`` (exact to float32 rounding) or ``"bfloat16"`` (≈ 2× faster on BF16 CPUs; see
     the module docstring for its accuracy). Sums are always accumulated in float64.
     """
     if compute not in _COMPUTE:
@@ -282,8 +275,8 @@ def streaming_moments(
     acc: torch.Tensor | None = None
     syrk_out: np.ndarray | None = None  # float32 product buffer, reused across chunks
     counts: list[int] = []
-    means: list[np.ndarray] = []  # m_c of the values the GEMM saw, float64
-    exact_means: list[np.ndarray] = []  # m_c of the input rows (differs under bfloat16 rounding)
+    means: list[np.ndarray] = []  # a_c + v_c: the centre of the deviations the product saw
+    exact_means: list[np.ndarray] = []  # the float64 mean of the input rows (reported)
     offsets: list[np.ndarray] = []  # v_c = m_c − a_c, float64
     row0 = 0
     for chunk in chunks:
@@ -303,15 +296,18 @@ def streaming_moments(
             _raise_not_finite(chunk, row0, name)
         n_c = chunk.shape[0]
         if owned:  # our own float32 copy: centre in place, then drop the name
-            x = torch.from_numpy(np.subtract(chunk, shift.astype(np.float32), out=chunk))
+            centred = np.subtract(chunk, shift.astype(np.float32), out=chunk)
         else:
-            x = torch.from_numpy(np.subtract(chunk, shift.astype(np.float32), dtype=np.float32, order="C"))
+            centred = np.subtract(chunk, shift.astype(np.float32), dtype=np.float32, order="C")
         del chunk
+        # v_c: the mean of the float32 deviations the product sees (float64 sum, no copy). Under
+        # bfloat16 the product sees them rounded; the resulting mismatch in C is second order
+        # (n_c·δ², δ ≈ 2⁻⁹·std/√n_c: ~1e-10 relative) and is ignored.
+        v = centred.sum(axis=0, dtype=np.float64) / n_c
+        x = torch.from_numpy(centred)
+        del centred
         if compute == "bfloat16":
             x = x.to(torch.bfloat16)  # the float32 block is freed here
-        # The mean of the values the GEMM actually sees (exact, in float64): keeps the merge
-        # consistent with the rounded data, so C stays positive semi-definite.
-        v = _column_sums64(x) / n_c
         counts.append(n_c)
         offsets.append(v)
         means.append(shift.astype(np.float32).astype(np.float64) + v)
