@@ -74,7 +74,7 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
     cka = None
     if columns is None:  # CKA needs whole layers
         cka = cka_mod.cka_matrix(moments, store.n_layers, store.hidden)
-    corr = covariance.correlation(moments)
+    corr = covariance.correlation(moments, out=moments.comoment)  # in place: CKA is done, saves N×N float64
     del moments
     linkage = clustering.neuron_linkage(corr, signed=bool(cfg.signed))
     tmp = cache.with_name(cache.name + f".partial-{os.getpid()}")
