@@ -77,7 +77,19 @@ def read_sentences(path: Path, n: int) -> list[list[str]]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this process: VmHWM (Linux), else ru_maxrss.
+
+    ru_maxrss is not used on Linux because it survives exec: a worker started by a larger parent
+    would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 # --------------------------------------------------------------------------------------- workers

@@ -44,7 +44,12 @@ HYPER = {"l1": 1e-5, "l2": 1e-5, "lr": 1e-3, "batch_size": 128}
 
 # ------------------------------------------------------------------------------------------ data
 def synthetic(
-    rows: int, n_layers: int, hidden: int, n_classes: int, seed: int, signal: tuple[float, float] = (0.15, 0.5)
+    rows: int,
+    n_layers: int,
+    hidden: int,
+    n_classes: int,
+    seed: int,
+    signal: tuple[float, float] = (0.15, 0.5),
 ) -> dict[str, np.ndarray]:
     """Random but learnable activations: class prototypes seen through a noisy random map per layer.
 

@@ -202,15 +202,16 @@ def test_save_load_roundtrip(tmp_path) -> None:
 def test_bfloat16_compute_gives_the_same_clusters() -> None:
     """bfloat16 products move correlations by ~1e-3, so only merges that close to ct can move.
 
-    Measured on this data: identical partitions at 8 of 9 thresholds, adjusted Rand ≥ 0.997 at
-    the other; the bound asserted is 0.99 and ≤ 1% difference in the number of clusters.
+    Measured on this data: max |Δcorr| 2.4e-3 and identical partitions at all 9 thresholds (an
+    earlier blocking gave ARI 0.997 at one of them); asserted: ARI ≥ 0.99, ≤ 1% difference in the
+    number of clusters, identical partitions at ≥ 6 thresholds.
     """
     x = _synthetic_activations(8000, n_layers=13, hidden=40)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no constant columns expected
         corr32 = correlation(streaming_moments(x, chunk_rows=1024, compute="float32"))
         corr16 = correlation(streaming_moments(x, chunk_rows=1024, compute="bfloat16"))
-    assert np.abs(corr32 - corr16).max() < 3e-3
+    assert np.abs(corr32 - corr16).max() < 5e-3
     assert np.abs(corr32 - _ref_corr(x)).max() < 1e-5
     cuts32 = cut_many(neuron_linkage(corr32), CTS)
     cuts16 = cut_many(neuron_linkage(corr16), CTS)
@@ -233,7 +234,9 @@ def test_real_store_source(tmp_path) -> None:
 
     x = _data(rows=250, cols=12, seed=4).astype(np.float16)
     path = tmp_path / "store"
-    with StoreWriter(path, n_rows=250, n_layers=3, hidden=4, dtype="float16", manifest={"fingerprint": "f"}) as w:
+    with StoreWriter(
+        path, n_rows=250, n_layers=3, hidden=4, dtype="float16", manifest={"fingerprint": "f"}
+    ) as w:
         w.write_rows(0, x)
         w.finish(np.zeros(250, dtype=np.int64))
     store = open_store(path)

@@ -629,7 +629,7 @@ def extract_cls(
     Pairs are encoded as pairs (``text_a [SEP] text_b``). As in the paper's fine-tuning, examples
     longer than ``max_length`` tokens are truncated (longest sequence first); their number is in
     ``.stats.n_truncated`` and logged. The token is located from the tokenizer (`cls_position`):
-    BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources`` and
+    BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources``,
     ``max_tokens`` and ``precision`` are as in `extract_words`.
     """
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
