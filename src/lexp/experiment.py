@@ -240,7 +240,8 @@ def build_stores(ctx: RunContext) -> None:
     if ctx.task.kind != "labelling":
         from lexp.analyses.sentence import finetuned_model_dir
 
-        model_dir = finetuned_model_dir(ctx)
+        with torch_threads(cfg.threads.get("finetune")):
+            model_dir = finetuned_model_dir(ctx)
     else:
         model_dir = local_model_dir(model_cfg)  # type: ignore[arg-type]
     ctx.model_dir = Path(model_dir)

