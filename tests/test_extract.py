@@ -8,7 +8,6 @@ from a vocab file) and XLNet (sentencepiece trained here, left padding) cover bo
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +23,9 @@ from lexp.encoders.extract import (
     plan_windows,
 )
 from lexp.errors import LexpInputError
+from tiny_models import tiny_bert, tiny_xlnet
 
 TOL = 1e-5
-VOCAB = (
-    "[PAD] [UNK] [CLS] [SEP] [MASK] the quick brown fox jump ##s ##ed ##ing over lazy dog . , ; a an "
-    "##b ##c b c x ##x red green house cat ##ty run ##ner is was very old new and or not un ##like "
-    "##ly tree ##top s ##o ##n ##e"
-).split()
-SP_TEXT = [
-    "The quick brown fox jumps over the lazy dog .",
-    "A second sentence , with commas and numbers 1234 .",
-    "Dalvi et al. analysed redundancy in pretrained transformer models .",
-    "Neurons in adjacent layers are highly correlated with each other .",
-    "Most of the neurons can be removed without losing accuracy on the task .",
-]
 SENTENCES = [
     ["The", "quick", "brown", "foxes", "jumped", "."],
     ["A", "cat"],
@@ -49,72 +37,14 @@ SENTENCES = [
 ]
 
 
-def _bert(tmp: Path, max_positions: int = 128, seed: int = 0):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp / "bert-vocab"
-    folder.mkdir(exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    # transformers 5 ignores BertTokenizer(vocab_file=...); from_pretrained converts the vocab file.
-    tokenizer = BertTokenizer.from_pretrained(str(folder))
-    assert len(tokenizer) == len(VOCAB)
-    config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max_positions,
-    )
-    torch.manual_seed(seed)
-    return BertModel(config).eval(), tokenizer
-
-
-def _xlnet(tmp: Path, seed: int = 0):
-    import sentencepiece as spm
-    from transformers import XLNetConfig, XLNetModel, XLNetTokenizer
-
-    corpus = tmp / "sp.txt"
-    corpus.write_text("\n".join(SP_TEXT * 20), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(tmp / "sp"),
-        vocab_size=80,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        control_symbols=["<cls>", "<sep>", "<pad>", "<mask>", "<eod>", "<eop>"],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    folder = tmp / "xlnet-tok"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(tmp / "sp.model", folder / "spiece.model")
-    # transformers 5 ignores XLNetTokenizer(vocab_file=...) too; from_pretrained converts spiece.model.
-    tokenizer = XLNetTokenizer.from_pretrained(str(folder))
-    assert tokenizer.padding_side == "left" and tokenizer.is_fast and len(tokenizer) > 40
-    config = XLNetConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        n_layer=2,
-        n_head=2,
-        d_inner=64,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return XLNetModel(config).eval(), tokenizer
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    return _bert(tmp_path_factory.mktemp("bert"))
+    return tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")
 def xlnet(tmp_path_factory):
-    return _xlnet(tmp_path_factory.mktemp("xlnet"))
+    return tiny_xlnet(tmp_path_factory.mktemp("xlnet"))
 
 
 def _forward_alone(model, tokenizer, words):
@@ -297,7 +227,7 @@ def test_bad_arguments_raise(bert):
 @pytest.fixture(scope="module")
 def short_bert(tmp_path_factory):
     """BERT whose position table (16) is shorter than some test sentences."""
-    return _bert(tmp_path_factory.mktemp("short"), max_positions=16)
+    return tiny_bert(tmp_path_factory.mktemp("short"), max_positions=16)
 
 
 LONG = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -29,6 +28,7 @@ from lexp.encoders.finetune import (
 )
 from lexp.errors import LexpInputError
 from lexp.tasks.base import Example, Sentence, TaskData
+from tiny_models import save_model, tiny_bert, tiny_xlnet
 
 REPO = Path(__file__).resolve().parents[1]
 FILLER = "the a movie film plot actor was is very really quite and of".split()
@@ -52,60 +52,20 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer, 32-wide BERT with a WordPiece vocabulary written here (no dropout: exact resumes)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
+    tmp = tmp_path_factory.mktemp("bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *KEYWORDS, *FILLER, "##s"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
-    assert len(tokenizer) == len(vocab)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    model, tokenizer = tiny_bert(tmp, max_positions=64, vocab=vocab, dropout=0.0)
+    return save_model(model, tokenizer, tmp / "tiny-bert")
 
 
 @pytest.fixture(scope="module")
 def xlnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer XLNet with a unigram sentencepiece model trained here."""
-    import sentencepiece as spm
-    from transformers import XLNetConfig, XLNetModel, XLNetTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-xlnet")
+    """A random 2-layer, 32-wide XLNet with a unigram sentencepiece model trained here (no dropout)."""
+    tmp = tmp_path_factory.mktemp("xlnet")
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(FILLER + list(KEYWORDS)) for _ in range(8)) for _ in range(400)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model,
-        vocab_size=60,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        user_defined_symbols=["<sep>", "<cls>", "<mask>", "<eod>", "<eop>"],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        pad_piece="<pad>",
-        minloglevel=2,
-    )
-    (folder / "spiece.model").write_bytes(model.getvalue())
-    tokenizer = XLNetTokenizer.from_pretrained(str(folder))
-    config = XLNetConfig(vocab_size=len(tokenizer), d_model=32, n_layer=2, n_head=2, d_inner=64, dropout=0.0)
-    torch.manual_seed(0)
-    XLNetModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    model, tokenizer = tiny_xlnet(tmp, dropout=0.0, sp_corpus=corpus, sp_vocab=60)
+    return save_model(model, tokenizer, tmp / "tiny-xlnet")
 
 
 # -------------------------------------------------------------------------------------------- tasks

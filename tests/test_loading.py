@@ -13,35 +13,23 @@ from omegaconf import OmegaConf
 from lexp.encoders import Encoder, load_encoder
 from lexp.encoders.loading import model_digest, model_max_tokens, resolve_name_or_path
 from lexp.errors import LexpModelError
+from tiny_models import save_model, tiny_bert, tiny_xlnet
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] the cat sat on a mat . ##s ##ed".split()
 
 
-def _save_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab_dir = folder.parent / f"{folder.name}-vocab"
-    vocab_dir.mkdir(parents=True, exist_ok=True)
-    (vocab_dir / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer.from_pretrained(str(vocab_dir))
-    config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=40,
+def _save_tiny_bert(tmp: Path, seed: int = 0) -> Path:
+    """A 16-wide, 3-layer BERT with 40 positions and VOCAB, saved as ``tmp / "tiny-bert"``."""
+    model, tokenizer = tiny_bert(
+        tmp, max_positions=40, seed=seed, layers=3, vocab=VOCAB, hidden=16, intermediate=32
     )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model(model, tokenizer, tmp / "tiny-bert")
 
 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory) -> Path:
-    return _save_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+    return _save_tiny_bert(tmp_path_factory.mktemp("models"))
 
 
 def test_local_folder_loads_in_eval_mode_with_info(tiny_bert_dir):
@@ -62,7 +50,7 @@ def test_local_folder_loads_in_eval_mode_with_info(tiny_bert_dir):
 
 
 def test_fingerprint_basis_tracks_the_weights(tiny_bert_dir, tmp_path):
-    other = _save_tiny_bert(tmp_path / "retrained", seed=1)
+    other = _save_tiny_bert(tmp_path, seed=1)
     a = load_encoder({"name_or_path": str(tiny_bert_dir)}).info["fingerprint_basis"]["files"]
     b = load_encoder({"name_or_path": str(other)}).info["fingerprint_basis"]["files"]
     sha = lambda files, name: next(f["sha256"] for f in files if f["name"] == name)  # noqa: E731
@@ -79,32 +67,15 @@ def test_bfloat16_dtype(tiny_bert_dir):
 
 
 def test_xlnet_folder_pads_left_and_keeps_no_mems(tmp_path):
-    import sentencepiece as spm
-    from transformers import XLNetConfig, XLNetModel, XLNetTokenizer
-
-    text = tmp_path / "text.txt"
-    text.write_text("the cat sat on the mat .\nthe dogs sat on a log .\n" * 30, encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(text),
-        model_prefix=str(tmp_path / "sp"),
-        vocab_size=40,
-        hard_vocab_limit=False,
-        control_symbols=["<cls>", "<sep>", "<pad>", "<mask>", "<eod>", "<eop>"],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
+    model, tokenizer = tiny_xlnet(
+        tmp_path,
+        hidden=16,
+        intermediate=32,
+        sp_corpus=["the cat sat on the mat .", "the dogs sat on a log ."] * 30,
+        sp_vocab=40,
     )
-    tok_dir = tmp_path / "spm"
-    tok_dir.mkdir()
-    shutil.copy(tmp_path / "sp.model", tok_dir / "spiece.model")
-    tokenizer = XLNetTokenizer.from_pretrained(str(tok_dir))
-    folder = tmp_path / "tiny-xlnet"
-    config = XLNetConfig(vocab_size=len(tokenizer), d_model=16, n_layer=2, n_head=2, d_inner=32)
-    XLNetModel(config).save_pretrained(folder)
     tokenizer.padding_side = "right"  # a badly saved tokenizer: the loader restores XLNet's left padding
-    tokenizer.save_pretrained(folder)
+    folder = save_model(model, tokenizer, tmp_path / "tiny-xlnet")
 
     enc = load_encoder({"name": "tiny-xlnet", "name_or_path": str(folder)})
     assert enc.info["family"] == "xlnet" and enc.info["n_layers"] == 3 and enc.info["hidden"] == 16

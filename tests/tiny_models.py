@@ -1,14 +1,21 @@
 """Tiny randomly initialised BERT and XLNet with locally built tokenizers (no hub, no network).
 
-BERT: a WordPiece vocab file written here. XLNet: a sentencepiece model trained here.
+BERT: a WordPiece vocab file written here. XLNet: a sentencepiece model trained here. Sizes,
+vocabulary, dropout and the sentencepiece corpus are keyword parameters; the defaults are the
+models the extraction tests were written against.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import BertModel, PreTrainedTokenizerBase, XLNetModel
 
 VOCAB = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] the quick brown fox jump ##s ##ed ##ing over lazy dog . , ; a an "
@@ -22,41 +29,71 @@ SP_TEXT = [
     "Neurons in adjacent layers are highly correlated with each other .",
     "Most of the neurons can be removed without losing accuracy on the task .",
 ]
+SP_CORPUS = tuple(SP_TEXT * 20)  # the default sentencepiece training text, one line each
 
 
-def tiny_bert(tmp: Path, max_positions: int = 128, seed: int = 0, layers: int = 2):
-    """(model, tokenizer): BertModel with hidden 32 and a WordPiece tokenizer from a vocab file."""
+def tiny_bert(
+    tmp: Path,
+    max_positions: int = 128,
+    seed: int = 0,
+    layers: int = 2,
+    *,
+    vocab: Sequence[str] = VOCAB,
+    hidden: int = 32,
+    intermediate: int = 64,
+    dropout: float = 0.1,
+) -> tuple[BertModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer): BertModel with 2 heads and a WordPiece tokenizer from ``vocab``.
+
+    The vocab file goes to ``tmp / "bert-vocab"``; ``dropout`` sets hidden and attention dropout.
+    """
     from transformers import BertConfig, BertModel, BertTokenizer
 
     folder = tmp / "bert-vocab"
     folder.mkdir(exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # transformers 5 ignores BertTokenizer(vocab_file=...); from_pretrained converts the vocab file.
     tokenizer = BertTokenizer.from_pretrained(str(folder))
-    assert len(tokenizer) == len(VOCAB)
+    assert len(tokenizer) == len(vocab)
     config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
+        vocab_size=len(vocab),
+        hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=intermediate,
         max_position_embeddings=max_positions,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(seed)
     return BertModel(config).eval(), tokenizer
 
 
-def tiny_xlnet(tmp: Path, seed: int = 0, layers: int = 2):
-    """(model, tokenizer): XLNetModel with d_model 32 and a sentencepiece model trained here."""
+def tiny_xlnet(
+    tmp: Path,
+    seed: int = 0,
+    layers: int = 2,
+    *,
+    hidden: int = 32,
+    intermediate: int = 64,
+    dropout: float = 0.1,
+    sp_corpus: Sequence[str] = SP_CORPUS,
+    sp_vocab: int = 80,
+) -> tuple[XLNetModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer): XLNetModel with 2 heads and a unigram sentencepiece model trained here.
+
+    ``sp_corpus`` (lines) and ``sp_vocab`` (a soft limit) shape the sentencepiece model; its files
+    go to ``tmp / "sp.*"`` and ``tmp / "xlnet-tok"``.
+    """
     import sentencepiece as spm
     from transformers import XLNetConfig, XLNetModel, XLNetTokenizer
 
     corpus = tmp / "sp.txt"
-    corpus.write_text("\n".join(SP_TEXT * 20), encoding="utf-8")
+    corpus.write_text("\n".join(sp_corpus), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(tmp / "sp"),
-        vocab_size=80,
+        vocab_size=sp_vocab,
         hard_vocab_limit=False,
         model_type="unigram",
         control_symbols=["<cls>", "<sep>", "<pad>", "<mask>", "<eod>", "<eop>"],
@@ -71,13 +108,17 @@ def tiny_xlnet(tmp: Path, seed: int = 0, layers: int = 2):
     shutil.copy(tmp / "sp.model", folder / "spiece.model")
     # transformers 5 ignores XLNetTokenizer(vocab_file=...) too; from_pretrained converts spiece.model.
     tokenizer = XLNetTokenizer.from_pretrained(str(folder))
-    assert tokenizer.padding_side == "left" and tokenizer.is_fast and len(tokenizer) > 40
+    pieces = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model")).get_piece_size()
+    # Every trained piece converted (the default's 80 > 40 is the check this helper always made).
+    assert tokenizer.padding_side == "left" and tokenizer.is_fast
+    assert len(tokenizer) == pieces > sp_vocab // 2
     config = XLNetConfig(
         vocab_size=len(tokenizer),
-        d_model=32,
+        d_model=hidden,
         n_layer=layers,
         n_head=2,
-        d_inner=64,
+        d_inner=intermediate,
+        dropout=dropout,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
