@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
-from tiny_models import save_model, tiny_bert
 
 from lexp.encoders.finetune import SEQUENCE_HEADS
 from lexp.encoders.loading import load_pretrained
+from tiny_models import save_model, tiny_bert
 
 
 @pytest.fixture(scope="module")
