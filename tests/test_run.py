@@ -46,6 +46,7 @@ def test_results_json_is_complete_and_correct(first_run: dict) -> None:
     assert set(results["unseen_label_counts"]) == {"train", "dev", "test"}
     # MiniLM on 300 sentences already tags most tokens right; chance is ~1/49
     assert results["oracle"]["dev"]["accuracy"] > 0.8 and results["oracle"]["test"]["accuracy"] > 0.8
+    assert results["oracle"]["metric"] == "accuracy"
     for stage in ("read", "extract", "oracle", "total"):
         assert results["timings_s"][stage] >= 0
     for split in ("train", "dev", "test"):

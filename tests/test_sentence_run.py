@@ -44,6 +44,7 @@ def test_stsb_is_regression_end_to_end(data_root: Path, tmp_path: Path) -> None:
     assert out["status"] == "complete" and out["task_kind"] == "regression"
     assert out["rows"] == {"train": 96, "dev": 32, "test": 32}  # one [CLS] row per example
     assert set(out["oracle"]["dev"]) >= {"pearson", "spearman"}
+    assert out["oracle"]["metric"] == "pearson"
     assert out["neurons"]["metric"] == "pearson"
     assert out["neurons"]["n_neurons"] in (5, 50, 2688)
     store = open_store(out["stores"]["train"])

@@ -427,7 +427,7 @@ def train_oracle(ctx: RunContext, extra: Mapping[str, np.ndarray] | None = None)
     results = train_heads(ctx, heads)
     oracle = results["oracle"]
     ctx.oracle = oracle
-    ctx.report["oracle"] = public(oracle)
+    ctx.report["oracle"] = {"metric": ctx.metric, **public(oracle)}
     ctx.tracker.log_metrics(
         {
             f"oracle/{split}/{k}": v
