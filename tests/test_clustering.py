@@ -173,3 +173,14 @@ def test_linkage_save_load(tmp_path) -> None:
         load_linkage(tmp_path / "bad.npy")
     with pytest.raises(LexpInputError, match="cannot read"):
         load_linkage(tmp_path / "missing.npy")
+
+
+def test_adjusted_rand_known_values() -> None:
+    """Hand-computed: a = {01}{23}, b = {01}{2}{3}: index 1, expected 1/3, max 3/2 -> (2/3)/(7/6) = 4/7."""
+    from lexp.redundancy.clustering import adjusted_rand
+
+    assert adjusted_rand([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
+    assert adjusted_rand([0, 0, 1, 1], [5, 5, 9, 9]) == 1.0  # relabelled: the same partition
+    assert adjusted_rand([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    with pytest.raises(LexpInputError, match="same"):
+        adjusted_rand([0, 1, 2], [0, 1])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lexp.errors import LexpInputError
-from lexp.redundancy.clustering import cut_many, neuron_linkage
+from lexp.redundancy.clustering import adjusted_rand, cut_many, neuron_linkage
 from lexp.redundancy.covariance import (
     Moments,
     constant_columns,
@@ -57,21 +57,6 @@ def _synthetic_activations(rows: int, n_layers: int, hidden: int, seed: int = 0)
     x *= rng.choice([-1.0, 1.0], n).astype(np.float32) * rng.lognormal(0, 0.5, n).astype(np.float32)
     x += rng.normal(0, 2, n).astype(np.float32)
     return x
-
-
-def _adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
-    _, ai = np.unique(a, return_inverse=True)
-    _, bi = np.unique(b, return_inverse=True)
-    table = np.zeros((ai.max() + 1, bi.max() + 1))
-    np.add.at(table, (ai, bi), 1)
-
-    def pairs(v: np.ndarray) -> float:
-        return float((v * (v - 1) / 2).sum())
-
-    both, sa, sb = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    expected = sa * sb / (a.size * (a.size - 1) / 2)
-    top = (sa + sb) / 2
-    return 1.0 if top == expected else (both - expected) / (top - expected)
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 100, 301, 5000])
@@ -220,8 +205,8 @@ def test_bfloat16_compute_gives_the_same_clusters() -> None:
         a, b = cuts32[ct], cuts16[ct]
         k32, k16 = len(np.unique(a)), len(np.unique(b))
         assert abs(k32 - k16) <= 0.01 * k32, ct
-        assert _adjusted_rand(a, b) >= 0.99, ct
-        n_equal += _adjusted_rand(a, b) == 1.0
+        assert adjusted_rand(a, b) >= 0.99, ct
+        n_equal += adjusted_rand(a, b) == 1.0
     assert n_equal >= 6
     # The data is not degenerate: clusters form gradually over the thresholds.
     sizes = [len(np.unique(cuts32[ct])) for ct in CTS]

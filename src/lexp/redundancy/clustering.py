@@ -29,6 +29,7 @@ from lexp.errors import LexpInputError
 
 __all__ = [
     "MAKEUP_CATEGORIES",
+    "adjusted_rand",
     "cluster_makeup",
     "condensed_distance",
     "cut_many",
@@ -269,3 +270,28 @@ def load_linkage(path: Path | str, n_neurons: int | None = None) -> np.ndarray:
             "another store or column selection — delete it to recompute"
         )
     return Z
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two flat clusterings of the same neurons (1.0: the same partition).
+
+    Label values do not matter, only which neurons share a cluster; used to compare clusterings
+    from different data, precisions (float32 vs bfloat16 products) or tools (NeuroX).
+    """
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    if a.size != b.size or a.size < 2:
+        raise LexpInputError(
+            f"adjusted_rand: need two labelings of the same >= 2 neurons, got {a.size} and {b.size}"
+        )
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    table = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(table, (ai, bi), 1)
+
+    def pairs(v: np.ndarray) -> float:
+        return float((v * (v - 1) / 2).sum())
+
+    both, sa, sb = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = sa * sb / (a.size * (a.size - 1) / 2)
+    top = (sa + sb) / 2
+    return 1.0 if top == expected else (both - expected) / (top - expected)
