@@ -31,4 +31,6 @@ def data_root() -> Path:
         if os.environ.get("CI"):
             pytest.fail(f"LEXP_DATA={root} does not exist; CI must run with ../shared/data beside the clone")
         pytest.skip(f"real data not found at {root} (set LEXP_DATA)")
-    return root
+    # Resolved, as task configs resolve their files: `source` fields ("path:line") then compare
+    # equal even when ../shared is a symlink (as in a CI checkout).
+    return root.resolve()
