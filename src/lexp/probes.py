@@ -644,6 +644,8 @@ def _quiet_lightning() -> Iterator[None]:
         with warnings.catch_warnings():
             # In-memory batches need no worker processes; Lightning's hint does not apply.
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            # The train loss is logged once per epoch, so a short epoch loses nothing to this.
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             yield
     finally:
         log.setLevel(level)
