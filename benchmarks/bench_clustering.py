@@ -247,6 +247,21 @@ def spawn(cmd: list[str], as_limit_gb: float | None = None) -> dict:
     return res
 
 
+def _ari(a: np.ndarray, b: np.ndarray) -> float:
+    from lexp.redundancy.clustering import adjusted_rand  # lazily: the NeuroX worker has no lexp
+
+    return adjusted_rand(a, b)
+
+
+def _said(name: str, res: dict) -> None:
+    """Each run's figures as soon as it ends: a later failure must not lose a 20-minute run."""
+    keys = ("time_s", "cpu_s", "peak_rss_gb", "n_clusters")
+    print(
+        f"  {name}: " + ", ".join(f"{k} {res[k]:.4g}" for k in keys if isinstance(res.get(k), int | float)),
+        flush=True,
+    )
+
+
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
@@ -305,9 +320,11 @@ def main(argv: list[str]) -> int:
         results[name] = spawn(
             [*me, "--worker", "lexp", "--compute", compute, "--labels-out", str(work / f"labels_{name}.npy")]
         )
+        _said(name, results[name])
     if not args.skip_gemm and "gemm-floor" in wanted:
         print("running gemm-floor ...", flush=True)
         results["gemm-floor"] = spawn([*me, "--worker", "gemm"])
+        _said("gemm-floor", results["gemm-floor"])
     if not args.skip_neurox and "neurox" in wanted:
         # np.corrcoef holds X (float32) and its float64 copy, plus the N × N results.
         need = (args.rows * n * (4 + 8) + 2 * n * n * 8) / GB + 0.5
@@ -329,6 +346,7 @@ def main(argv: list[str]) -> int:
                 str(work / "labels_neurox.npy"),
             ]
             results["neurox"] = spawn(neurox_cmd, as_limit_gb=avail - 0.5)
+            _said("neurox", results["neurox"])
 
     # ------------------------------------------------------------------ comparison and report
     results = {k: results[k] for k in RUNS if k in results}
@@ -420,9 +438,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
-
-
-def _ari(a: np.ndarray, b: np.ndarray) -> float:
-    from lexp.redundancy.clustering import adjusted_rand  # lazily: the NeuroX worker has no lexp
-
-    return adjusted_rand(a, b)
