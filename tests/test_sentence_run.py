@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
 
 from lexp.experiment import config_dir, run
@@ -69,5 +70,6 @@ def test_stsb_is_regression_end_to_end(data_root: Path, tmp_path: Path) -> None:
     # The saved extractor scores the raw test pairs like the pipeline reported (float32 features
     # here, float16 store there: Pearson within a few 1e-4).
     extractor = again["extractor"]
-    assert extractor["test_pearson_reported"] == again["pipeline"]["ccfs_test"]
+    # (the reported probe is the CCFS set retrained alone: equal to its grid head up to float32 rounding)
+    assert extractor["test_pearson_reported"] == pytest.approx(again["pipeline"]["ccfs_test"], abs=1e-5)
     assert abs(extractor["test_pearson_reloaded"] - extractor["test_pearson_reported"]) < 2e-3
