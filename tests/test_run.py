@@ -23,6 +23,11 @@ def _cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+def _slice_cfg(data_root: Path, cache: Path, *extra: str, logger: str = "none"):
+    """The real-data slice every run here shares (one cache, so stores are reused), plus ``extra``."""
+    return _cfg([f"data_root={data_root}", f"cache_dir={cache}", f"logger={logger}", *SLICE, *extra])
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -31,7 +36,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(cache: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = _cfg([f"data_root={data_root}", f"cache_dir={cache}", "logger=csv", *SLICE])
+    cfg = _slice_cfg(data_root, cache, logger="csv")
     return run(cfg, run_dir) | {"run_dir": str(run_dir)}
 
 
@@ -65,7 +70,7 @@ def test_store_rows_match_the_task_and_labels(first_run: dict) -> None:
 def test_rerun_reuses_stores_and_gives_same_numbers(
     first_run: dict, cache: Path, data_root: Path, tmp_path: Path
 ) -> None:
-    cfg = _cfg([f"data_root={data_root}", f"cache_dir={cache}", "logger=none", *SLICE])
+    cfg = _slice_cfg(data_root, cache)
     again = run(cfg, tmp_path)
     assert again["stores_reused"] == {"train": True, "dev": True, "test": True}
     assert again["stores"] == first_run["stores"]
@@ -75,15 +80,11 @@ def test_rerun_reuses_stores_and_gives_same_numbers(
 def test_changed_setting_builds_a_new_store(
     first_run: dict, cache: Path, data_root: Path, tmp_path: Path
 ) -> None:
-    cfg = _cfg(
-        [
-            f"data_root={data_root}",
-            f"cache_dir={cache}",
-            "logger=none",
-            *SLICE,
-            "limit.test=50",
-            "analysis=layers",
-        ]
+    cfg = _slice_cfg(
+        data_root,
+        cache,
+        "limit.test=50",
+        "analysis=layers",
     )
     out = run(cfg, tmp_path)
     assert out["stores_reused"]["train"] and not out["stores_reused"]["test"]
@@ -136,15 +137,11 @@ def test_cli_runs_and_bad_input_gives_one_clear_error(
 def test_general_analysis_writes_table6_and_figures(
     first_run: dict, cache: Path, data_root: Path, tmp_path: Path
 ) -> None:
-    cfg = _cfg(
-        [
-            f"data_root={data_root}",
-            f"cache_dir={cache}",
-            "logger=none",
-            *SLICE,
-            "analysis=general",
-            "analysis.ct=[0.0,0.5,0.9]",
-        ]
+    cfg = _slice_cfg(
+        data_root,
+        cache,
+        "analysis=general",
+        "analysis.ct=[0.0,0.5,0.9]",
     )
     out = run(cfg, tmp_path)
     rows = out["general"]["table6"]
@@ -159,16 +156,12 @@ def test_general_analysis_writes_table6_and_figures(
         assert (tmp_path / "figures" / name).stat().st_size > 1000
     # a second threshold sweep reuses the cached linkage instead of recomputing the correlations
     again = run(
-        _cfg(
-            [
-                f"data_root={data_root}",
-                f"cache_dir={cache}",
-                "logger=none",
-                *SLICE,
-                "analysis=general",
-                "analysis.ct=0.7",
-                "analysis.evaluate=false",
-            ]
+        _slice_cfg(
+            data_root,
+            cache,
+            "analysis=general",
+            "analysis.ct=0.7",
+            "analysis.evaluate=false",
         ),
         tmp_path / "again",
     )
@@ -178,21 +171,17 @@ def test_general_analysis_writes_table6_and_figures(
 def test_pipeline_saves_an_extractor_that_reproduces_its_test_score(
     first_run: dict, cache: Path, data_root: Path, tmp_path: Path
 ) -> None:
-    cfg = _cfg(
-        [
-            f"data_root={data_root}",
-            f"cache_dir={cache}",
-            "logger=none",
-            *SLICE,
-            "analysis=pipeline",
-            "analysis.grid.step=100",
-            "analysis.batch=64",
-            "analysis.timing.sentences=16",
-            "analysis.timing.classifier_rows=2000",
-            "analysis.timing.classifier_features=[50]",
-            "analysis.timing.classifier_epochs=1",
-            "analysis.timing.repeats=1",
-        ]
+    cfg = _slice_cfg(
+        data_root,
+        cache,
+        "analysis=pipeline",
+        "analysis.grid.step=100",
+        "analysis.batch=64",
+        "analysis.timing.sentences=16",
+        "analysis.timing.classifier_rows=2000",
+        "analysis.timing.classifier_features=[50]",
+        "analysis.timing.classifier_epochs=1",
+        "analysis.timing.repeats=1",
     )
     out = run(cfg, tmp_path)
     p = out["pipeline"]
