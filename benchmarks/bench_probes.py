@@ -40,6 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 NEUROX_PYTHON = REPO / ".venv-neurox" / "bin" / "python"
 HYPER = {"l1": 1e-5, "l2": 1e-5, "lr": 1e-3, "batch_size": 128}
+READ_STEPS = 64  # lexp's default (conf/probe/elasticnet.yaml): minibatches read per training batch
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -134,8 +135,9 @@ class _InMemory:
         return self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
-def _array_datamodule(data: dict[str, np.ndarray], n_classes: int, batch_size: int, seed: int):
-    """ActivationDataModule's batching (seeded per-epoch order) over in-memory arrays."""
+def _array_datamodule(data: dict[str, np.ndarray], n_classes: int, batch_size: int, seed: int, shuffle: bool):
+    """ActivationDataModule's batching (per-epoch order, ``read_steps`` minibatches per read) over
+    in-memory arrays."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
@@ -147,6 +149,7 @@ def _array_datamodule(data: dict[str, np.ndarray], n_classes: int, batch_size: i
             self.n_features = data["x_train"].shape[1]
             self.n_classes = n_classes
             self.regression = False
+            self.batch_size = batch_size  # rows per optimiser step (the probes read it from here)
 
         def _loader(self, split: str, shuffle: bool, size: int) -> DataLoader:
             ds = _InMemory(data[f"x_{split}"], data[f"y_{split}"])
@@ -154,7 +157,7 @@ def _array_datamodule(data: dict[str, np.ndarray], n_classes: int, batch_size: i
             return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=lambda b: b)
 
         def train_dataloader(self):
-            return self._loader("train", True, batch_size)
+            return self._loader("train", shuffle, batch_size * READ_STEPS)
 
         def val_dataloader(self):
             return self._loader("dev", False, 2048)
@@ -306,6 +309,13 @@ def main() -> None:
         help="lexp keeps each probe's best dev epoch (NeuroX has no such option: off by default, so "
         "both sides report the last epoch; dev is evaluated every epoch either way)",
     )
+    parser.add_argument(
+        "--order",
+        choices=("sequential", "shuffled"),
+        default="sequential",
+        help="lexp's batch order: 'sequential' = store order, as NeuroX trains (same batches on both "
+        "sides, the default); 'shuffled' = lexp's default seeded per-epoch shuffle",
+    )
     parser.add_argument("--skip-neurox", action="store_true")
     parser.add_argument("--skip-single", action="store_true", help="skip lexp's single-probe epoch timing")
     parser.add_argument("--progress", action="store_true", help="show lexp's progress bars")
@@ -317,10 +327,10 @@ def main() -> None:
         neurox_worker(Path(args.neurox_worker))
         return
 
-    # On a shared machine, OpenMP's spinning worker threads slow torch down many times over when
-    # other processes compete for the cores; passive waiting costs little when the machine is idle.
-    # Set before torch is imported, inherited by the NeuroX worker (same setting on both sides).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's default (spinning) wait policy is kept: these probes run thousands of small kernels
+    # per epoch, and with OMP_WAIT_POLICY=PASSIVE waking the worker thread for each one made a step
+    # 2.3x slower here (9.1 vs 3.9 ms) — for NeuroX too. Run on an idle machine; the policy in force
+    # is recorded in the report and inherited by the NeuroX worker (same setting on both sides).
     import torch
 
     if args.threads:
@@ -335,7 +345,15 @@ def main() -> None:
             if not (args.dev_store and args.test_store):
                 parser.error("--store needs --dev-store and --test-store")
             _, n_layers, hidden = _store_arrays(args, workdir)
-            dm = ActivationDataModule(args.store, args.dev_store, args.test_store, batch_size=128, seed=42)
+            dm = ActivationDataModule(
+                args.store,
+                args.dev_store,
+                args.test_store,
+                batch_size=HYPER["batch_size"],
+                seed=42,
+                shuffle=args.order == "shuffled",
+                read_steps=READ_STEPS,
+            )
             n_classes, rows, source = dm.n_classes, dm.stores["train"].n_rows, f"store {args.store}"
             data = None
         else:
@@ -347,7 +365,7 @@ def main() -> None:
             print(
                 f"synthetic data {args.rows} × {n_layers * hidden}, {n_classes} classes: {time.perf_counter() - t:.1f} s"
             )
-            dm = _array_datamodule(data, n_classes, HYPER["batch_size"], 42)
+            dm = _array_datamodule(data, n_classes, HYPER["batch_size"], 42, args.order == "shuffled")
             rows, source = args.rows, "synthetic"
 
         subsets = layer_step_subsets(n_layers, hidden)
@@ -388,6 +406,7 @@ def main() -> None:
         "classes": n_classes,
         "epochs": args.epochs,
         "select_on_dev": args.select_on_dev,
+        "lexp_order": args.order,
         "probes": list(subsets),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

@@ -82,6 +82,19 @@ def test_order_depends_only_on_seed_and_epoch(stores: dict) -> None:
     assert all(np.array_equal(p, q) for p, q in zip(e0, rows, strict=True))
 
 
+def test_read_steps_concatenates_consecutive_minibatches(stores: dict) -> None:
+    """A read of 3 steps = 3 consecutive minibatches of the same epoch order (the last read short)."""
+    dm = ActivationDataModule(stores["train"], batch_size=128, seed=3, read_steps=3)
+    loader = dm.train_dataloader()
+    assert len(loader) == 3  # ceil(1000 / 384)
+    loader.sampler.set_epoch(2)
+    reads = [x[:, 0].numpy().astype(np.int64) for x, _ in loader]
+    assert [len(r) for r in reads] == [384, 384, 232]
+    np.testing.assert_array_equal(np.concatenate(reads), epoch_order(1000, 3, 2))
+    with pytest.raises(LexpInputError, match="read_steps"):
+        ActivationDataModule(stores["train"], read_steps=0)
+
+
 def test_no_shuffle_reads_in_store_order(stores: dict) -> None:
     dm = ActivationDataModule(stores["train"], batch_size=300, shuffle=False)
     rows = np.concatenate(epoch_rows(dm.train_dataloader(), 5))

@@ -16,6 +16,7 @@ from lexp.errors import LexpInputError
 from lexp.probes import (
     ConfusionCounts,
     ElasticNetProbe,
+    FusedHeads,
     MultiHeadProbe,
     classification_scores,
     elasticnet_penalty,
@@ -121,7 +122,7 @@ def test_training_loss_is_mean_cross_entropy_plus_penalty_on_weights_only():
         probe.linear.bias.copy_(torch.tensor([100.0, -50.0]))  # would dominate if it were penalised
     x = torch.tensor([[0.5, 1.0], [-1.0, 0.25], [2.0, 0.0]])
     y = torch.tensor([0, 1, 1])
-    loss = probe.training_step((x, y), 0)
+    loss = probe.loss(x, y)
     ce = F.cross_entropy(x @ probe.linear.weight.T + probe.linear.bias, y)
     assert loss.item() == pytest.approx(ce.item() + 1.0 + 0.01 * math.sqrt(30), rel=1e-6)
     loss.backward()
@@ -273,10 +274,9 @@ SUBSETS = {
 
 def test_head_initialisation_equals_the_single_probe():
     multi = MultiHeadProbe(SUBSETS, 12, 4, seed=7)
-    tensors = multi._head_tensors()
     for name in ("layer_0", "scattered", "odd", "layers_0-1"):
         single = ElasticNetProbe(12, 4, columns=SUBSETS[name], seed=7)
-        weight, bias = tensors[name]
+        weight, bias = multi._read_head(name)
         assert torch.equal(weight, single.linear.weight) and torch.equal(bias, single.linear.bias)
 
 
@@ -285,19 +285,52 @@ def test_multihead_gradients_are_those_of_each_head_alone():
     x, y = _blobs(32, seed=5)
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     multi = MultiHeadProbe(SUBSETS, 12, 4, l1=1e-3, l2=1e-3, seed=3)
-    multi.training_step((x, y), 0).backward()
-    for name in multi.head_names:
+    fused = multi.fused
+    # columns grouped by the set of heads that read them: {0}, {1, 3}, {2}, {4, 6}, {5, 7}, {8, 10}, {9}, {11}
+    assert fused.n_blocks == 8
+    losses = fused.loss_and_grad(x, y, l1=1e-3, l2=1e-3, regression=False)
+    for h, name in enumerate(multi.head_names):
         single = ElasticNetProbe(12, 4, columns=SUBSETS[name], l1=1e-3, l2=1e-3, seed=3)
-        single.training_step((x, y), 0).backward()
-        gi, slot = multi._slots[name]
-        # equal up to float32 rounding (the batched matmul sums in another order); a mean over the
-        # 7 trained heads instead of a sum would be off by a factor of 7
-        torch.testing.assert_close(
-            multi.groups[gi].weight.grad[slot], single.linear.weight.grad, rtol=1e-5, atol=1e-6
-        )
-        torch.testing.assert_close(
-            multi.groups[gi].bias.grad[slot], single.linear.bias.grad, rtol=1e-5, atol=1e-6
-        )
+        loss = single.loss(x, y)
+        loss.backward()
+        weight_grad, bias_grad = fused.head(h, grad=True)
+        # equal up to float32 rounding (the block products sum in another order)
+        assert losses[h].item() == pytest.approx(loss.item(), rel=1e-6)
+        torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_heads_fall_back_to_one_block_per_head_and_stay_exact():
+    """Irregular overlaps: one block per head (max_blocks), the gradients are still each head's own."""
+    x, y = _blobs(24, seed=9)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    subsets = [SUBSETS[n] for n in ("scattered", "odd", "layers_0-1")]
+    fused = FusedHeads(subsets, 4, seed=5, max_blocks=2)
+    assert fused.n_blocks == 3
+    fused.loss_and_grad(x, y, l1=1e-2, l2=1e-2, regression=False)
+    for h, cols in enumerate(subsets):
+        single = ElasticNetProbe(12, 4, columns=cols, l1=1e-2, l2=1e-2, seed=5)
+        single.loss(x, y).backward()
+        weight_grad, bias_grad = fused.head(h, grad=True)
+        torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_regression_gradients_equal_autograd():
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(rng.normal(size=(20, 6)).astype(np.float32))
+    y = torch.as_tensor(rng.normal(size=20).astype(np.float32))
+    subsets = [np.arange(3), np.arange(6), np.array([5, 1])]
+    fused = FusedHeads(subsets, 1, seed=2)
+    losses = fused.loss_and_grad(x, y, l1=1e-2, l2=1e-2, regression=True)
+    for h, cols in enumerate(subsets):
+        single = ElasticNetProbe(6, 0, columns=cols, l1=1e-2, l2=1e-2, seed=2, regression=True)
+        loss = single.loss(x, y)
+        loss.backward()
+        weight_grad, bias_grad = fused.head(h, grad=True)
+        assert losses[h].item() == pytest.approx(loss.item(), rel=1e-6)
+        torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_multihead_equals_separately_trained_probes():
@@ -366,6 +399,18 @@ def test_works_with_the_activation_datamodule(tmp_path):
         np.mean(predict(results["oracle"]["weights"], results["oracle"]["bias"], dev[0]) == dev[1]), abs=2e-3
     )  # the store holds float16 activations
     assert 0.9 <= results["oracle"]["test"]["accuracy"] <= 190 / 200
+
+    # Reading 5 minibatches per training batch (800 rows = 4 reads of 160 + 0) changes nothing: the
+    # probe splits each read back into its 32-row Adam steps, so the weights are bit-identical.
+    for subsets in ({**layers, "oracle": np.arange(12)}, None):
+        steps = {}
+        for read_steps in (1, 5):
+            dm = ActivationDataModule(*paths, batch_size=32, seed=3, read_steps=read_steps)
+            assert len(dm.train_dataloader()) == -(-800 // (32 * read_steps))
+            steps[read_steps] = train_probes(dm, subsets, probe_cfg=_cfg(epochs=2), trainer_kwargs=QUIET)
+        for name, result in steps[1].items():
+            assert np.array_equal(result["weights"], steps[5][name]["weights"]), name
+            assert result["dev"] == steps[5][name]["dev"]
 
 
 def test_elasticnet_probe_columns_equal_a_restricted_datamodule():

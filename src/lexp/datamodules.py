@@ -127,6 +127,12 @@ class ActivationDataModule(pl.LightningDataModule):
     ``columns`` (neuron indices, layer-major) selects the features; ``y`` is int64 class ids, or
     float32 targets when ``regression``. Training batches follow :func:`epoch_order` when
     ``shuffle``; evaluation loaders are always in store order, in batches of ``eval_batch_size``.
+
+    ``read_steps`` > 1 makes each training batch ``read_steps`` consecutive minibatches of
+    ``batch_size`` rows of the epoch order, read in one go; the probes split such a batch back into
+    its minibatches (one optimiser step each; they read ``batch_size`` from here), so the steps
+    are the same as with ``read_steps=1`` while the reading and Lightning's per-batch work are paid
+    once per read.
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class ActivationDataModule(pl.LightningDataModule):
         eval_batch_size: int = 2048,
         num_workers: int = 0,
         predict_split: str = "test",
+        read_steps: int = 1,
     ) -> None:
         super().__init__()
         stores = {"train": train, "dev": dev, "test": test}
@@ -165,6 +172,11 @@ class ActivationDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.seed, self.shuffle, self.regression = int(seed), bool(shuffle), bool(regression)
         self.num_workers = int(num_workers)
+        if isinstance(read_steps, bool) or int(read_steps) < 1:
+            raise LexpInputError(
+                f"read_steps = {read_steps!r} must be a positive integer (1: one minibatch per batch)"
+            )
+        self.read_steps = int(read_steps)
         if predict_split not in SPLITS:
             raise LexpInputError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
         self.predict_split = predict_split
@@ -209,7 +221,7 @@ class ActivationDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=self.shuffle)
+        return self.loader("train", shuffle=self.shuffle, batch_size=self.batch_size * self.read_steps)
 
     def ordered_dataloader(self, split: str) -> DataLoader:
         """Store-order batches of a split (evaluation, prediction, ranking)."""

@@ -380,6 +380,7 @@ def datamodule(ctx: RunContext, columns: np.ndarray | None = None) -> Any:
         batch_size=int(ctx.cfg.probe.batch_size),
         seed=int(ctx.cfg.probe.seed),
         regression=ctx.regression,
+        read_steps=int(ctx.cfg.probe.get("read_steps", 1)),
     )
 
 

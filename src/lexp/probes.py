@@ -53,6 +53,7 @@ __all__ = [
     "ALL_COLUMNS",
     "ConfusionCounts",
     "ElasticNetProbe",
+    "FusedHeads",
     "MultiHeadProbe",
     "PROBE_DEFAULTS",
     "classification_scores",
@@ -73,6 +74,7 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "init_seed": None,
     "select_on_dev": True,
     "regression": None,
+    "read_steps": 64,
 }
 _CONFIG_KEYS = {*PROBE_DEFAULTS, "name"}
 
@@ -242,12 +244,31 @@ def _contiguous(columns: np.ndarray) -> slice | None:
 class _ProbeModule(pl.LightningModule):
     """Metrics, per-head model selection on dev and the optimiser, shared by both probes.
 
-    Subclasses define ``_outputs(x) -> (H, K, B)`` (all heads, in ``head_names`` order) for
-    evaluation and ``_head_tensors() -> {head: (weight, bias)}`` (the live parameters of each head).
+    Subclasses define ``_train_step(x, y)`` (one optimiser step on one minibatch), ``_outputs(x) ->
+    (H, K, B)`` (all heads, in ``head_names`` order) for evaluation, and ``_read_head`` /
+    ``_write_head`` (a head's ``(K, C)`` weight and bias, copied out of / into the parameters).
+
+    Optimisation is manual: a training batch may hold several minibatches of ``batch_size`` rows
+    (the datamodule reads ``read_steps`` steps at once, see ``ActivationDataModule``) and each is one
+    Adam step, so Lightning's per-batch work is paid once per read, not once per step.
     """
 
-    def __init__(self, heads: list[str], n_classes: int, *, regression: bool, lr: float, select_on_dev: bool):
+    def __init__(
+        self,
+        heads: list[str],
+        n_classes: int,
+        *,
+        regression: bool,
+        lr: float,
+        select_on_dev: bool,
+        batch_size: int | None = None,
+    ):
         super().__init__()
+        self.automatic_optimization = False
+        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+            raise LexpInputError(f"probe batch_size = {batch_size!r} must be a positive integer")
+        #: rows per optimiser step; None: every training batch is one step
+        self.batch_size = None if batch_size is None else int(batch_size)
         if not regression and n_classes < 2:
             raise LexpInputError(
                 f"classification probe: the train split has {n_classes} class(es); a probe needs at least 2 — "
@@ -317,11 +338,30 @@ class _ProbeModule(pl.LightningModule):
     def _outputs(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _read_head(self, name: str) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _write_head(self, name: str, weight: Tensor, bias: Tensor) -> None:
         raise NotImplementedError
 
     def _head_columns(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    # ---- training: manual optimisation, one Adam step per minibatch of the batch
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self._check_train_labels(y)
+        x = _as_float32(x)
+        step = self.batch_size or len(y)
+        for start in range(0, len(y), step):
+            self._log_train_loss(self._train_step(x[start : start + step], y[start : start + step]))
+
+    def _optimizer_step(self) -> None:
+        """Adam on the gradients now in ``.grad`` (through Lightning: it counts the step)."""
+        self.optimizers().step()
 
     # ---- training
     def _check_train_labels(self, y: Tensor) -> None:
@@ -356,7 +396,6 @@ class _ProbeModule(pl.LightningModule):
             return
         scores = self._compute_metrics()
         epoch = int(self.current_epoch) + 1  # 1-based: epochs of training behind these weights
-        tensors = self._head_tensors()
         for name in self.head_names:
             self._dev_history[name].append(scores[name])
             score = scores[name][self.primary_metric]
@@ -364,7 +403,7 @@ class _ProbeModule(pl.LightningModule):
             best = self._best.get(name)
             # Strictly better: the earliest epoch wins ties. Without selection: always the latest.
             if best is None or not self.select_on_dev or score > best["score"]:
-                weight, bias = tensors[name]
+                weight, bias = self._read_head(name)
                 self._best[name] = {
                     "score": score,
                     "epoch": epoch,
@@ -386,12 +425,8 @@ class _ProbeModule(pl.LightningModule):
                     "split (val_dataloader) or set probe.select_on_dev=false"
                 )
             return
-        tensors = self._head_tensors()
-        with torch.no_grad():
-            for name, best in self._best.items():
-                weight, bias = tensors[name]
-                weight.copy_(best["weight"])
-                bias.copy_(best["bias"])
+        for name, best in self._best.items():
+            self._write_head(name, best["weight"], best["bias"])
 
     # ---- test: the selected weights, reported only
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -405,9 +440,8 @@ class _ProbeModule(pl.LightningModule):
     def head_results(self) -> dict[str, dict[str, Any]]:
         """Per head: dev/test metrics, selected epoch, dev history and the weights as numpy."""
         out: dict[str, dict[str, Any]] = {}
-        tensors = self._head_tensors()
         for name in self.head_names:
-            weight, bias = tensors[name]
+            weight, bias = self._read_head(name)
             best = self._best.get(name)
             out[name] = {
                 "dev": dict(best["dev"]) if best else {},
@@ -446,8 +480,16 @@ class ElasticNetProbe(_ProbeModule):
         regression: bool = False,
         select_on_dev: bool = True,
         name: str = ALL_COLUMNS,
+        batch_size: int | None = None,
     ):
-        super().__init__([name], n_classes, regression=regression, lr=lr, select_on_dev=select_on_dev)
+        super().__init__(
+            [name],
+            n_classes,
+            regression=regression,
+            lr=lr,
+            select_on_dev=select_on_dev,
+            batch_size=batch_size,
+        )
         self.save_hyperparameters(ignore=["columns"])
         self.l1, self.l2 = float(l1), float(l2)
         cols = np.arange(n_features) if columns is None else _check_columns(name, columns, n_features)
@@ -461,68 +503,276 @@ class ElasticNetProbe(_ProbeModule):
         x = x[:, self._slice] if self._slice is not None else x.index_select(1, self.columns)
         return self.linear(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        self._check_train_labels(y)
-        loss = _data_loss(self(_as_float32(x)), y, self.regression) + elasticnet_penalty(
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """The training loss on one minibatch, with autograd: the reference the fused heads of
+        :class:`MultiHeadProbe` are tested against."""
+        return _data_loss(self(_as_float32(x)), y, self.regression) + elasticnet_penalty(
             self.linear.weight, self.l1, self.l2
         )
-        self._log_train_loss(loss)
-        return loss
+
+    def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(x, y)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
 
     def _outputs(self, x: Tensor) -> Tensor:
         return self(x).t().unsqueeze(0)
 
-    def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return {self.head_names[0]: (self.linear.weight, self.linear.bias)}
+    def _read_head(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.linear.weight.detach().clone(), self.linear.bias.detach().clone()
+
+    @torch.no_grad()
+    def _write_head(self, name: str, weight: Tensor, bias: Tensor) -> None:
+        self.linear.weight.copy_(weight)
+        self.linear.bias.copy_(bias)
 
     def _head_columns(self) -> dict[str, np.ndarray]:
         return {self.head_names[0]: self.columns.cpu().numpy()}
 
 
 # ------------------------------------------------------------------------------ many in one pass
-class _HeadGroup(nn.Module):
-    """G heads of equal width C side by side: one batched matmul instead of G small ones.
+def _blocks(subsets: list[np.ndarray], max_blocks: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split the heads' columns into blocks ``(columns, heads)``: each column of a block is used by
+    exactly the heads ``heads``.
 
-    ``weight[g]`` / ``bias[g]`` are exactly the parameters of an ``nn.Linear(C, K)`` on
-    ``columns[g]``; ``torch.baddbmm`` computes the G products independently.
+    For the layer step (per-layer, layers 0..k, oracle) the blocks are the L layers; for nested
+    top-n candidates they are the differences of consecutive candidates. Every head is then a sum of
+    block products, with no column gathered twice and no zero padding: the arithmetic is exactly
+    that of training each head alone, in L wide matrix products instead of H narrow ones. When the
+    subsets overlap so irregularly that this would give more than ``max_blocks`` blocks, each head
+    is its own block instead (same arithmetic, one product per head).
+    """
+    union = np.unique(np.concatenate(subsets))
+    member = np.zeros((union.size, len(subsets)), dtype=bool)
+    for h, cols in enumerate(subsets):
+        member[np.searchsorted(union, cols), h] = True
+    patterns, first, inverse = np.unique(member, axis=0, return_index=True, return_inverse=True)
+    if len(patterns) > max_blocks:
+        return [(cols, np.array([h])) for h, cols in enumerate(subsets)]
+    inverse = inverse.reshape(-1)
+    return [(union[inverse == p], np.flatnonzero(patterns[p])) for p in np.argsort(first, kind="stable")]
+
+
+class FusedHeads(nn.Module):
+    """H linear heads on overlapping column subsets, trained with hand-written gradients.
+
+    The pure numerical core of :class:`MultiHeadProbe` (no Lightning). The heads' columns are split
+    into blocks of shared columns (see :func:`_blocks`); block ``b`` holds a ``(m_b·K, C_b)`` matrix
+    stacking the slices of the ``m_b`` heads that read it. A training step is, per block, one matrix
+    product forward and one backward (``addmm_`` adds it to the penalty gradient); everything else
+    is a handful of whole-tensor operations: all blocks live in one flat parameter, ordered by width
+    so that the per-head "segments" (one head's ``K·C_b`` weights in one block) of equal length form
+    one ``(n_segments, K·C)`` matrix for the penalty. No autograd: at these sizes its bookkeeping,
+    and a kernel per head, cost more than the arithmetic.
+
+    :meth:`head` / :meth:`set_head` convert between the blocks and each head's ``(K, C_h)`` weight in
+    the head's own column order; head ``h`` starts where :func:`init_head_` with ``seed`` starts it.
     """
 
-    def __init__(self, columns: np.ndarray, n_outputs: int, seed: int):
+    def __init__(self, subsets: list[np.ndarray], n_outputs: int, seed: int, max_blocks: int | None = None):
         super().__init__()
-        n_heads, width = columns.shape
-        self.weight = nn.Parameter(torch.empty(n_heads, n_outputs, width))
-        self.bias = nn.Parameter(torch.empty(n_heads, n_outputs))
-        for g in range(n_heads):
-            init_head_(self.weight[g], self.bias[g], seed)
-        flat = columns.reshape(-1)
-        self.register_buffer("columns", torch.from_numpy(flat.copy()), persistent=True)
-        self._slice = _contiguous(flat)  # e.g. all per-layer heads together = every column in order
+        self.n_heads, self.n_outputs = len(subsets), int(n_outputs)
+        self.widths = [int(c.size) for c in subsets]
+        k = self.n_outputs
+        blocks = _blocks(subsets, max_blocks if max_blocks is not None else max(2 * len(subsets), 16))
+        blocks.sort(key=lambda block: block[0].size)  # stable: equal widths stay in column order
+        #: per block: column slice (or index), head ids, per head the positions in its own columns,
+        #: (rows, cols) and its start in the flat weight and in the stacked products
+        self._cols: list[slice | Tensor] = []
+        self._heads: list[Tensor] = []
+        self._positions: list[list[Tensor]] = []
+        self._shapes: list[tuple[int, int]] = []
+        self._offsets: list[int] = []
+        self._product_rows: list[slice] = []
+        self._slots: list[list[tuple[int, int]]] = [[] for _ in subsets]  # head -> [(block, slot)]
+        segment_heads: list[int] = []
+        #: runs of segments of one length: (first segment, number of segments, length)
+        self._groups: list[tuple[int, int, int]] = []
+        offset = row = 0
+        for b, (cols, heads) in enumerate(blocks):
+            contiguous = _contiguous(cols)
+            self._cols.append(
+                contiguous if contiguous is not None else torch.from_numpy(cols.astype(np.int64))
+            )
+            self._heads.append(torch.from_numpy(heads.astype(np.int64)))
+            self._shapes.append((heads.size * k, cols.size))
+            self._offsets.append(offset)
+            self._product_rows.append(slice(row, row + heads.size * k))
+            offset += heads.size * k * cols.size
+            row += heads.size * k
+            if self._groups and self._groups[-1][2] == k * cols.size:
+                first, count, length = self._groups[-1]
+                self._groups[-1] = (first, count + heads.size, length)
+            else:
+                self._groups.append((len(segment_heads), heads.size, k * cols.size))
+            positions = []
+            for slot, h in enumerate(heads):
+                where = {int(c): i for i, c in enumerate(subsets[h])}
+                positions.append(torch.tensor([where[int(c)] for c in cols], dtype=torch.int64))
+                self._slots[h].append((b, slot))
+                segment_heads.append(int(h))
+            self._positions.append(positions)
+        self.weight = nn.Parameter(torch.empty(offset))
+        self.bias = nn.Parameter(torch.empty(self.n_heads, k))
+        self._segment_heads = torch.tensor(segment_heads, dtype=torch.int64)
+        #: output row (of the H·K outputs) of every row of the stacked block products
+        self._out_index = torch.cat(
+            [(heads[:, None] * k + torch.arange(k)).reshape(-1) for heads in self._heads]
+        )
+        self._view_cache: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
+        for h, cols in enumerate(subsets):
+            weight, bias = torch.empty(k, cols.size), torch.empty(k)
+            init_head_(weight, bias, seed)
+            self.set_head(h, weight, bias)
 
-    def forward(self, x_t: Tensor) -> Tensor:
-        """Transposed batch (N, B) -> outputs (G, K, B).
+    @property
+    def n_blocks(self) -> int:
+        return len(self._shapes)
 
-        Works on ``xᵀ`` and computes ``W @ xᵀ``: each head's inputs are then whole rows (a view for a
-        contiguous column range, a cheap row gather otherwise), and the weight gradient
-        ``dZᵀ @ x`` comes out in the layout of ``weight`` — the other way round autograd adds a
-        strided copy of the gradient that costs as much as the matmul.
-        """
-        rows = x_t[self._slice] if self._slice is not None else x_t.index_select(0, self.columns)
-        n_heads, _, width = self.weight.shape
-        xs = rows.view(n_heads, width, x_t.shape[1])  # (G, C, B)
-        return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, xs)
+    def _block(self, flat: Tensor, b: int) -> Tensor:
+        start = self._offsets[b]
+        rows, cols = self._shapes[b]
+        return flat[start : start + rows * cols].view(rows, cols)
+
+    def _views(self, flat: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The ``(m_b·K, C_b)`` matrix of every block and the ``(n_segments, length)`` matrix of every
+        group, as views of ``flat`` — cached per storage (Adam updates in place, so a step reuses
+        them; a step would otherwise make ~20 views)."""
+        key = (flat.data_ptr(), flat.numel())
+        cached = self._view_cache.get(key)
+        if cached is None:
+            matrices = [self._block(flat, b) for b in range(self.n_blocks)]
+            start, groups = 0, []
+            for _, count, length in self._groups:
+                groups.append(flat[start : start + count * length].view(count, length))
+                start += count * length
+            cached = self._view_cache[key] = (matrices, groups)
+            while len(self._view_cache) > 4:  # weight and grad, plus old storages after a reload
+                self._view_cache.pop(next(iter(self._view_cache)))
+        return cached
+
+    # ---- conversion between blocks and heads
+    def _rows(self, slot: int) -> slice:
+        return slice(slot * self.n_outputs, (slot + 1) * self.n_outputs)
+
+    @torch.no_grad()
+    def head(self, h: int, *, grad: bool = False) -> tuple[Tensor, Tensor]:
+        """Head ``h``'s weight ``(K, C_h)`` (its own column order) and bias, as new tensors; with
+        ``grad=True`` their gradients instead."""
+        flat = self.weight.grad if grad else self.weight
+        weight = torch.empty(self.n_outputs, self.widths[h])
+        for b, slot in self._slots[h]:
+            weight[:, self._positions[b][slot]] = self._block(flat, b)[self._rows(slot)]
+        bias = self.bias.grad[h] if grad else self.bias[h]
+        return weight, bias.detach().clone()
+
+    @torch.no_grad()
+    def set_head(self, h: int, weight: Tensor, bias: Tensor) -> None:
+        for b, slot in self._slots[h]:
+            self._block(self.weight, b)[self._rows(slot)] = weight[:, self._positions[b][slot]]
+        self.bias[h] = bias
+
+    # ---- the maths
+    def _inputs(self, x: Tensor, b: int) -> Tensor:
+        cols = self._cols[b]
+        return x[:, cols] if isinstance(cols, slice) else x.index_select(1, cols)
+
+    def _products(self, x: Tensor, dtype: torch.dtype | None) -> Tensor:
+        """Every block's ``W_b @ x_bᵀ``, stacked: ``(Σ m_b·K, B)`` (rows are contiguous, so each
+        product is written in place)."""
+        out = torch.empty(self._out_index.numel(), x.shape[0])
+        for b, wb in enumerate(self._views(self.weight.detach())[0]):
+            xb = self._inputs(x, b)
+            if dtype is None:
+                torch.mm(wb, xb.t(), out=out[self._product_rows[b]])
+            else:
+                out[self._product_rows[b]] = wb.to(dtype) @ xb.t().to(dtype)
+        return out
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Outputs ``(H, K, B)`` of all heads on float32 rows ``x`` (B, N). ``dtype=torch.bfloat16``
+        computes the products in bfloat16 (mixed precision), summed in float32."""
+        z = self.bias.detach().reshape(-1, 1).repeat(1, x.shape[0])  # (H·K, B)
+        z.index_add_(0, self._out_index, self._products(x, dtype))
+        return z.view(self.n_heads, self.n_outputs, x.shape[0])
+
+    @torch.no_grad()
+    def loss_and_grad(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        l1: float,
+        l2: float,
+        regression: bool,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Per-head loss ``(H,)`` — mean cross-entropy (or MSE) + ``l1·Σ|W_h| + l2·‖W_h‖₂`` — and its
+        gradient written to ``.grad`` of both parameters (the values autograd gives for each head
+        alone; see the tests)."""
+        n = x.shape[0]
+        z = self.forward(x, dtype)  # (H, K, B)
+        if regression:
+            diff = z[:, 0, :] - y.to(z.dtype)  # (H, B)
+            data = diff.pow(2).mean(dim=1)
+            dz = (diff * (2.0 / n)).unsqueeze(1)
+        else:
+            logp = torch.log_softmax(z, dim=1)
+            target = y.view(1, 1, n).expand(self.n_heads, 1, n)
+            data = -logp.gather(1, target).squeeze(1).mean(dim=1)
+            dz = logp.exp_()
+            dz.scatter_add_(1, target, torch.full((self.n_heads, 1, n), -1.0))
+            dz.mul_(1.0 / n)
+        dz = dz.view(-1, n)  # (H·K, B)
+        self.bias.grad = dz.sum(dim=1).view(self.n_heads, self.n_outputs)
+
+        # Penalty: per head Σ|W_h| and ‖W_h‖₂ (un-squared) over its segments; its gradient
+        # l1·sign(W) + l2·W/‖W_h‖₂ (‖W_h‖₂ = 0 only if W_h = 0, where the subgradient is 0, not NaN).
+        w = self.weight.detach()
+        grad = self.weight.grad
+        if grad is None or grad.shape != w.shape:
+            grad = torch.empty_like(w)  # then reused: Adam reads it, the next step overwrites it
+        torch.sign(w, out=grad)
+        w_matrices, w_groups = self._views(w)
+        g_matrices, g_groups = self._views(grad)
+        # per segment (rows of each group): Σ|w| and ‖w‖₂, then summed per head
+        seg_abs = torch.cat([v.abs().sum(dim=1) for v in w_groups])
+        seg_norm = torch.cat([torch.linalg.vector_norm(v, 2, dim=1) for v in w_groups])
+        abs_sum = torch.zeros(self.n_heads).index_add_(0, self._segment_heads, seg_abs)
+        norm = torch.zeros(self.n_heads).index_add_(0, self._segment_heads, seg_norm.square_()).sqrt_()
+        scale = (l2 / norm.clamp_min(torch.finfo(norm.dtype).tiny))[self._segment_heads]
+        grad.mul_(l1)
+        start = 0
+        for g, v in zip(g_groups, w_groups, strict=True):
+            g.addcmul_(v, scale[start : start + len(v)].unsqueeze(1))
+            start += len(v)
+        dp = dz.index_select(0, self._out_index)  # (Σ m_b·K, B): each block's output gradient
+        for b, gb in enumerate(g_matrices):
+            xb, dpb = self._inputs(x, b), dp[self._product_rows[b]]
+            if dtype is None:
+                gb.addmm_(dpb, xb)
+            else:
+                gb.add_((dpb.to(dtype) @ xb.to(dtype)).float())
+        self.weight.grad = grad
+        return data + l1 * abs_sum + l2 * norm
 
 
 class MultiHeadProbe(_ProbeModule):
     """One ElasticNet probe per named column subset, all trained in a single pass over the data.
 
-    Heads of equal width are evaluated with one batched matmul; heads with identical columns are
-    trained once (they would be identical: same seed, same data) and reported under every name.
-    Loss = Σ_heads (data loss + penalty) — a sum, so each head's gradients are its own.
+    The heads live in a :class:`FusedHeads`: blocks of shared columns, one matrix product per block,
+    gradients written by hand. Heads with identical columns are trained once (they would be
+    identical: same seed, same data) and reported under every name. Loss = Σ_heads (data loss +
+    penalty) — a sum, so each head's gradients are its own, and Adam is elementwise, so head ``h``
+    equals ``ElasticNetProbe(columns=subsets[h], seed=seed)`` trained on the same batches.
 
-    The arithmetic is that of training the heads one after another (it grows with the summed
-    width of the heads); what one pass saves is reading and shuffling the data once per epoch,
-    one Adam kernel and one Lightning step for all heads instead of one per head.
+    The arithmetic is that of training the heads one after another; what one pass saves is reading
+    the data once per epoch, one product per block instead of per head, one Adam kernel and no
+    autograd or Lightning work per head.
     """
 
     def __init__(
@@ -537,6 +787,7 @@ class MultiHeadProbe(_ProbeModule):
         seed: int = 42,
         regression: bool = False,
         select_on_dev: bool = True,
+        batch_size: int | None = None,
     ):
         if not subsets:
             raise LexpInputError(
@@ -546,51 +797,46 @@ class MultiHeadProbe(_ProbeModule):
         # Identical subsets train identically: keep the first name, alias the others to it.
         canonical: dict[bytes, str] = {}
         aliases = {name: canonical.setdefault(cols.tobytes(), name) for name, cols in checked.items()}
-        by_width: dict[int, list[str]] = {}
-        for name in checked:
-            if aliases[name] == name:
-                by_width.setdefault(checked[name].size, []).append(name)
-        heads = [name for names in by_width.values() for name in names]  # the order of the outputs
-        super().__init__(heads, n_classes, regression=regression, lr=lr, select_on_dev=select_on_dev)
+        heads = [name for name in checked if aliases[name] == name]
+        super().__init__(
+            heads,
+            n_classes,
+            regression=regression,
+            lr=lr,
+            select_on_dev=select_on_dev,
+            batch_size=batch_size,
+        )
         self.save_hyperparameters(ignore=["subsets"])
         self.aliases = aliases
         self.hparams["heads"] = list(checked)
         self.l1, self.l2 = float(l1), float(l2)
         self.subsets = checked
-        self.groups = nn.ModuleList(
-            _HeadGroup(np.stack([checked[n] for n in names]), self.n_outputs, seed)
-            for names in by_width.values()
-        )
-        self._slots: dict[str, tuple[int, int]] = {
-            name: (gi, slot) for gi, names in enumerate(by_width.values()) for slot, name in enumerate(names)
-        }
+        self.fused = FusedHeads([checked[n] for n in heads], self.n_outputs, seed)
+        self._index = {name: h for h, name in enumerate(heads)}
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """One (G, K, B) output tensor per width group (the batch is transposed once per step)."""
-        x_t = x.t().contiguous()
-        return [group(x_t) for group in self.groups]
+    def forward(self, x: Tensor) -> Tensor:
+        """Outputs ``(H, K, B)`` of all heads (``head_names`` order)."""
+        dtype = _autocast_dtype()
+        with torch.autocast("cpu", enabled=False):  # the precision is explicit in FusedHeads
+            return self.fused(x, dtype)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        self._check_train_labels(y)
-        x = _as_float32(x)
-        loss = x.new_zeros(())
-        for group, outputs in zip(self.groups, self(x), strict=True):
-            per_head = _data_loss(outputs, y, self.regression) + elasticnet_penalty(
-                group.weight, self.l1, self.l2
+    def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        dtype = _autocast_dtype()
+        with torch.autocast("cpu", enabled=False):
+            per_head = self.fused.loss_and_grad(
+                x, y, l1=self.l1, l2=self.l2, regression=self.regression, dtype=dtype
             )
-            loss = loss + per_head.sum()
-        self._log_train_loss(loss)
-        return loss
+        self._optimizer_step()
+        return per_head.sum()
 
     def _outputs(self, x: Tensor) -> Tensor:
-        return torch.cat(self(x))  # (H, K, B): groups in order = head_names
+        return self(x)  # (H, K, B)
 
-    def _head_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return {
-            name: (self.groups[gi].weight[slot], self.groups[gi].bias[slot])
-            for name, (gi, slot) in self._slots.items()
-        }
+    def _read_head(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.fused.head(self._index[name])
+
+    def _write_head(self, name: str, weight: Tensor, bias: Tensor) -> None:
+        self.fused.set_head(self._index[name], weight, bias)
 
     def _head_columns(self) -> dict[str, np.ndarray]:
         return self.subsets
@@ -603,6 +849,13 @@ class MultiHeadProbe(_ProbeModule):
             result = trained[self.aliases[name]]
             out[name] = result if self.aliases[name] == name else copy.deepcopy(result)
         return out
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    """bfloat16 under Lightning's ``bf16-mixed`` precision (CPU autocast), else None (float32)."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return None
 
 
 # ----------------------------------------------------------------------------------- the shell
@@ -732,6 +985,8 @@ def train_probes(
         "seed": int(cfg["init_seed"]),
         "regression": bool(regression),
         "select_on_dev": bool(cfg["select_on_dev"]),
+        # rows per optimiser step: the datamodule's minibatch (its training batches may hold several)
+        "batch_size": getattr(datamodule, "batch_size", None),
     }
     if cfg["select_on_dev"] and not _has_split(datamodule, "dev"):
         raise LexpInputError(
