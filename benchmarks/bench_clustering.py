@@ -107,7 +107,7 @@ def worker_lexp(data: Path, ct: float, compute: str, labels_out: Path) -> dict:
     c0 = _cpu_s()
     t0 = time.perf_counter()
     x = np.load(data, mmap_mode="r")
-    m = streaming_moments(x, chunk_rows=8192, compute=compute)
+    m = streaming_moments(x, chunk_rows=16384, compute=compute)
     stages["moments_s"] = time.perf_counter() - t0
     t = time.perf_counter()
     corr = correlation(m, out=m.comoment)

@@ -83,6 +83,30 @@ def test_float16_memmap_file(tmp_path) -> None:
     np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(0), rtol=1e-12)
 
 
+def test_float32_memmap_rows_are_read_from_the_file(tmp_path) -> None:
+    """float32 .npy rows are read() into one reused buffer (no page faults): views of the memmap,
+    column subsets (memmap path) and a file truncated after opening all behave."""
+    from lexp.redundancy.covariance import _array_chunks, _file_position
+
+    x = _data(rows=300, cols=23, seed=4)
+    path = tmp_path / "acts.npy"
+    np.save(path, x)
+    mm = np.load(path, mmap_mode="r")
+    for view, ref in ((mm, x), (mm[37:], x[37:]), (mm[5:250], x[5:250])):
+        assert _file_position(view) is not None
+        chunks = [c.copy() for c in _array_chunks(view, 64, None)]
+        np.testing.assert_array_equal(np.concatenate(chunks), ref)
+        m = streaming_moments(view, chunk_rows=64)
+        np.testing.assert_allclose(correlation(m), _ref_corr(ref), atol=2e-6)
+    assert _file_position(x) is None and _file_position(mm[:, 3:]) is None  # not a memmap / not rows
+    cols = np.array([3, 0, 22])
+    np.testing.assert_array_equal(np.concatenate([c.copy() for c in _array_chunks(mm, 64, cols)]), x[:, cols])
+    with open(path, "r+b") as f:
+        f.truncate(128 + 100 * 23 * 4)  # the header + 100 of 300 rows
+    with pytest.raises(LexpInputError, match=r"acts\.npy: the file ended .* early"):
+        list(_array_chunks(mm, 64, None))
+
+
 def test_errors_name_the_file_and_row(tmp_path) -> None:
     x = _data(rows=50, cols=4)
     x[37, 2] = np.nan
