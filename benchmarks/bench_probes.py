@@ -7,7 +7,7 @@ trains them one after another with ``train_logistic_regression_probe`` (in its o
 a subprocess, on the same arrays passed as ``.npy`` files). Same hyper-parameters on both sides
 (λ1 = λ2 = 1e-5, 10 epochs, batch 128, Adam lr 1e-3).
 
-Also measured: lexp's single ``ElasticNetProbe`` on all columns (seconds per epoch), the number
+Also measured: lexp's single probe on all columns (``train_probes(dm, None)``, seconds per epoch), the number
 DESIGN.md quotes for NeuroX (2.4 s per epoch for 150,000 × 2,688 × 49 classes).
 
 Usage::
@@ -40,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 NEUROX_PYTHON = REPO / ".venv-neurox" / "bin" / "python"
 HYPER = {"l1": 1e-5, "l2": 1e-5, "lr": 1e-3, "batch_size": 128}
-READ_STEPS = 64  # lexp's default (conf/probe/elasticnet.yaml): minibatches read per training batch
+READ_STEPS = 16  # lexp's default (conf/probe/elasticnet.yaml): minibatches read per training batch
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -385,7 +385,7 @@ def main() -> None:
                 single["seconds_per_epoch"] = single["train_seconds"] / args.epochs
                 singles[precision] = single
                 print(
-                    f"lexp ElasticNetProbe on all columns [{precision}]: {single['seconds_per_epoch']:.2f} s/epoch "
+                    f"lexp single probe on all columns [{precision}]: {single['seconds_per_epoch']:.2f} s/epoch "
                     "(dev evaluation included)"
                 )
 

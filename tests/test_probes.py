@@ -17,6 +17,7 @@ from lexp.probes import (
     ConfusionCounts,
     ElasticNetProbe,
     FusedHeads,
+    LeanAdam,
     MultiHeadProbe,
     classification_scores,
     elasticnet_penalty,
@@ -316,6 +317,40 @@ def test_fused_heads_fall_back_to_one_block_per_head_and_stay_exact():
         torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_lean_adam_equals_torch_adam():
+    """LeanAdam is torch.optim.Adam (defaults) with less Python: same trajectory, same state layout."""
+    torch.manual_seed(0)
+    params = [torch.randn(50, 7), torch.randn(7)]
+    ours = [p.clone().requires_grad_() for p in params]
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt_ours, opt_theirs = LeanAdam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2)
+    for step in range(25):
+        grads = [torch.randn_like(p) * (step + 1) for p in params]
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert set(opt_ours.state[p]) == set(opt_theirs.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert float(opt_ours.state[p]["step"]) == 25
+
+
+def test_train_probes_single_probe_is_fused_and_equals_the_reference():
+    train, dev = _blobs(320, seed=1), _blobs(80, seed=2)
+    cfg = _cfg(epochs=2, l1=1e-3, l2=1e-3)
+    fused = train_probes(ArrayDataModule(train, dev, n_classes=4), None, probe_cfg=cfg, trainer_kwargs=QUIET)
+    ref = train_probes(
+        ArrayDataModule(train, dev, n_classes=4), None, probe_cfg=cfg, trainer_kwargs=QUIET, reference=True
+    )
+    np.testing.assert_allclose(fused["all"]["weights"], ref["all"]["weights"], atol=1e-5, rtol=0)
+    assert fused["all"]["dev"] == pytest.approx(ref["all"]["dev"])
+    with pytest.raises(LexpInputError, match="reference"):
+        train_probes(
+            ArrayDataModule(train, dev, n_classes=4), {"a": np.arange(3)}, probe_cfg=cfg, reference=True
+        )
+
+
 def test_fused_regression_gradients_equal_autograd():
     rng = np.random.default_rng(3)
     x = torch.as_tensor(rng.normal(size=(20, 6)).astype(np.float32))
@@ -344,7 +379,7 @@ def test_multihead_equals_separately_trained_probes():
     for name, cols in SUBSETS.items():
         restricted = [(split[0][:, cols], split[1]) for split in (train, dev, test)]
         dm = ArrayDataModule(*restricted, n_classes=4, seed=4)
-        alone = train_probes(dm, None, probe_cfg=cfg, trainer_kwargs=QUIET)["all"]
+        alone = train_probes(dm, None, probe_cfg=cfg, trainer_kwargs=QUIET, reference=True)["all"]
         np.testing.assert_allclose(multi[name]["weights"], alone["weights"], atol=1e-5, rtol=0)
         np.testing.assert_allclose(multi[name]["bias"], alone["bias"], atol=1e-5, rtol=0)
         assert multi[name]["columns"].tolist() == cols.tolist()
@@ -365,7 +400,11 @@ def test_multihead_regression_equals_separately_trained_probes():
     for name, cols in subsets.items():
         restricted = [(part[0][:, cols], part[1]) for part in split]
         alone = train_probes(
-            ArrayDataModule(*restricted, n_classes=0), None, probe_cfg=cfg, trainer_kwargs=QUIET
+            ArrayDataModule(*restricted, n_classes=0),
+            None,
+            probe_cfg=cfg,
+            trainer_kwargs=QUIET,
+            reference=True,
         )
         np.testing.assert_allclose(multi[name]["weights"], alone["all"]["weights"], atol=1e-5)
         assert multi[name]["dev"] == pytest.approx(alone["all"]["dev"], abs=1e-5)
@@ -421,7 +460,7 @@ def test_elasticnet_probe_columns_equal_a_restricted_datamodule():
         ArrayDataModule(train, dev, n_classes=4), {"p": cols}, probe_cfg=cfg, trainer_kwargs=QUIET
     )
     restricted = ArrayDataModule((train[0][:, cols], train[1]), (dev[0][:, cols], dev[1]), n_classes=4)
-    alone = train_probes(restricted, None, probe_cfg=cfg, trainer_kwargs=QUIET)["all"]
+    alone = train_probes(restricted, None, probe_cfg=cfg, trainer_kwargs=QUIET, reference=True)["all"]
     np.testing.assert_allclose(picked["p"]["weights"], alone["weights"], atol=1e-6)
 
 

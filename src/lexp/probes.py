@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -54,6 +55,7 @@ __all__ = [
     "ConfusionCounts",
     "ElasticNetProbe",
     "FusedHeads",
+    "LeanAdam",
     "MultiHeadProbe",
     "PROBE_DEFAULTS",
     "classification_scores",
@@ -74,7 +76,7 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "init_seed": None,
     "select_on_dev": True,
     "regression": None,
-    "read_steps": 64,
+    "read_steps": 16,
 }
 _CONFIG_KEYS = {*PROBE_DEFAULTS, "name"}
 
@@ -200,6 +202,66 @@ def _adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError):  # older torch: no fused Adam on CPU
         return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+class LeanAdam(torch.optim.Optimizer):
+    """``torch.optim.Adam`` with its defaults (betas 0.9/0.999, eps 1e-8, no weight decay), with
+    less Python around each step: one call of torch's fused Adam kernel for all parameters.
+
+    Why: a :class:`MultiHeadProbe` step is ~4 ms, and ``torch.optim.Adam.step`` spent ~0.23 ms of
+    it in Python (grouping tensors by device and dtype, hooks) — 5% of the layer step. The state
+    (``step``, ``exp_avg``, ``exp_avg_sq``) is laid out as ``torch.optim.Adam``'s; the update is the
+    same kernel (tested equal to ``torch.optim.Adam``). Without ``torch._fused_adam_`` it falls
+    back to torch's single-tensor update written out.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 1e-3):
+        super().__init__(params, {"lr": float(lr), "betas": (0.9, 0.999), "eps": 1e-8})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+            states = [self.state[p] for p in params]
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            if hasattr(torch, "_fused_adam_"):
+                torch._fused_adam_(
+                    params,
+                    [p.grad for p in params],
+                    [st["exp_avg"] for st in states],
+                    [st["exp_avg_sq"] for st in states],
+                    [],
+                    steps,
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=0.0,
+                    eps=eps,
+                    amsgrad=False,
+                    maximize=False,
+                )
+                continue
+            for p, st in zip(params, states, strict=True):  # torch's single-tensor Adam
+                t = float(st["step"])
+                st["exp_avg"].lerp_(p.grad, 1 - beta1)
+                st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - beta1**t))
+        return loss
 
 
 # --------------------------------------------------------------------------------- input checks
@@ -841,6 +903,9 @@ class MultiHeadProbe(_ProbeModule):
     def _head_columns(self) -> dict[str, np.ndarray]:
         return self.subsets
 
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return LeanAdam(self.parameters(), self.lr)
+
     def head_results(self) -> dict[str, dict[str, Any]]:
         """Per requested subset name (aliases included), in the order the subsets were given."""
         trained = super().head_results()
@@ -957,11 +1022,15 @@ def train_probes(
     probe_cfg: Mapping[str, Any],
     trainer_kwargs: Mapping[str, Any] | None = None,
     logger: Any = None,
+    reference: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Train one probe per subset (all in one pass) and evaluate the selected epoch on dev and test.
 
     ``subsets`` maps a head name to column indices into the datamodule's batches; ``None`` trains a
-    single :class:`ElasticNetProbe` on all columns, returned under the name ``"all"``.
+    single probe on all columns, returned under the name ``"all"``. Probes train as heads of a
+    :class:`MultiHeadProbe`; ``reference=True`` (``subsets=None`` only) trains the plain autograd
+    :class:`ElasticNetProbe` instead — the slow, obviously correct version the fused one is tested
+    against.
     ``probe_cfg`` holds the keys of ``conf/probe/elasticnet.yaml`` (``batch_size`` and ``seed`` are
     the datamodule's business: it was built with them). ``regression: null`` reads
     ``datamodule.regression``.
@@ -993,10 +1062,13 @@ def train_probes(
             f"probe.select_on_dev=true, but {type(datamodule).__name__} has no dev split; "
             "give it a dev split or set probe.select_on_dev=false"
         )
-    if subsets is None:
+    if reference and subsets is not None:
+        raise LexpInputError("train_probes: reference=True trains one ElasticNetProbe; pass subsets=None")
+    if reference:
         module: _ProbeModule = ElasticNetProbe(n_features, n_classes, **common)
     else:
-        module = MultiHeadProbe(subsets, n_features, n_classes, **common)
+        columns = {ALL_COLUMNS: np.arange(n_features)} if subsets is None else subsets
+        module = MultiHeadProbe(columns, n_features, n_classes, **common)
 
     with _quiet_lightning(), _restore_determinism():
         trainer = _trainer(cfg["epochs"], trainer_kwargs, logger)
