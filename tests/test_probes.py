@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -315,6 +316,22 @@ def test_fused_heads_fall_back_to_one_block_per_head_and_stay_exact():
         weight_grad, bias_grad = fused.head(h, grad=True)
         torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tuning_trainer_options_do_not_change_probes(caplog):
+    """The trainer config is shared with fine-tuning; its accumulation/clipping never reach a probe."""
+    train, dev = _blobs(320, seed=1), _blobs(80, seed=2)
+    cfg = _cfg(epochs=2)
+    plain = train_probes(ArrayDataModule(train, dev, n_classes=4), None, probe_cfg=cfg, trainer_kwargs=QUIET)
+    with caplog.at_level(logging.INFO, logger="lexp.probes"):
+        tuned = train_probes(
+            ArrayDataModule(train, dev, n_classes=4),
+            None,
+            probe_cfg=cfg,
+            trainer_kwargs={**QUIET, "accumulate_grad_batches": 4, "gradient_clip_val": 1.0},
+        )
+    assert np.array_equal(plain["all"]["weights"], tuned["all"]["weights"])
+    assert "accumulate_grad_batches=4" in caplog.text
 
 
 def test_lean_adam_equals_torch_adam():

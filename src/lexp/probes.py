@@ -981,12 +981,31 @@ def _restore_determinism() -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+#: Trainer options that only fine-tuning uses, with Lightning's defaults.
+_FINETUNE_ONLY: dict[str, Any] = {
+    "accumulate_grad_batches": 1,
+    "gradient_clip_val": None,
+    "gradient_clip_algorithm": None,
+}
+
+
 def _trainer(epochs: int, trainer_kwargs: Mapping[str, Any] | None, logger: Any) -> pl.Trainer:
     kwargs = dict(trainer_kwargs or {})
     if "max_epochs" in kwargs:
         raise LexpInputError(
             "trainer_kwargs: max_epochs is set by the probe config; use probe.epochs instead"
         )
+    # Fine-tuning settings of the shared trainer config: a probe takes one Adam step per
+    # probe.batch_size rows, unclipped (the paper's probe), and its optimisation is manual, which
+    # Lightning refuses to combine with these.
+    for key, default in _FINETUNE_ONLY.items():
+        value = kwargs.pop(key, default)
+        if value != default:
+            logging.getLogger(__name__).info(
+                "probes ignore trainer.%s=%s (a fine-tuning setting): a probe step is probe.batch_size rows",
+                key,
+                value,
+            )
     callbacks = list(kwargs.pop("callbacks", None) or [])
     if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # Redrawing on every one of ~1,200 steps per epoch would cost more than the steps.
