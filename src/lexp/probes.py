@@ -672,8 +672,10 @@ class FusedHeads(nn.Module):
                 self._groups.append((len(segment_heads), heads.size, k * cols.size))
             positions = []
             for slot, h in enumerate(heads):
-                where = {int(c): i for i, c in enumerate(subsets[h])}
-                positions.append(torch.tensor([where[int(c)] for c in cols], dtype=torch.int64))
+                # position of each block column in head h's own column order
+                order = np.argsort(subsets[h], kind="stable")
+                where = order[np.searchsorted(subsets[h], cols, sorter=order)]
+                positions.append(torch.from_numpy(where.astype(np.int64)))
                 self._slots[h].append((b, slot))
                 segment_heads.append(int(h))
             self._positions.append(positions)
