@@ -5,10 +5,13 @@ activations, one probe per layer, one probe per prefix of layers 0..k and the or
 lexp trains them all as heads of one ``MultiHeadProbe`` in a single pass over the data; NeuroX
 trains them one after another with ``train_logistic_regression_probe`` (in its own venv, through
 a subprocess, on the same arrays passed as ``.npy`` files). Same hyper-parameters on both sides
-(λ1 = λ2 = 1e-5, 10 epochs, batch 128, Adam lr 1e-3).
+(λ1 = λ2 = 1e-5, 10 epochs, batch 128, Adam lr 1e-3) and the same batches: NeuroX trains in
+row order, so lexp does too unless ``--order shuffled`` (its own seeded per-epoch shuffle). Both
+run with torch's default threads and OpenMP's default wait policy, on an idle machine.
 
-Also measured: lexp's single probe on all columns (``train_probes(dm, None)``, seconds per epoch), the number
-DESIGN.md quotes for NeuroX (2.4 s per epoch for 150,000 × 2,688 × 49 classes).
+Also measured: lexp's single probe on all columns (``train_probes(dm, None)``, seconds per
+epoch), against the number DESIGN.md quotes for NeuroX (2.4 s per epoch for 150,000 × 2,688 × 49
+classes).
 
 Usage::
 
