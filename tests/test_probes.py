@@ -282,6 +282,25 @@ def test_head_initialisation_equals_the_single_probe():
         assert torch.equal(weight, single.linear.weight) and torch.equal(bias, single.linear.bias)
 
 
+def _assert_each_head_has_its_own_gradient(
+    fused, subsets, x, y, *, l1, l2, seed, n_features, regression=False
+):
+    """One fused step's loss and gradients equal those of each head alone: the autograd reference
+    ElasticNetProbe on the head's columns (up to float32 rounding: the block products sum in
+    another order)."""
+    losses = fused.loss_and_grad(x, y, l1=l1, l2=l2, regression=regression)
+    for h, cols in enumerate(subsets):
+        single = ElasticNetProbe(
+            n_features, 0 if regression else 4, columns=cols, l1=l1, l2=l2, seed=seed, regression=regression
+        )
+        loss = single.loss(x, y)
+        loss.backward()
+        weight_grad, bias_grad = fused.head(h, grad=True)
+        assert losses[h].item() == pytest.approx(loss.item(), rel=1e-6)
+        torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_multihead_gradients_are_those_of_each_head_alone():
     """The total loss is the SUM over heads: every head's gradient equals its single-probe gradient."""
     x, y = _blobs(32, seed=5)
@@ -290,16 +309,8 @@ def test_multihead_gradients_are_those_of_each_head_alone():
     fused = multi.fused
     # columns grouped by the set of heads that read them: {0}, {1, 3}, {2}, {4, 6}, {5, 7}, {8, 10}, {9}, {11}
     assert fused.n_blocks == 8
-    losses = fused.loss_and_grad(x, y, l1=1e-3, l2=1e-3, regression=False)
-    for h, name in enumerate(multi.head_names):
-        single = ElasticNetProbe(12, 4, columns=SUBSETS[name], l1=1e-3, l2=1e-3, seed=3)
-        loss = single.loss(x, y)
-        loss.backward()
-        weight_grad, bias_grad = fused.head(h, grad=True)
-        # equal up to float32 rounding (the block products sum in another order)
-        assert losses[h].item() == pytest.approx(loss.item(), rel=1e-6)
-        torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
+    subsets = [SUBSETS[name] for name in multi.head_names]
+    _assert_each_head_has_its_own_gradient(fused, subsets, x, y, l1=1e-3, l2=1e-3, seed=3, n_features=12)
 
 
 def test_fused_heads_fall_back_to_one_block_per_head_and_stay_exact():
@@ -309,13 +320,7 @@ def test_fused_heads_fall_back_to_one_block_per_head_and_stay_exact():
     subsets = [SUBSETS[n] for n in ("scattered", "odd", "layers_0-1")]
     fused = FusedHeads(subsets, 4, seed=5, max_blocks=2)
     assert fused.n_blocks == 3
-    fused.loss_and_grad(x, y, l1=1e-2, l2=1e-2, regression=False)
-    for h, cols in enumerate(subsets):
-        single = ElasticNetProbe(12, 4, columns=cols, l1=1e-2, l2=1e-2, seed=5)
-        single.loss(x, y).backward()
-        weight_grad, bias_grad = fused.head(h, grad=True)
-        torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
+    _assert_each_head_has_its_own_gradient(fused, subsets, x, y, l1=1e-2, l2=1e-2, seed=5, n_features=12)
 
 
 def test_fine_tuning_trainer_options_do_not_change_probes(caplog):
@@ -374,15 +379,9 @@ def test_fused_regression_gradients_equal_autograd():
     y = torch.as_tensor(rng.normal(size=20).astype(np.float32))
     subsets = [np.arange(3), np.arange(6), np.array([5, 1])]
     fused = FusedHeads(subsets, 1, seed=2)
-    losses = fused.loss_and_grad(x, y, l1=1e-2, l2=1e-2, regression=True)
-    for h, cols in enumerate(subsets):
-        single = ElasticNetProbe(6, 0, columns=cols, l1=1e-2, l2=1e-2, seed=2, regression=True)
-        loss = single.loss(x, y)
-        loss.backward()
-        weight_grad, bias_grad = fused.head(h, grad=True)
-        assert losses[h].item() == pytest.approx(loss.item(), rel=1e-6)
-        torch.testing.assert_close(weight_grad, single.linear.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bias_grad, single.linear.bias.grad, rtol=1e-5, atol=1e-6)
+    _assert_each_head_has_its_own_gradient(
+        fused, subsets, x, y, l1=1e-2, l2=1e-2, seed=2, n_features=6, regression=True
+    )
 
 
 def test_multihead_equals_separately_trained_probes():
