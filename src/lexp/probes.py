@@ -465,13 +465,13 @@ class _ProbeModule(pl.LightningModule):
             best = self._best.get(name)
             # Strictly better: the earliest epoch wins ties. Without selection: always the latest.
             if best is None or not self.select_on_dev or score > best["score"]:
-                weight, bias = self._read_head(name)
+                weight, bias = self._read_head(name)  # copies, not the live parameters
                 self._best[name] = {
                     "score": score,
                     "epoch": epoch,
                     "dev": scores[name],
-                    "weight": weight.detach().clone(),
-                    "bias": bias.detach().clone(),
+                    "weight": weight,
+                    "bias": bias,
                 }
         self.log_dict(
             {f"dev/{h}/{k}": v for h in self.head_names for k, v in scores[h].items()},
@@ -654,6 +654,7 @@ class FusedHeads(nn.Module):
         #: runs of segments of one length: (first segment, number of segments, length)
         self._groups: list[tuple[int, int, int]] = []
         offset = row = 0
+        orders = [np.argsort(c, kind="stable") for c in subsets]  # to find columns in a head's order
         for b, (cols, heads) in enumerate(blocks):
             contiguous = _contiguous(cols)
             self._cols.append(
@@ -673,8 +674,7 @@ class FusedHeads(nn.Module):
             positions = []
             for slot, h in enumerate(heads):
                 # position of each block column in head h's own column order
-                order = np.argsort(subsets[h], kind="stable")
-                where = order[np.searchsorted(subsets[h], cols, sorter=order)]
+                where = orders[h][np.searchsorted(subsets[h], cols, sorter=orders[h])]
                 positions.append(torch.from_numpy(where.astype(np.int64)))
                 self._slots[h].append((b, slot))
                 segment_heads.append(int(h))
@@ -740,29 +740,31 @@ class FusedHeads(nn.Module):
         self.bias[h] = bias
 
     # ---- the maths
-    def _inputs(self, x: Tensor, b: int) -> Tensor:
-        cols = self._cols[b]
-        return x[:, cols] if isinstance(cols, slice) else x.index_select(1, cols)
+    def _inputs(self, x: Tensor) -> list[Tensor]:
+        """Each block's columns of ``x``: a view for a contiguous range, else a gathered copy (made
+        once per step, used by the forward and the backward product)."""
+        return [x[:, cols] if isinstance(cols, slice) else x.index_select(1, cols) for cols in self._cols]
 
-    def _products(self, x: Tensor, dtype: torch.dtype | None) -> Tensor:
-        """Every block's ``W_b @ x_bᵀ``, stacked: ``(Σ m_b·K, B)`` (rows are contiguous, so each
-        product is written in place)."""
-        out = torch.empty(self._out_index.numel(), x.shape[0])
-        for b, wb in enumerate(self._views(self.weight.detach())[0]):
-            xb = self._inputs(x, b)
+    def _forward_blocks(self, xs: list[Tensor], dtype: torch.dtype | None) -> Tensor:
+        """Outputs ``(H, K, B)`` from the block inputs ``xs`` (see :meth:`_inputs`): every block's
+        ``W_b @ x_bᵀ`` is written in place into a stacked ``(Σ m_b·K, B)`` buffer, then added to
+        its heads' outputs."""
+        n = xs[0].shape[0]
+        out = torch.empty(self._out_index.numel(), n)
+        for b, (wb, xb) in enumerate(zip(self._views(self.weight.detach())[0], xs, strict=True)):
             if dtype is None:
                 torch.mm(wb, xb.t(), out=out[self._product_rows[b]])
             else:
                 out[self._product_rows[b]] = wb.to(dtype) @ xb.t().to(dtype)
-        return out
+        z = self.bias.detach().reshape(-1, 1).repeat(1, n)  # (H·K, B)
+        z.index_add_(0, self._out_index, out)
+        return z.view(self.n_heads, self.n_outputs, n)
 
     @torch.no_grad()
     def forward(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Outputs ``(H, K, B)`` of all heads on float32 rows ``x`` (B, N). ``dtype=torch.bfloat16``
         computes the products in bfloat16 (mixed precision), summed in float32."""
-        z = self.bias.detach().reshape(-1, 1).repeat(1, x.shape[0])  # (H·K, B)
-        z.index_add_(0, self._out_index, self._products(x, dtype))
-        return z.view(self.n_heads, self.n_outputs, x.shape[0])
+        return self._forward_blocks(self._inputs(x), dtype)
 
     @torch.no_grad()
     def loss_and_grad(
@@ -779,7 +781,8 @@ class FusedHeads(nn.Module):
         gradient written to ``.grad`` of both parameters (the values autograd gives for each head
         alone; see the tests)."""
         n = x.shape[0]
-        z = self.forward(x, dtype)  # (H, K, B)
+        xs = self._inputs(x)
+        z = self._forward_blocks(xs, dtype)  # (H, K, B)
         if regression:
             diff = z[:, 0, :] - y.to(z.dtype)  # (H, B)
             data = diff.pow(2).mean(dim=1)
@@ -801,7 +804,7 @@ class FusedHeads(nn.Module):
         if grad is None or grad.shape != w.shape:
             grad = torch.empty_like(w)  # then reused: Adam reads it, the next step overwrites it
         torch.sign(w, out=grad)
-        w_matrices, w_groups = self._views(w)
+        w_groups = self._views(w)[1]
         g_matrices, g_groups = self._views(grad)
         # per segment (rows of each group): Σ|w| and ‖w‖₂, then summed per head
         seg_abs = torch.cat([v.abs().sum(dim=1) for v in w_groups])
@@ -815,8 +818,8 @@ class FusedHeads(nn.Module):
             g.addcmul_(v, scale[start : start + len(v)].unsqueeze(1))
             start += len(v)
         dp = dz.index_select(0, self._out_index)  # (Σ m_b·K, B): each block's output gradient
-        for b, gb in enumerate(g_matrices):
-            xb, dpb = self._inputs(x, b), dp[self._product_rows[b]]
+        for gb, xb, rows in zip(g_matrices, xs, self._product_rows, strict=True):
+            dpb = dp[rows]
             if dtype is None:
                 gb.addmm_(dpb, xb)
             else:
