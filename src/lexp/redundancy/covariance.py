@@ -16,9 +16,10 @@ The two low-rank sums are applied once at the end (one k × N GEMM, k = number o
 is computed in float32 (OpenBLAS ``ssyrk``) or bfloat16 (torch GEMMs over the upper block
 triangle) and accumulated into a float64 ``C`` (bfloat16: the products, already rounded to
 bfloat16, are summed in float32 and added to ``C`` once), whose upper triangle is mirrored at the end.
-Memory: the float64 ``C`` (N² × 8 bytes, 0.8 GB at BERT-base size, N = 9,984), one float32 chunk
-(0.33 GB at 8,192 rows) and the product (float32: an N × N float32 buffer, 0.4 GB; bfloat16: one
-block row) — never a float64 copy of the activations. Pages of a memory-mapped file are dropped
+Memory: the float64 ``C`` (N² × 8 bytes, 0.8 GB at BERT-base size, N = 9,984), one reused float32
+chunk buffer (0.65 GB at 16,384 rows) and the product (float32: an N × N float32 buffer, 0.4 GB;
+bfloat16: the N × N float32 sum, 0.4 GB, a reused bfloat16 chunk and one block row) — never a
+float64 copy of the activations. Pages of a memory-mapped file are dropped
 from the resident set as soon as their chunk is copied.
 
 ``compute="bfloat16"`` rounds the centred chunk to bfloat16 and runs the product on the CPU's
@@ -179,10 +180,9 @@ def _array_chunks(x: np.ndarray, chunk_rows: int, cols: np.ndarray | None) -> It
             out = buffer[: stop - start]
             if raw is not None:
                 _read_exactly(raw, file_pos + start * x.strides[0], out, x.filename)
-                yield out
-                continue
-            np.copyto(out, x[start:stop] if sel is None else x[start:stop, sel], casting="same_kind")
-            _release_rows(x, start, stop)
+            else:
+                np.copyto(out, x[start:stop] if sel is None else x[start:stop, sel], casting="same_kind")
+                _release_rows(x, start, stop)
             yield out
 
 
@@ -316,6 +316,7 @@ def streaming_moments(
     acc: torch.Tensor | None = None
     syrk_out: np.ndarray | None = None  # float32 product buffer, reused across chunks
     bf16_buffer: torch.Tensor | None = None  # the bfloat16 chunk, reused across chunks
+    centre_buffer: np.ndarray | None = None  # the centred chunk of a source we may not modify
     stage: torch.Tensor | None = None  # bfloat16: float32 sum of the chunk products (see below)
     counts: list[int] = []
     means: list[np.ndarray] = []  # a_c + v_c: the centre of the deviations the product saw
@@ -340,8 +341,10 @@ def streaming_moments(
         n_c = chunk.shape[0]
         if owned:  # our own float32 copy: centre in place, then drop the name
             centred = np.subtract(chunk, shift.astype(np.float32), out=chunk)
-        else:
-            centred = np.subtract(chunk, shift.astype(np.float32), dtype=np.float32, order="C")
+        else:  # e.g. a store's chunk: centre into one reused buffer (see _array_chunks for why)
+            if centre_buffer is None or centre_buffer.shape[0] < n_c:
+                centre_buffer = np.empty(chunk.shape, dtype=np.float32)
+            centred = np.subtract(chunk, shift.astype(np.float32), out=centre_buffer[:n_c], dtype=np.float32)
         del chunk
         # v_c: the mean of the float32 deviations the product sees (float64 sum, no copy). Under
         # bfloat16 the product sees them rounded; the resulting mismatch in C is second order
