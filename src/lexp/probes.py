@@ -48,6 +48,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, Metric, PearsonCorrCoef, SpearmanCorrCoef
 
+from lexp import kernels as compiled
 from lexp.errors import LexpInputError
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "ConfusionCounts",
     "ElasticNetProbe",
     "FusedHeads",
+    "ElasticNetAdam",
     "LeanAdam",
     "MultiHeadProbe",
     "PROBE_DEFAULTS",
@@ -224,44 +226,132 @@ class LeanAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-            states = [self.state[p] for p in params]
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1)
-            if hasattr(torch, "_fused_adam_"):
-                torch._fused_adam_(
-                    params,
-                    [p.grad for p in params],
-                    [st["exp_avg"] for st in states],
-                    [st["exp_avg_sq"] for st in states],
-                    [],
-                    steps,
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=0.0,
-                    eps=eps,
-                    amsgrad=False,
-                    maximize=False,
-                )
-                continue
-            for p, st in zip(params, states, strict=True):  # torch's single-tensor Adam
-                t = float(st["step"])
-                st["exp_avg"].lerp_(p.grad, 1 - beta1)
-                st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - beta1**t))
+        self.update()
         return loss
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One Adam step on the current gradients: :meth:`step` without a closure, and without
+        the hooks torch wraps around every optimizer's ``step`` (called thousands of times an epoch)."""
+        for group in self.param_groups:
+            self._adam([p for p in group["params"] if p.grad is not None], group)
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+    def _adam(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        if not params:
+            return
+        states = [self._state(p) for p in params]
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        if hasattr(torch, "_fused_adam_"):
+            torch._fused_adam_(
+                params,
+                [p.grad for p in params],
+                [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                [],
+                steps,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
+            )
+            return
+        for p, st in zip(params, states, strict=True):  # torch's single-tensor Adam
+            t = float(st["step"])
+            st["exp_avg"].lerp_(p.grad, 1 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+
+class ElasticNetAdam(LeanAdam):
+    """Adam on (data loss + ElasticNet penalty) of a :class:`FusedHeads`, the penalty's subgradient
+    added inside the update — as Adam's ``weight_decay`` adds its L2 term.
+
+    ``.grad`` of the weight holds the data gradient only (``FusedHeads.loss_and_grad(...,
+    penalty=False)``); the update adds ``l1·sign(W) + l2·W/‖W_h‖₂`` per head and takes torch's Adam
+    step. With :mod:`lexp.kernels` that is one pass over the weights, which also sums the new
+    weights' ``|w|`` and ``w²`` per segment: the next step's penalty (:meth:`penalty`) costs no
+    pass. Without the kernels, torch operations do the same. The bias is not penalised.
+
+    Why: at 640K weights every pass over them is a measurable part of a probe step; the data
+    gradient, the penalty, Adam and the next penalty's sums took eight.
+    """
+
+    def __init__(self, heads: FusedHeads, lr: float = 1e-3, *, l1: float, l2: float, chunk: int = 4096):
+        super().__init__([heads.weight, heads.bias], lr)
+        self.heads, self.l1, self.l2 = heads, float(l1), float(l2)
+        start, length, head = (t.tolist() for t in heads.segments())
+        self._chunks = compiled.chunks(
+            list(zip(start, length, head, strict=True)), heads.weight.numel(), chunk
+        )
+        n_bias = heads.bias.numel()
+        self._bias_chunks = compiled.chunks([(0, n_bias, 0)], n_bias, chunk)
+        #: (weight version, Σ|W_h|, ‖W_h‖₂) of the weights the kernel last wrote
+        self._terms: tuple[int, Tensor, Tensor] | None = None
+
+    def penalty(self) -> tuple[Tensor, Tensor]:
+        """Per head ``Σ|W_h|`` and ``‖W_h‖₂`` of the current weights (float32, ``(H,)``)."""
+        w = self.heads.weight
+        if self._terms is not None and self._terms[0] == w._version:
+            return self._terms[1], self._terms[2]
+        # changed by anything but the kernel (first step, a reload, set_head): count again
+        abs_sum, norm = self.heads.penalty_terms()
+        self._terms = (w._version, abs_sum, norm)
+        return abs_sum, norm
+
+    @torch.no_grad()
+    def update(self) -> None:
+        w, b = self.heads.weight, self.heads.bias
+        if w.grad is None:
+            super().update()
+            return
+        _, norm = self.penalty()
+        if not self.heads.use_kernels():
+            if self.l1 > 0:
+                w.grad.add_(torch.sign(w.detach()), alpha=self.l1)
+            self.heads.add_scaled_(w.grad, w.detach(), self.heads.segment_scale(norm, self.l2))
+            super().update()
+            self._terms = None  # torch's fused Adam does not bump the weight's version counter
+            return
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        work = [(w, self._chunks, norm.float(), self.l1, self.l2)]
+        if b.grad is not None:  # the bias: the same kernel, unpenalised
+            work.append((b, self._bias_chunks, torch.zeros(1), 0.0, 0.0))
+        states = [self._state(p) for p, *_ in work]
+        torch._foreach_add_([st["step"] for st in states], 1)
+        for (p, table, head_norm, l1, l2), st in zip(work, states, strict=True):
+            t = float(st["step"])
+            terms = compiled.adam_elasticnet(
+                p.detach().view(-1),
+                p.grad.view(-1),
+                st["exp_avg"].view(-1),
+                st["exp_avg_sq"].view(-1),
+                table,
+                head_norm,
+                l1=l1,
+                l2=l2,
+                step_size=lr / (1 - beta1**t),
+                beta1=beta1,
+                beta2=beta2,
+                bc2_sqrt=math.sqrt(1 - beta2**t),
+                eps=eps,
+            )
+            if p is w:
+                self._terms = (w._version, *terms)
 
 
 # --------------------------------------------------------------------------------- input checks
@@ -312,7 +402,9 @@ class _ProbeModule(pl.LightningModule):
 
     Optimisation is manual: a training batch may hold several minibatches of ``batch_size`` rows
     (the datamodule reads ``read_steps`` steps at once, see ``ActivationDataModule``) and each is one
-    Adam step, so Lightning's per-batch work is paid once per read, not once per step.
+    Adam step, so Lightning's per-batch work is paid once per read, not once per step. The last
+    step of a batch goes through Lightning's optimizer wrapper, the others straight to the
+    optimizer (same update): ``trainer.global_step`` counts training batches, not Adam steps.
     """
 
     def __init__(
@@ -418,12 +510,18 @@ class _ProbeModule(pl.LightningModule):
         self._check_train_labels(y)
         x = _as_float32(x)
         step = self.batch_size or len(y)
+        optimizer = self.optimizers()
+        last = (len(y) - 1) // step * step
         for start in range(0, len(y), step):
             self._log_train_loss(self._train_step(x[start : start + step], y[start : start + step]))
+            if start == last:
+                optimizer.step()  # through Lightning: trainer.global_step counts training batches
+            else:
+                self._update(optimizer.optimizer)
 
-    def _optimizer_step(self) -> None:
-        """Adam on the gradients now in ``.grad`` (through Lightning: it counts the step)."""
-        self.optimizers().step()
+    def _update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Adam on the gradients now in ``.grad``, straight to the optimizer (no Lightning hooks)."""
+        optimizer.step()
 
     # ---- training
     def _check_train_labels(self, y: Tensor) -> None:
@@ -573,11 +671,9 @@ class ElasticNetProbe(_ProbeModule):
         )
 
     def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizers().zero_grad(set_to_none=True)
         loss = self.loss(x, y)
         self.manual_backward(loss)
-        optimizer.step()
         return loss.detach()
 
     def _outputs(self, x: Tensor) -> Tensor:
@@ -634,8 +730,18 @@ class FusedHeads(nn.Module):
     the head's own column order; head ``h`` starts where :func:`init_head_` with ``seed`` starts it.
     """
 
-    def __init__(self, subsets: list[np.ndarray], n_outputs: int, seed: int, max_blocks: int | None = None):
+    def __init__(
+        self,
+        subsets: list[np.ndarray],
+        n_outputs: int,
+        seed: int,
+        max_blocks: int | None = None,
+        *,
+        kernels: bool | None = None,
+    ):
         super().__init__()
+        #: compiled kernels (lexp.kernels) for the element-wise work: None = when available
+        self._kernels = kernels
         self.n_heads, self.n_outputs = len(subsets), int(n_outputs)
         self.widths = [int(c.size) for c in subsets]
         k = self.n_outputs
@@ -651,6 +757,7 @@ class FusedHeads(nn.Module):
         self._product_rows: list[slice] = []
         self._slots: list[list[tuple[int, int]]] = [[] for _ in subsets]  # head -> [(block, slot)]
         segment_heads: list[int] = []
+        segment_starts: list[int] = []
         #: runs of segments of one length: (first segment, number of segments, length)
         self._groups: list[tuple[int, int, int]] = []
         offset = row = 0
@@ -678,15 +785,25 @@ class FusedHeads(nn.Module):
                 positions.append(torch.from_numpy(where.astype(np.int64)))
                 self._slots[h].append((b, slot))
                 segment_heads.append(int(h))
+                segment_starts.append(offset - heads.size * k * cols.size + slot * k * cols.size)
             self._positions.append(positions)
         self.weight = nn.Parameter(torch.empty(offset))
         self.bias = nn.Parameter(torch.empty(self.n_heads, k))
         self._segment_heads = torch.tensor(segment_heads, dtype=torch.int64)
+        self._seg_start = torch.tensor(segment_starts, dtype=torch.int64)
+        self._seg_len = torch.tensor(
+            [length for _, count, length in self._groups for _ in range(count)], dtype=torch.int64
+        )
+        #: per head, the first stacked product row of each of its K-row slots (for lexp.kernels)
+        self._slot_table = compiled.head_slots(
+            [[self._product_rows[b].start + slot * k for b, slot in slots] for slots in self._slots], row, k
+        )
         #: output row (of the H·K outputs) of every row of the stacked block products
         self._out_index = torch.cat(
             [(heads[:, None] * k + torch.arange(k)).reshape(-1) for heads in self._heads]
         )
         self._view_cache: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
+        self._base_cache: dict[int, Tensor] = {}
         for h, cols in enumerate(subsets):
             weight, bias = torch.empty(k, cols.size), torch.empty(k)
             init_head_(weight, bias, seed)
@@ -745,10 +862,9 @@ class FusedHeads(nn.Module):
         once per step, used by the forward and the backward product)."""
         return [x[:, cols] if isinstance(cols, slice) else x.index_select(1, cols) for cols in self._cols]
 
-    def _forward_blocks(self, xs: list[Tensor], dtype: torch.dtype | None) -> Tensor:
-        """Outputs ``(H, K, B)`` from the block inputs ``xs`` (see :meth:`_inputs`): every block's
-        ``W_b @ x_bᵀ`` is written in place into a stacked ``(Σ m_b·K, B)`` buffer, then added to
-        its heads' outputs."""
+    def _products(self, xs: list[Tensor], dtype: torch.dtype | None) -> Tensor:
+        """Every block's ``W_b @ x_bᵀ`` from the block inputs ``xs`` (see :meth:`_inputs`), stacked
+        into one ``(Σ m_b·K, B)`` float32 buffer."""
         n = xs[0].shape[0]
         out = torch.empty(self._out_index.numel(), n)
         for b, (wb, xb) in enumerate(zip(self._views(self.weight.detach())[0], xs, strict=True)):
@@ -756,15 +872,27 @@ class FusedHeads(nn.Module):
                 torch.mm(wb, xb.t(), out=out[self._product_rows[b]])
             else:
                 out[self._product_rows[b]] = wb.to(dtype) @ xb.t().to(dtype)
-        z = self.bias.detach().reshape(-1, 1).repeat(1, n)  # (H·K, B)
-        z.index_add_(0, self._out_index, out)
+        return out
+
+    def _sum_heads(self, products: Tensor) -> Tensor:
+        """Outputs ``(H, K, B)``: bias + the stacked products added to their heads' outputs."""
+        n = products.shape[1]
+        z = torch.empty(self.n_heads * self.n_outputs, n)
+        z.copy_(self.bias.detach().reshape(-1, 1).expand(-1, n))
+        z.index_add_(0, self._out_index, products)
         return z.view(self.n_heads, self.n_outputs, n)
 
     @torch.no_grad()
     def forward(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Outputs ``(H, K, B)`` of all heads on float32 rows ``x`` (B, N). ``dtype=torch.bfloat16``
         computes the products in bfloat16 (mixed precision), summed in float32."""
-        return self._forward_blocks(self._inputs(x), dtype)
+        return self._sum_heads(self._products(self._inputs(x), dtype))
+
+    def use_kernels(self) -> bool:
+        """Whether the compiled kernels (:mod:`lexp.kernels`) do this module's element-wise work."""
+        if self._kernels is None:
+            self._kernels = compiled.available()
+        return self._kernels
 
     @torch.no_grad()
     def loss_and_grad(
@@ -776,56 +904,106 @@ class FusedHeads(nn.Module):
         l2: float,
         regression: bool,
         dtype: torch.dtype | None = None,
+        penalty: bool = True,
     ) -> Tensor:
         """Per-head loss ``(H,)`` — mean cross-entropy (or MSE) + ``l1·Σ|W_h| + l2·‖W_h‖₂`` — and its
         gradient written to ``.grad`` of both parameters (the values autograd gives for each head
-        alone; see the tests)."""
+        alone; see the tests). ``penalty=False``: the data loss and its gradient only — for
+        :class:`ElasticNetAdam`, which adds the penalty's gradient inside its update."""
         n = x.shape[0]
         xs = self._inputs(x)
-        z = self._forward_blocks(xs, dtype)  # (H, K, B)
-        if regression:
-            diff = z[:, 0, :] - y.to(z.dtype)  # (H, B)
-            data = diff.pow(2).mean(dim=1)
-            dz = (diff * (2.0 / n)).unsqueeze(1)
+        products = self._products(xs, dtype)  # (Σ m_b·K, B)
+        if not regression and self.use_kernels():
+            y = y.to(torch.int64).contiguous()
+            low, high = torch.aminmax(y)
+            if low < 0 or high >= self.n_outputs:
+                raise LexpInputError(
+                    f"FusedHeads: class ids must be in [0, {self.n_outputs}), got {int(low)}..{int(high)}"
+                )
+            dp, data, bias_grad = compiled.xent_heads(products, self.bias.detach(), y, self._slot_table)
+            alpha = 1.0  # the kernel's gradient includes the 1/n of the mean
         else:
-            logp = torch.log_softmax(z, dim=1)
-            target = y.view(1, 1, n).expand(self.n_heads, 1, n)
-            data = -logp.gather(1, target).squeeze(1).mean(dim=1)
-            dz = logp.exp_()
-            dz.scatter_add_(1, target, torch.full((self.n_heads, 1, n), -1.0))
-            dz.mul_(1.0 / n)
-        dz = dz.view(-1, n)  # (H·K, B)
-        self.bias.grad = dz.sum(dim=1).view(self.n_heads, self.n_outputs)
+            z = self._sum_heads(products)
+            # dz is the output gradient times n: the 1/n of the mean goes into the products' alpha.
+            if regression:
+                diff = z[:, 0, :] - y.to(z.dtype)  # (H, B)
+                data = diff.pow(2).mean(dim=1)
+                dz, alpha = diff.unsqueeze(1), 2.0 / n
+            else:
+                logp = torch.log_softmax(z, dim=1)
+                # flat index of (h, y_b, b) in (H, K, B): every head's target entries
+                target = (self._head_base(n) + (y.view(1, n) * n + torch.arange(n))).view(-1)
+                data = torch.take(logp, target).view(self.n_heads, n).mean(dim=1).neg_()
+                dz = logp.exp_()  # softmax; minus one at the targets:
+                dz.view(-1).index_add_(0, target, torch.full((target.numel(),), -1.0))
+                alpha = 1.0 / n
+            dz = dz.view(-1, n)  # (H·K, B)
+            bias_grad = dz.sum(dim=1).mul_(alpha).view(self.n_heads, self.n_outputs)
+            dp = dz.index_select(0, self._out_index)  # (Σ m_b·K, B): each block's output gradient
+        self.bias.grad = bias_grad
 
-        # Penalty: per head Σ|W_h| and ‖W_h‖₂ (un-squared) over its segments; its gradient
-        # l1·sign(W) + l2·W/‖W_h‖₂ (‖W_h‖₂ = 0 only if W_h = 0, where the subgradient is 0, not NaN).
         w = self.weight.detach()
         grad = self.weight.grad
         if grad is None or grad.shape != w.shape:
             grad = torch.empty_like(w)  # then reused: Adam reads it, the next step overwrites it
-        torch.sign(w, out=grad)
-        w_groups = self._views(w)[1]
-        g_matrices, g_groups = self._views(grad)
-        # per segment (rows of each group): Σ|w| and ‖w‖₂, then summed per head
-        seg_abs = torch.cat([v.abs().sum(dim=1) for v in w_groups])
-        seg_norm = torch.cat([torch.linalg.vector_norm(v, 2, dim=1) for v in w_groups])
-        abs_sum = torch.zeros(self.n_heads).index_add_(0, self._segment_heads, seg_abs)
-        norm = torch.zeros(self.n_heads).index_add_(0, self._segment_heads, seg_norm.square_()).sqrt_()
-        scale = (l2 / norm.clamp_min(torch.finfo(norm.dtype).tiny))[self._segment_heads]
-        grad.mul_(l1)
-        start = 0
-        for g, v in zip(g_groups, w_groups, strict=True):
-            g.addcmul_(v, scale[start : start + len(v)].unsqueeze(1))
-            start += len(v)
-        dp = dz.index_select(0, self._out_index)  # (Σ m_b·K, B): each block's output gradient
-        for gb, xb, rows in zip(g_matrices, xs, self._product_rows, strict=True):
+        beta, value = 0.0, data
+        if penalty:
+            # Per head Σ|W_h| and ‖W_h‖₂ (un-squared) over its segments; the gradient
+            # l1·sign(W) + l2·W/‖W_h‖₂ (‖W_h‖₂ = 0 only if W_h = 0, where the subgradient is 0, not
+            # NaN), written as c·(sign(W)·l1/c + W·l2/(c‖W_h‖₂)) with c = l1 (or 1 without L1): c
+            # is the beta of the product that adds the data gradient — one pass over W fewer.
+            abs_sum, norm = self.penalty_terms(w)
+            c = l1 if l1 > 0 else 1.0
+            if l1 > 0:
+                torch.sign(w, out=grad)
+            else:
+                grad.zero_()
+            self.add_scaled_(grad, w, self.segment_scale(norm, l2 / c))
+            beta, value = c, data + l1 * abs_sum + l2 * norm
+        for gb, xb, rows in zip(self._views(grad)[0], xs, self._product_rows, strict=True):
             dpb = dp[rows]
             if dtype is None:
-                gb.addmm_(dpb, xb)
+                gb.addmm_(dpb, xb, beta=beta, alpha=alpha)
             else:
-                gb.add_((dpb.to(dtype) @ xb.to(dtype)).float())
+                gb.mul_(beta).add_((dpb.to(dtype) @ xb.to(dtype)).float(), alpha=alpha)
         self.weight.grad = grad
-        return data + l1 * abs_sum + l2 * norm
+        return value
+
+    # ---- the penalty, by segment (one head's weights in one block)
+    def segments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(start, length, head)`` of every segment of the flat weight, in order."""
+        return self._seg_start, self._seg_len, self._segment_heads
+
+    def penalty_terms(self, w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per head ``Σ|W_h|`` and ``‖W_h‖₂`` (``(H,)``) of the flat weight ``w`` (default: the weight)."""
+        groups = self._views(self.weight.detach() if w is None else w)[1]
+        seg_abs = torch.cat([v.abs().sum(dim=1) for v in groups])
+        seg_sq = torch.cat([torch.linalg.vector_norm(v, 2, dim=1) for v in groups]).square_()
+        return self.per_head(seg_abs), self.per_head(seg_sq).sqrt_()
+
+    def per_head(self, per_segment: Tensor) -> Tensor:
+        """Sum a per-segment value over each head's segments."""
+        return torch.zeros(self.n_heads, dtype=per_segment.dtype).index_add_(
+            0, self._segment_heads, per_segment
+        )
+
+    def segment_scale(self, norm: Tensor, l2: float) -> Tensor:
+        """``l2 / ‖W_h‖₂`` for every segment (float32; 0 where ``W_h = 0``, the subgradient there)."""
+        return (l2 / norm.float().clamp_min(torch.finfo(torch.float32).tiny))[self._segment_heads]
+
+    def add_scaled_(self, grad: Tensor, w: Tensor, scale: Tensor) -> None:
+        """``grad += scale[segment] · w`` for flat ``grad`` and ``w``, a group of segments at a time."""
+        start = 0
+        for g, v in zip(self._views(grad)[1], self._views(w)[1], strict=True):
+            g.addcmul_(v, scale[start : start + len(v)].unsqueeze(1))
+            start += len(v)
+
+    def _head_base(self, n: int) -> Tensor:
+        """``(H, 1)`` start of every head in a flat ``(H, K, n)`` tensor (cached per ``n``)."""
+        base = self._base_cache.get(n)
+        if base is None:
+            base = self._base_cache[n] = torch.arange(self.n_heads).view(-1, 1) * (self.n_outputs * n)
+        return base
 
 
 class MultiHeadProbe(_ProbeModule):
@@ -890,11 +1068,15 @@ class MultiHeadProbe(_ProbeModule):
     def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
         dtype = _autocast_dtype()
         with torch.autocast("cpu", enabled=False):
-            per_head = self.fused.loss_and_grad(
-                x, y, l1=self.l1, l2=self.l2, regression=self.regression, dtype=dtype
+            data = self.fused.loss_and_grad(
+                x, y, l1=self.l1, l2=self.l2, regression=self.regression, dtype=dtype, penalty=False
             )
-        self._optimizer_step()
-        return per_head.sum()
+        # the penalty's gradient is added by ElasticNetAdam; its value, of the weights before this step:
+        abs_sum, norm = self._optimizer.penalty()
+        return (data + self.l1 * abs_sum + self.l2 * norm).sum()
+
+    def _update(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.update() if isinstance(optimizer, LeanAdam) else optimizer.step()
 
     def _outputs(self, x: Tensor) -> Tensor:
         return self(x)  # (H, K, B)
@@ -909,7 +1091,8 @@ class MultiHeadProbe(_ProbeModule):
         return self.subsets
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return LeanAdam(self.parameters(), self.lr)
+        self._optimizer = ElasticNetAdam(self.fused, self.lr, l1=self.l1, l2=self.l2)
+        return self._optimizer
 
     def head_results(self) -> dict[str, dict[str, Any]]:
         """Per requested subset name (aliases included), in the order the subsets were given."""

@@ -1,0 +1,328 @@
+"""Compiled kernels for the probes' training step: ``kernels.c``, built on first use, loaded with ctypes.
+
+Why: in the layer step (13 probes, 640K weights) a training step is two matrix products per block
+plus about a dozen memory-bound passes — softmax, the cross-entropy gradient, the ElasticNet
+subgradient, Adam and the next step's penalty. ``kernels.c`` does them in two passes.
+:class:`lexp.probes.FusedHeads` and :class:`lexp.probes.ElasticNetAdam` call these functions when the
+library is available. Otherwise they use torch operations for the same maths: slower, and equal up
+to float rounding (the tests check both paths against each other).
+
+The library is compiled once per machine with the C compiler (``$CC``, ``cc``, ``gcc`` or
+``clang``; ``-O3 -march=native -fopenmp``, with fallbacks when a flag is refused) into
+``$LEXP_KERNEL_DIR`` (default ``~/.cache/lexp/kernels``). Its name is a hash of the source, the
+compiler and the CPU's feature flags, so it is never stale and never built for another CPU.
+``LEXP_KERNELS=0`` switches it off. It shares torch's OpenMP runtime, so ``torch.set_num_threads``
+applies to it, and its results do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Chunks",
+    "HeadSlots",
+    "adam_elasticnet",
+    "available",
+    "cache_dir",
+    "chunks",
+    "head_slots",
+    "library",
+    "threads",
+    "xent_heads",
+]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+#: compiler flag sets, tried in order: the first that builds and loads wins
+_VARIANTS: tuple[tuple[str, ...], ...] = (
+    ("-march=native", "-fopenmp"),
+    ("-fopenmp",),
+    ("-march=native",),
+    (),
+)
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_reason: dict[str, str] = {}
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: ``$LEXP_KERNEL_DIR``, else ``$XDG_CACHE_HOME/lexp/kernels``."""
+    env = os.environ.get("LEXP_KERNEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lexp" / "kernels"
+
+
+def _cpu_tag() -> str:
+    """The CPU features ``-march=native`` compiles for (part of the library's name)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()[-800:]}")
+
+
+def _build(cc: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile the two halves (the softmax one with -ffast-math, for vectorised expf) and link."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        common = [cc, "-O3", "-fPIC", "-fno-math-errno", *flags, "-c", str(_SOURCE)]
+        _run([*common, "-o", f"{tmp}/adam.o"])
+        _run([*common, "-ffast-math", "-DLEXP_FAST_MATH", "-o", f"{tmp}/xent.o"])
+        link = [f for f in flags if f == "-fopenmp"]
+        _run([cc, "-shared", *link, f"{tmp}/adam.o", f"{tmp}/xent.o", "-o", f"{tmp}/lib.so", "-lm"])
+        os.replace(f"{tmp}/lib.so", target)  # atomic: concurrent builders never see half a file
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.lexp_kernel_threads.restype = ctypes.c_int
+    lib.lexp_kernel_threads.argtypes = []
+    lib.lexp_adam_elasticnet.restype = None
+    lib.lexp_adam_elasticnet.argtypes = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _P, *[_F] * 7, _P, _P, _P]
+    lib.lexp_xent_heads.restype = None
+    lib.lexp_xent_heads.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P]
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("LEXP_KERNELS", "1").strip().lower() in {"0", "false", "off", "no"}:
+        _reason["why"] = "switched off by LEXP_KERNELS=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _reason["why"] = "no C compiler found (set CC, or install gcc or clang)"
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    except OSError as err:
+        _reason["why"] = f"{cc} --version failed: {err}"
+        return None
+    errors = []
+    for flags in _VARIANTS:
+        key = hashlib.sha256(
+            "\0".join([_SOURCE.read_text(), version, _cpu_tag(), " ".join(flags), torch.__version__]).encode()
+        ).hexdigest()[:16]
+        target = cache_dir() / f"lexp_kernels-{key}.so"
+        try:
+            if not target.exists():
+                _build(cc, flags, target)
+            return _declare(ctypes.CDLL(str(target)))
+        except (OSError, RuntimeError) as err:
+            errors.append(str(err))
+    _reason["why"] = "could not build or load kernels.c: " + " | ".join(errors)[-2000:]
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; ``None`` when unavailable (the reason is logged once)."""
+    with _lock:
+        if "lib" not in _loaded:
+            _loaded["lib"] = _load()
+            if _loaded["lib"] is None:
+                log.warning(
+                    "lexp.kernels: %s; probes use torch operations (slower, same maths)", _reason["why"]
+                )
+        return _loaded["lib"]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` returned ``None`` (after it did), else ``None``."""
+    return _reason.get("why")
+
+
+def threads() -> int:
+    """The number of OpenMP threads the kernels use (torch's when the runtime is shared)."""
+    lib = library()
+    return int(lib.lexp_kernel_threads()) if lib is not None else 0
+
+
+def _check(t: Tensor, dtype: torch.dtype, name: str) -> int:
+    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(
+            f"lexp.kernels: {name} must be a contiguous CPU {dtype} tensor, got {t.dtype} {t.device}"
+        )
+    return t.data_ptr()
+
+
+class Chunks(NamedTuple):
+    """Chunks of a flat weight of ``size`` elements: ``start``, ``length``, ``head`` (int64), made by
+    :func:`chunks` — checked once, so the per-step call need not check them."""
+
+    start: Tensor
+    length: Tensor
+    head: Tensor
+    size: int
+    n_heads: int
+
+
+def chunks(segments: Sequence[tuple[int, int, int]], size: int, chunk: int = 4096) -> Chunks:
+    """Split ``(start, length, head)`` segments of a flat weight of ``size`` elements into chunks of
+    at most ``chunk`` elements that never straddle two segments (the work items of
+    :func:`adam_elasticnet`)."""
+    start, length, head = [], [], []
+    for a, n, h in segments:
+        if a < 0 or n < 1 or a + n > size or h < 0:
+            raise ValueError(f"lexp.kernels.chunks: segment ({a}, {n}, head {h}) outside a weight of {size}")
+        for offset in range(0, n, chunk):
+            start.append(a + offset)
+            length.append(min(chunk, n - offset))
+            head.append(h)
+    tables = [torch.tensor(v, dtype=torch.int64) for v in (start, length, head)]
+    return Chunks(*tables, size=int(size), n_heads=max(head) + 1)
+
+
+def adam_elasticnet(
+    w: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    table: Chunks,
+    head_norm: Tensor,
+    *,
+    l1: float,
+    l2: float,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    bc2_sqrt: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """One Adam step of the flat weight ``w`` on ``grad`` + the ElasticNet subgradient
+    ``l1·sign(w) + l2·w/head_norm[h]``, in place (see ``kernels.c``). Returns the new weights'
+    ``Σ|W_h|`` and ``‖W_h‖₂`` per head (float32)."""
+    lib = library()
+    assert lib is not None, "lexp.kernels.adam_elasticnet called without the library"
+    if not isinstance(table, Chunks):
+        raise TypeError("lexp.kernels.adam_elasticnet: make the chunk table with lexp.kernels.chunks()")
+    if not (w.numel() == grad.numel() == exp_avg.numel() == exp_avg_sq.numel() == table.size):
+        raise ValueError(
+            "lexp.kernels.adam_elasticnet: weight, grad, Adam states and chunk table differ in size"
+        )
+    if head_norm.numel() != table.n_heads:
+        raise ValueError(f"lexp.kernels.adam_elasticnet: {head_norm.numel()} norms for {table.n_heads} heads")
+    n = table.start.numel()
+    out_abs, out_norm = torch.empty(table.n_heads), torch.empty(table.n_heads)
+    scratch = torch.empty(2 * (n + table.n_heads), dtype=torch.float64)
+    lib.lexp_adam_elasticnet(
+        _check(w, torch.float32, "w"),
+        _check(grad, torch.float32, "grad"),
+        _check(exp_avg, torch.float32, "exp_avg"),
+        _check(exp_avg_sq, torch.float32, "exp_avg_sq"),
+        n,
+        table.start.data_ptr(),
+        table.length.data_ptr(),
+        table.head.data_ptr(),
+        table.n_heads,
+        _check(head_norm, torch.float32, "head_norm"),
+        l1,
+        l2,
+        step_size,
+        beta1,
+        beta2,
+        bc2_sqrt,
+        eps,
+        scratch.data_ptr(),
+        out_abs.data_ptr(),
+        out_norm.data_ptr(),
+    )
+    return out_abs, out_norm
+
+
+class HeadSlots(NamedTuple):
+    """Which K-row slots of the stacked products every head reads (``head_ptr``, ``slot_row``), made
+    by :func:`head_slots` — checked once."""
+
+    head_ptr: Tensor
+    slot_row: Tensor
+    n_rows: int
+    n_outputs: int
+
+
+def head_slots(slots: Sequence[Sequence[int]], n_rows: int, n_outputs: int) -> HeadSlots:
+    """Per head, the first stacked row of each slot it reads (a slot is ``n_outputs`` rows)."""
+    for rows in slots:
+        if not rows or any(r < 0 or r + n_outputs > n_rows for r in rows):
+            raise ValueError(f"lexp.kernels.head_slots: slots {list(rows)} outside {n_rows} rows")
+    head_ptr = torch.tensor(np.cumsum([0] + [len(r) for r in slots]), dtype=torch.int64)
+    slot_row = torch.tensor([r for rows in slots for r in rows], dtype=torch.int64)
+    return HeadSlots(head_ptr, slot_row, int(n_rows), int(n_outputs))
+
+
+def xent_heads(products: Tensor, bias: Tensor, y: Tensor, slots: HeadSlots) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean cross-entropy of every classification head and its gradients (see ``kernels.c``).
+
+    ``products`` (R, n) stacked block products; ``bias`` (H, K); ``y`` (n,) class ids, which must be
+    in [0, K) (checked by the caller: the kernel indexes with them). Returns the loss gradient
+    w.r.t. the products (R, n; the 1/n of the mean included), the loss (H,) and the bias
+    gradient (H, K).
+    """
+    lib = library()
+    assert lib is not None, "lexp.kernels.xent_heads called without the library"
+    if not isinstance(slots, HeadSlots):
+        raise TypeError("lexp.kernels.xent_heads: make the slot table with lexp.kernels.head_slots()")
+    n_heads, k = bias.shape
+    n = y.numel()
+    if products.dim() != 2 or products.shape != (slots.n_rows, n):
+        raise ValueError(
+            f"lexp.kernels.xent_heads: products must be ({slots.n_rows}, {n}), got {tuple(products.shape)}"
+        )
+    if slots.head_ptr.numel() != n_heads + 1 or k != slots.n_outputs:
+        raise ValueError("lexp.kernels.xent_heads: the slot table does not match the bias (H, K)")
+    out_grad = torch.empty_like(products)
+    loss, bias_grad = torch.empty(n_heads), torch.empty(n_heads, k)
+    scratch = torch.empty(n_heads * ((n + 31) // 32) * (k + 1))
+    lib.lexp_xent_heads(
+        _check(products, torch.float32, "products"),
+        _check(bias, torch.float32, "bias"),
+        _check(y, torch.int64, "y"),
+        n_heads,
+        k,
+        n,
+        slots.head_ptr.data_ptr(),
+        slots.slot_row.data_ptr(),
+        out_grad.data_ptr(),
+        loss.data_ptr(),
+        bias_grad.data_ptr(),
+        scratch.data_ptr(),
+    )
+    return out_grad, loss, bias_grad
