@@ -202,3 +202,59 @@ def test_a_fresh_cache_directory_gets_a_library_named_after_source_compiler_and_
     assert not list((tmp_path / "k").glob(".build-*"))  # the build directory is removed
     mtime = built[0].stat().st_mtime_ns
     assert kernels._load() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@needs_compiler
+def test_bfloat16_products_agree_between_paths_and_stay_near_float32():
+    fast, slow = _pair()
+    x, y = _data(64)
+    exact = slow.loss_and_grad(x, y, l1=0.0, l2=0.0, regression=False, penalty=False)
+    exact_grad = slow.weight.grad.clone()
+    a = fast.loss_and_grad(x, y, l1=0.0, l2=0.0, regression=False, penalty=False, dtype=torch.bfloat16)
+    b = slow.loss_and_grad(x, y, l1=0.0, l2=0.0, regression=False, penalty=False, dtype=torch.bfloat16)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # same roundings, then float32 maths
+    torch.testing.assert_close(fast.weight.grad, slow.weight.grad, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(a, exact, rtol=1e-2, atol=0)  # bfloat16: ~3 significant digits
+    torch.testing.assert_close(fast.weight.grad, exact_grad, rtol=5e-2, atol=2e-3)
+    assert not torch.equal(fast.weight.grad, exact_grad)  # the products really were bfloat16
+
+
+@needs_compiler
+def test_the_bfloat16_weight_copy_follows_every_change_of_the_weight():
+    heads = FusedHeads(SUBSETS, 5, 3, kernels=True)
+    opt = ElasticNetAdam(heads, 1e-2, l1=1e-3, l2=1e-3)
+    for step in range(3):
+        x, y = _data(32, seed=step)
+        heads.loss_and_grad(x, y, l1=1e-3, l2=1e-3, regression=False, penalty=False, dtype=torch.bfloat16)
+        opt.update()  # refreshes the copy in its pass (the kernel rounds to nearest even, as torch)
+        assert torch.equal(heads.low_weight(), heads.weight.detach().to(torch.bfloat16))
+        assert heads._low_weight(torch.bfloat16) is heads.low_weight()
+    with torch.no_grad():
+        heads.set_head(0, torch.full((5, 4), 0.5), torch.zeros(5))  # a change outside the kernel
+    assert torch.equal(heads._low_weight(torch.bfloat16), heads.weight.detach().to(torch.bfloat16))
+    lean = LeanAdam(heads.parameters(), 1e-2)  # torch's fused Adam: no in-place write autograd sees
+    heads.loss_and_grad(x, y, l1=1e-3, l2=1e-3, regression=False)
+    lean.update()
+    assert torch.equal(heads._low_weight(torch.bfloat16), heads.weight.detach().to(torch.bfloat16))
+
+
+def test_bf16_mixed_probes_train_like_float32():
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(3, 10)) * 2
+    y = rng.integers(0, 3, 400)
+    x = (centres[y] + rng.normal(size=(400, 10))).astype(np.float32)
+    from test_probes import QUIET, ArrayDataModule
+
+    subsets = {f"s{i}": cols for i, cols in enumerate(SUBSETS)}
+    cfg = {"epochs": 3, "lr": 1e-2, "l1": 1e-4, "l2": 1e-4, "seed": 0}
+    runs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        dm = ArrayDataModule((x[:320], y[:320]), (x[320:], y[320:]), n_classes=3)
+        runs[precision] = train_probes(
+            dm, subsets, probe_cfg=cfg, trainer_kwargs={**QUIET, "precision": precision}
+        )
+    for name in subsets:
+        full, half = runs["32-true"][name], runs["bf16-mixed"][name]
+        assert abs(full["dev"]["accuracy"] - half["dev"]["accuracy"]) <= 0.025  # at most 2 of 80 rows
+        np.testing.assert_allclose(half["weights"], full["weights"], atol=0.05, rtol=0)
+        assert not np.array_equal(half["weights"], full["weights"])

@@ -37,13 +37,36 @@ int lexp_kernel_threads(void)
  * (of the weights before this step; a zero norm gives a zero subgradient). The update is torch's
  * Adam (lerp for the first moment, sqrt(v)/sqrt(bias_correction2) + eps). Afterwards the new
  * weights' sum |w| and ||W_h||_2 per head go to out_abs / out_norm: the next step's penalty
- * without another pass. chunk_scratch: 2 * (n_chunks + n_heads) doubles. */
+ * without another pass. chunk_scratch: 2 * (n_chunks + n_heads) doubles. w_low: NULL, or a
+ * bfloat16 copy of w to refresh. */
+/* One chunk's update; STORE_LOW also writes the new weight rounded to bfloat16 (to nearest even)
+ * into w_low, the copy the bfloat16 products read. */
+#define LEXP_ADAM_CHUNK(STORE_LOW)                                                              \
+    _Pragma("omp simd reduction(+ : a, q)") for (int64_t i = 0; i < len; i++)                  \
+    {                                                                                           \
+        float wi = wc[i];                                                                       \
+        const float sign = (float)(wi > 0.0f) - (float)(wi < 0.0f);                             \
+        const float g = gc[i] + l1 * sign + s * wi;                                             \
+        const float mi = mc[i] + one_minus_beta1 * (g - mc[i]);                                 \
+        const float vi = beta2 * vc[i] + one_minus_beta2 * g * g;                               \
+        mc[i] = mi;                                                                             \
+        vc[i] = vi;                                                                             \
+        wi = wi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);                                \
+        wc[i] = wi;                                                                             \
+        a += fabsf(wi);                                                                         \
+        q += wi * wi;                                                                           \
+        if (STORE_LOW) {                                                                        \
+            union { float f; uint32_t u; } bits = {wi};                                         \
+            lc[i] = (uint16_t)((bits.u + 0x7FFFu + ((bits.u >> 16) & 1u)) >> 16);               \
+        }                                                                                       \
+    }
+
 void lexp_adam_elasticnet(float *w, const float *grad, float *m, float *v, int64_t n_chunks,
                           const int64_t *chunk_start, const int64_t *chunk_len,
                           const int64_t *chunk_head, int64_t n_heads, const float *head_norm,
                           float l1, float l2, float step_size, float beta1, float beta2,
                           float bc2_sqrt, float eps, double *chunk_scratch, float *out_abs,
-                          float *out_norm)
+                          float *out_norm, uint16_t *w_low)
 {
     const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2;
 #pragma omp parallel for schedule(static)
@@ -52,23 +75,15 @@ void lexp_adam_elasticnet(float *w, const float *grad, float *m, float *v, int64
         const float *gc = grad + chunk_start[c];
         float *mc = m + chunk_start[c];
         float *vc = v + chunk_start[c];
+        uint16_t *lc = w_low ? w_low + chunk_start[c] : 0;
         const float norm = head_norm[chunk_head[c]];
         const float s = (l2 > 0.0f && norm > 0.0f) ? l2 / norm : 0.0f;
         const int64_t len = chunk_len[c];
         float a = 0.0f, q = 0.0f;
-#pragma omp simd reduction(+ : a, q)
-        for (int64_t i = 0; i < len; i++) {
-            float wi = wc[i];
-            const float sign = (float)(wi > 0.0f) - (float)(wi < 0.0f);
-            const float g = gc[i] + l1 * sign + s * wi;
-            const float mi = mc[i] + one_minus_beta1 * (g - mc[i]);
-            const float vi = beta2 * vc[i] + one_minus_beta2 * g * g;
-            mc[i] = mi;
-            vc[i] = vi;
-            wi = wi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-            wc[i] = wi;
-            a += fabsf(wi);
-            q += wi * wi;
+        if (lc) {
+            LEXP_ADAM_CHUNK(1)
+        } else {
+            LEXP_ADAM_CHUNK(0)
         }
         chunk_scratch[2 * c] = a;
         chunk_scratch[2 * c + 1] = q;

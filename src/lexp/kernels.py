@@ -114,7 +114,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lexp_kernel_threads.restype = ctypes.c_int
     lib.lexp_kernel_threads.argtypes = []
     lib.lexp_adam_elasticnet.restype = None
-    lib.lexp_adam_elasticnet.argtypes = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _P, *[_F] * 7, _P, _P, _P]
+    lib.lexp_adam_elasticnet.argtypes = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _P, *[_F] * 7, _P, _P, _P, _P]
     lib.lexp_xent_heads.restype = None
     lib.lexp_xent_heads.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P]
     return lib
@@ -226,10 +226,12 @@ def adam_elasticnet(
     beta2: float,
     bc2_sqrt: float,
     eps: float,
+    w_low: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One Adam step of the flat weight ``w`` on ``grad`` + the ElasticNet subgradient
     ``l1·sign(w) + l2·w/head_norm[h]``, in place (see ``kernels.c``). Returns the new weights'
-    ``Σ|W_h|`` and ``‖W_h‖₂`` per head (float32)."""
+    ``Σ|W_h|`` and ``‖W_h‖₂`` per head (float32). ``w_low``: a bfloat16 copy of ``w`` to refresh
+    in the same pass."""
     lib = library()
     assert lib is not None, "lexp.kernels.adam_elasticnet called without the library"
     if not isinstance(table, Chunks):
@@ -240,6 +242,8 @@ def adam_elasticnet(
         )
     if head_norm.numel() != table.n_heads:
         raise ValueError(f"lexp.kernels.adam_elasticnet: {head_norm.numel()} norms for {table.n_heads} heads")
+    if w_low is not None and w_low.numel() != table.size:
+        raise ValueError("lexp.kernels.adam_elasticnet: w_low differs in size from the weight")
     n = table.start.numel()
     out_abs, out_norm = torch.empty(table.n_heads), torch.empty(table.n_heads)
     scratch = torch.empty(2 * (n + table.n_heads), dtype=torch.float64)
@@ -264,6 +268,7 @@ def adam_elasticnet(
         scratch.data_ptr(),
         out_abs.data_ptr(),
         out_norm.data_ptr(),
+        None if w_low is None else _check(w_low, torch.bfloat16, "w_low"),
     )
     return out_abs, out_norm
 

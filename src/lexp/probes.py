@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 from torchmetrics import MeanSquaredError, Metric, PearsonCorrCoef, SpearmanCorrCoef
 
 from lexp import kernels as compiled
@@ -267,6 +268,8 @@ class LeanAdam(torch.optim.Optimizer):
                 amsgrad=False,
                 maximize=False,
             )
+            for p in params:  # the fused kernel does not count as an in-place write
+                increment_version(p)
             return
         for p, st in zip(params, states, strict=True):  # torch's single-tensor Adam
             t = float(st["step"])
@@ -324,7 +327,6 @@ class ElasticNetAdam(LeanAdam):
                 w.grad.add_(torch.sign(w.detach()), alpha=self.l1)
             self.heads.add_scaled_(w.grad, w.detach(), self.heads.segment_scale(norm, self.l2))
             super().update()
-            self._terms = None  # torch's fused Adam does not bump the weight's version counter
             return
         group = self.param_groups[0]
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
@@ -335,6 +337,7 @@ class ElasticNetAdam(LeanAdam):
         torch._foreach_add_([st["step"] for st in states], 1)
         for (p, table, head_norm, l1, l2), st in zip(work, states, strict=True):
             t = float(st["step"])
+            low = self.heads.low_weight() if p is w else None
             terms = compiled.adam_elasticnet(
                 p.detach().view(-1),
                 p.grad.view(-1),
@@ -349,9 +352,13 @@ class ElasticNetAdam(LeanAdam):
                 beta2=beta2,
                 bc2_sqrt=math.sqrt(1 - beta2**t),
                 eps=eps,
+                w_low=low,
             )
+            increment_version(p)  # written through a pointer: tell autograd's version counter
             if p is w:
                 self._terms = (w._version, *terms)
+            if low is not None:
+                self.heads.low_weight_written(w._version)
 
 
 # --------------------------------------------------------------------------------- input checks
@@ -804,6 +811,8 @@ class FusedHeads(nn.Module):
         )
         self._view_cache: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
         self._base_cache: dict[int, Tensor] = {}
+        self._low_buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._low_version: dict[torch.dtype, int] = {}  # weight version each low copy equals
         for h, cols in enumerate(subsets):
             weight, bias = torch.empty(k, cols.size), torch.empty(k)
             init_head_(weight, bias, seed)
@@ -831,7 +840,7 @@ class FusedHeads(nn.Module):
                 groups.append(flat[start : start + count * length].view(count, length))
                 start += count * length
             cached = self._view_cache[key] = (matrices, groups)
-            while len(self._view_cache) > 4:  # weight and grad, plus old storages after a reload
+            while len(self._view_cache) > 6:  # weight and grad (+ bfloat16 copies), old storages
                 self._view_cache.pop(next(iter(self._view_cache)))
         return cached
 
@@ -857,22 +866,51 @@ class FusedHeads(nn.Module):
         self.bias[h] = bias
 
     # ---- the maths
-    def _inputs(self, x: Tensor) -> list[Tensor]:
-        """Each block's columns of ``x``: a view for a contiguous range, else a gathered copy (made
-        once per step, used by the forward and the backward product)."""
+    def _inputs(self, x: Tensor, dtype: torch.dtype | None = None) -> list[Tensor]:
+        """Each block's columns of ``x`` (cast to ``dtype`` first, once, when given): a view for a
+        contiguous range, else a gathered copy (made once per step, used by the forward and the
+        backward product)."""
+        if dtype is not None:
+            x = x.to(dtype)
         return [x[:, cols] if isinstance(cols, slice) else x.index_select(1, cols) for cols in self._cols]
 
+    def _low(self, name: str, dtype: torch.dtype) -> Tensor:
+        """A reused flat buffer of the weight's size in ``dtype`` (its views stay cached)."""
+        buf = self._low_buffers.get((name, dtype))
+        if buf is None or buf.numel() != self.weight.numel():
+            buf = self._low_buffers[(name, dtype)] = torch.empty(self.weight.shape, dtype=dtype)
+            self._low_version.pop(dtype, None)
+        return buf
+
+    def low_weight(self) -> Tensor | None:
+        """The bfloat16 copy of the weight that bfloat16 products read, once there is one:
+        :class:`ElasticNetAdam` refreshes it in its update pass instead of a cast per step."""
+        return self._low_buffers.get(("weight", torch.bfloat16))
+
+    def low_weight_written(self, version: int) -> None:
+        """The bfloat16 copy equals the weight at ``version`` (of the weight's version counter)."""
+        self._low_version[torch.bfloat16] = version
+
+    def _low_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight in ``dtype``, cast again only when it changed since the last cast/refresh."""
+        low, version = self._low("weight", dtype), self.weight._version
+        if self._low_version.get(dtype) != version:
+            low.copy_(self.weight.detach())
+            self._low_version[dtype] = version
+        return low
+
     def _products(self, xs: list[Tensor], dtype: torch.dtype | None) -> Tensor:
-        """Every block's ``W_b @ x_bᵀ`` from the block inputs ``xs`` (see :meth:`_inputs`), stacked
-        into one ``(Σ m_b·K, B)`` float32 buffer."""
+        """Every block's ``W_b @ x_bᵀ`` from the block inputs ``xs`` (see :meth:`_inputs`, in
+        ``dtype``), stacked into one ``(Σ m_b·K, B)`` float32 buffer. With ``dtype`` the products
+        are rounded to ``dtype`` (mixed precision)."""
         n = xs[0].shape[0]
-        out = torch.empty(self._out_index.numel(), n)
-        for b, (wb, xb) in enumerate(zip(self._views(self.weight.detach())[0], xs, strict=True)):
-            if dtype is None:
-                torch.mm(wb, xb.t(), out=out[self._product_rows[b]])
-            else:
-                out[self._product_rows[b]] = wb.to(dtype) @ xb.t().to(dtype)
-        return out
+        flat = self.weight.detach()
+        if dtype is not None:
+            flat = self._low_weight(dtype)
+        out = torch.empty(self._out_index.numel(), n, dtype=flat.dtype)
+        for b, (wb, xb) in enumerate(zip(self._views(flat)[0], xs, strict=True)):
+            torch.mm(wb, xb.t(), out=out[self._product_rows[b]])
+        return out if dtype is None else out.float()
 
     def _sum_heads(self, products: Tensor) -> Tensor:
         """Outputs ``(H, K, B)``: bias + the stacked products added to their heads' outputs."""
@@ -886,7 +924,7 @@ class FusedHeads(nn.Module):
     def forward(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Outputs ``(H, K, B)`` of all heads on float32 rows ``x`` (B, N). ``dtype=torch.bfloat16``
         computes the products in bfloat16 (mixed precision), summed in float32."""
-        return self._sum_heads(self._products(self._inputs(x), dtype))
+        return self._sum_heads(self._products(self._inputs(x, dtype), dtype))
 
     def use_kernels(self) -> bool:
         """Whether the compiled kernels (:mod:`lexp.kernels`) do this module's element-wise work."""
@@ -911,8 +949,8 @@ class FusedHeads(nn.Module):
         alone; see the tests). ``penalty=False``: the data loss and its gradient only — for
         :class:`ElasticNetAdam`, which adds the penalty's gradient inside its update."""
         n = x.shape[0]
-        xs = self._inputs(x)
-        products = self._products(xs, dtype)  # (Σ m_b·K, B)
+        xs = self._inputs(x, dtype)
+        products = self._products(xs, dtype)  # (Σ m_b·K, B), float32
         if not regression and self.use_kernels():
             y = y.to(torch.int64).contiguous()
             low, high = torch.aminmax(y)
@@ -960,12 +998,19 @@ class FusedHeads(nn.Module):
                 grad.zero_()
             self.add_scaled_(grad, w, self.segment_scale(norm, l2 / c))
             beta, value = c, data + l1 * abs_sum + l2 * norm
-        for gb, xb, rows in zip(self._views(grad)[0], xs, self._product_rows, strict=True):
-            dpb = dp[rows]
-            if dtype is None:
-                gb.addmm_(dpb, xb, beta=beta, alpha=alpha)
+        if dtype is None:
+            for gb, xb, rows in zip(self._views(grad)[0], xs, self._product_rows, strict=True):
+                gb.addmm_(dp[rows], xb, beta=beta, alpha=alpha)
+        else:  # products in dtype into a reused buffer, then added in float32
+            dp_low, low = dp.to(dtype), self._low("grad", dtype)
+            for gb, xb, rows in zip(self._views(low)[0], xs, self._product_rows, strict=True):
+                torch.mm(dp_low[rows], xb, out=gb)
+            if beta == 0:
+                grad.copy_(low)
+                if alpha != 1.0:
+                    grad.mul_(alpha)
             else:
-                gb.mul_(beta).add_((dpb.to(dtype) @ xb.to(dtype)).float(), alpha=alpha)
+                grad.mul_(beta).add_(low, alpha=alpha)
         self.weight.grad = grad
         return value
 
