@@ -927,10 +927,11 @@ class FusedHeads(nn.Module):
         return self._sum_heads(self._products(self._inputs(x, dtype), dtype))
 
     def use_kernels(self) -> bool:
-        """Whether the compiled kernels (:mod:`lexp.kernels`) do this module's element-wise work."""
+        """Whether the compiled kernels (:mod:`lexp.kernels`) do this module's element-wise work:
+        when they are available and the weights are on the CPU."""
         if self._kernels is None:
             self._kernels = compiled.available()
-        return self._kernels
+        return self._kernels and self.weight.is_cpu
 
     @torch.no_grad()
     def loss_and_grad(
