@@ -18,7 +18,7 @@ Usage::
     python benchmarks/bench_probes.py                       # 150,000 × 7·384, 49 classes (synthetic)
     python benchmarks/bench_probes.py --rows 20000          # quick
     python benchmarks/bench_probes.py --store <train-store> --dev-store <dev> --test-store <test>
-    python benchmarks/bench_probes.py --precisions 32-true,bf16-mixed   # also bfloat16 matmuls
+    python benchmarks/bench_probes.py --precisions 32-true             # float32 only (default: both)
 
 Writes JSON to ``--out`` (default ``bench_results/probes.json``). This file is also the NeuroX
 worker (``--neurox-worker DIR``, run by the NeuroX venv's python), so it imports lexp lazily.
@@ -303,8 +303,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--precisions",
-        default="32-true",
-        help="comma-separated Lightning precisions for the lexp side, e.g. 32-true,bf16-mixed",
+        default="32-true,bf16-mixed",
+        help="comma-separated Lightning precisions for the lexp side (default: float32 and bfloat16 products)",
     )
     parser.add_argument(
         "--select-on-dev",
