@@ -189,6 +189,9 @@ def _as_float(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         # glibc heap, which kept ~10 freed chunks resident in a streaming pass.
         out = np.empty(x.shape, dtype=np.float32)
         flat_src, flat_out = src.reshape(-1), torch.from_numpy(out).reshape(-1)
+        if torch.get_num_threads() == 1:  # serial anyway: one copy (pieces cost ~2x more)
+            flat_out.copy_(flat_src)
+            return out
         for piece_out, piece_src in zip(
             flat_out.split(_SERIAL_ELEMENTS), flat_src.split(_SERIAL_ELEMENTS), strict=True
         ):
