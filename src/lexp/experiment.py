@@ -371,6 +371,7 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
 def datamodule(ctx: RunContext, columns: np.ndarray | None = None) -> Any:
     """The only way probes see data: a seeded stream over the stores."""
     from lexp.datamodules import ActivationDataModule
+    from lexp.probes import PROBE_DEFAULTS
 
     return ActivationDataModule(
         ctx.stores["train"],
@@ -380,7 +381,7 @@ def datamodule(ctx: RunContext, columns: np.ndarray | None = None) -> Any:
         batch_size=int(ctx.cfg.probe.batch_size),
         seed=int(ctx.cfg.probe.seed),
         regression=ctx.regression,
-        read_steps=int(ctx.cfg.probe.get("read_steps", 1)),
+        read_steps=int(ctx.cfg.probe.get("read_steps", PROBE_DEFAULTS["read_steps"])),
     )
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "head_slots",
     "library",
     "threads",
+    "unavailable_reason",
     "xent_heads",
 ]
 
@@ -87,8 +88,9 @@ def _cpu_tag() -> str:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -133,11 +135,10 @@ def _load() -> ctypes.CDLL | None:
     except OSError as err:
         _reason["why"] = f"{cc} --version failed: {err}"
         return None
+    identity = "\0".join([_SOURCE.read_text(), version, _cpu_tag(), torch.__version__])
     errors = []
     for flags in _VARIANTS:
-        key = hashlib.sha256(
-            "\0".join([_SOURCE.read_text(), version, _cpu_tag(), " ".join(flags), torch.__version__]).encode()
-        ).hexdigest()[:16]
+        key = hashlib.sha256(f"{identity}\0{' '.join(flags)}".encode()).hexdigest()[:16]
         target = cache_dir() / f"lexp_kernels-{key}.so"
         try:
             if not target.exists():
@@ -176,6 +177,15 @@ def threads() -> int:
     return int(lib.lexp_kernel_threads()) if lib is not None else 0
 
 
+def _required() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(
+            f"lexp.kernels: the library is unavailable ({_reason.get('why')}); check available() first"
+        )
+    return lib
+
+
 def _check(t: Tensor, dtype: torch.dtype, name: str) -> int:
     if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError(
@@ -199,6 +209,8 @@ def chunks(segments: Sequence[tuple[int, int, int]], size: int, chunk: int = 409
     """Split ``(start, length, head)`` segments of a flat weight of ``size`` elements into chunks of
     at most ``chunk`` elements that never straddle two segments (the work items of
     :func:`adam_elasticnet`)."""
+    if not segments:
+        raise ValueError("lexp.kernels.chunks: no segments; a weight needs at least one")
     start, length, head = [], [], []
     for a, n, h in segments:
         if a < 0 or n < 1 or a + n > size or h < 0:
@@ -232,8 +244,7 @@ def adam_elasticnet(
     ``l1·sign(w) + l2·w/head_norm[h]``, in place (see ``kernels.c``). Returns the new weights'
     ``Σ|W_h|`` and ``‖W_h‖₂`` per head (float32). ``w_low``: a bfloat16 copy of ``w`` to refresh
     in the same pass."""
-    lib = library()
-    assert lib is not None, "lexp.kernels.adam_elasticnet called without the library"
+    lib = _required()
     if not isinstance(table, Chunks):
         raise TypeError("lexp.kernels.adam_elasticnet: make the chunk table with lexp.kernels.chunks()")
     if not (w.numel() == grad.numel() == exp_avg.numel() == exp_avg_sq.numel() == table.size):
@@ -301,8 +312,7 @@ def xent_heads(products: Tensor, bias: Tensor, y: Tensor, slots: HeadSlots) -> t
     w.r.t. the products (R, n; the 1/n of the mean included), the loss (H,) and the bias
     gradient (H, K).
     """
-    lib = library()
-    assert lib is not None, "lexp.kernels.xent_heads called without the library"
+    lib = _required()
     if not isinstance(slots, HeadSlots):
         raise TypeError("lexp.kernels.xent_heads: make the slot table with lexp.kernels.head_slots()")
     n_heads, k = bias.shape

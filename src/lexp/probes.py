@@ -300,8 +300,6 @@ class ElasticNetAdam(LeanAdam):
         self._chunks = compiled.chunks(
             list(zip(start, length, head, strict=True)), heads.weight.numel(), chunk
         )
-        n_bias = heads.bias.numel()
-        self._bias_chunks = compiled.chunks([(0, n_bias, 0)], n_bias, chunk)
         #: (weight version, Σ|W_h|, ‖W_h‖₂) of the weights the kernel last wrote
         self._terms: tuple[int, Tensor, Tensor] | None = None
 
@@ -329,36 +327,33 @@ class ElasticNetAdam(LeanAdam):
             super().update()
             return
         group = self.param_groups[0]
+        if b.grad is not None:  # the bias is not penalised: plain Adam
+            self._adam([b], group)
+        state = self._state(w)
+        state["step"] += 1
+        t = float(state["step"])
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        work = [(w, self._chunks, norm.float(), self.l1, self.l2)]
-        if b.grad is not None:  # the bias: the same kernel, unpenalised
-            work.append((b, self._bias_chunks, torch.zeros(1), 0.0, 0.0))
-        states = [self._state(p) for p, *_ in work]
-        torch._foreach_add_([st["step"] for st in states], 1)
-        for (p, table, head_norm, l1, l2), st in zip(work, states, strict=True):
-            t = float(st["step"])
-            low = self.heads.low_weight() if p is w else None
-            terms = compiled.adam_elasticnet(
-                p.detach().view(-1),
-                p.grad.view(-1),
-                st["exp_avg"].view(-1),
-                st["exp_avg_sq"].view(-1),
-                table,
-                head_norm,
-                l1=l1,
-                l2=l2,
-                step_size=lr / (1 - beta1**t),
-                beta1=beta1,
-                beta2=beta2,
-                bc2_sqrt=math.sqrt(1 - beta2**t),
-                eps=eps,
-                w_low=low,
-            )
-            increment_version(p)  # written through a pointer: tell autograd's version counter
-            if p is w:
-                self._terms = (w._version, *terms)
-            if low is not None:
-                self.heads.low_weight_written(w._version)
+        low = self.heads.low_weight()
+        terms = compiled.adam_elasticnet(
+            w.detach(),
+            w.grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            self._chunks,
+            norm.float(),
+            l1=self.l1,
+            l2=self.l2,
+            step_size=lr / (1 - beta1**t),
+            beta1=beta1,
+            beta2=beta2,
+            bc2_sqrt=math.sqrt(1 - beta2**t),
+            eps=eps,
+            w_low=low,
+        )
+        increment_version(w)  # written through a pointer: tell autograd's version counter
+        self._terms = (w._version, *terms)
+        if low is not None:
+            self.heads.low_weight_written(w._version)
 
 
 # --------------------------------------------------------------------------------- input checks
@@ -792,7 +787,7 @@ class FusedHeads(nn.Module):
                 positions.append(torch.from_numpy(where.astype(np.int64)))
                 self._slots[h].append((b, slot))
                 segment_heads.append(int(h))
-                segment_starts.append(offset - heads.size * k * cols.size + slot * k * cols.size)
+                segment_starts.append(self._offsets[b] + slot * k * cols.size)
             self._positions.append(positions)
         self.weight = nn.Parameter(torch.empty(offset))
         self.bias = nn.Parameter(torch.empty(self.n_heads, k))
