@@ -34,3 +34,37 @@ def data_root() -> Path:
     # Resolved, as task configs resolve their files: `source` fields ("path:line") then compare
     # equal even when ../shared is a symlink (as in a CI checkout).
     return root.resolve()
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+#: Device parametrisation: every device test runs on the CPU everywhere, and on CUDA where torch
+#: sees a GPU. The CUDA half carries the ``gpu`` marker: ``pytest -m gpu`` on a GPU machine runs
+#: exactly those (none may be skipped there); elsewhere they are skipped with the reason.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA GPU on this machine")],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device a device-parametrised test runs on (cpu always, cuda where available)."""
+    return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test marked ``gpu`` without the device fixture needs a GPU: skip it (with the reason) where
+    there is none, so the CPU suite stays green and ``pytest -m gpu`` on a GPU runs it."""
+    if _cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and "device" not in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)

@@ -20,6 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import lexp
+from lexp.device import describe_device, resolve_run_device
 from lexp.errors import LexpInputError, LexpModelError
 from lexp.report.results import Report
 from lexp.report.tracking import Tracker, make_tracker
@@ -42,6 +43,8 @@ class RunContext:
     model_dir: Path | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
     oracle: dict[str, Any] | None = None
+    #: the run's one compute device (lexp.device.resolve_run_device), set before any stage
+    device: Any = None
 
     @property
     def regression(self) -> bool:
@@ -53,7 +56,17 @@ class RunContext:
         return "pearson" if self.regression else "accuracy"
 
     def trainer_kwargs(self) -> dict[str, Any]:
-        return OmegaConf.to_container(self.cfg.trainer, resolve=True)  # type: ignore[return-value]
+        """The trainer config with accelerator/devices set from the run's device."""
+        from lexp.device import trainer_device_kwargs
+
+        kwargs: dict[str, Any] = OmegaConf.to_container(self.cfg.trainer, resolve=True)  # type: ignore[assignment]
+        return {**kwargs, **trainer_device_kwargs(self.run_device(), kwargs)}
+
+    def run_device(self) -> Any:
+        """The run's torch.device, resolved from the config on first use (tests build contexts by hand)."""
+        if self.device is None:
+            self.device = resolve_run_device(self.cfg.get("device", "auto"), self.cfg.get("trainer"))
+        return self.device
 
     def probe_cfg(self) -> dict[str, Any]:
         probe = OmegaConf.to_container(self.cfg.probe, resolve=True)
@@ -131,6 +144,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise LexpInputError(
                 f"analysis={cfg.analysis.name!r} is unknown; choose one of {', '.join(ANALYSES)}"
             )
+        report["device"] = describe_device(ctx.run_device())
+        log.info("device: %s (%s)", report["device"]["device"], report["device"]["name"])
         with stage(ctx, "read"):
             read_task(ctx)
         with stage(ctx, "extract"):
