@@ -253,3 +253,50 @@ def test_real_store_source(tmp_path) -> None:
     m = streaming_moments(store, chunk_rows=64, columns=cols, progress=True)
     np.testing.assert_allclose(correlation(m), _ref_corr(x[:, cols]), atol=2e-6)
     np.testing.assert_allclose(m.mean, x[:, cols].astype(np.float64).mean(0), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------ on a device
+@pytest.mark.parametrize("chunk_rows", [7, 100, 5000])
+def test_device_pass_matches_numpy(device, chunk_rows: int) -> None:
+    """The public pass on ``device`` (CPU: the ssyrk path; CUDA: the torch path) equals numpy."""
+    x = _data()
+    m = streaming_moments(x, chunk_rows=chunk_rows, device=device)
+    np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(covariance(m), _ref_cov(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(correlation(m), _ref_corr(x), atol=2e-6)
+    np.testing.assert_array_equal(m.comoment, m.comoment.T)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 64, 5000])
+def test_torch_pass_equals_the_cpu_pass(chunk_rows: int) -> None:
+    """The GPU algorithm (torch ops, float64 merge on the device), run on the CPU, equals the ssyrk
+    path to float32 rounding, with a large offset (the chunks are centred before the product)."""
+    import torch
+
+    from lexp.redundancy.covariance import _array_chunks, _moments_on_device
+
+    x = _data(rows=1200) + np.float32(1e3)
+    cpu = streaming_moments(x.copy(), chunk_rows=chunk_rows)
+    dev = _moments_on_device(_array_chunks(x.copy(), chunk_rows, None), torch.device("cpu"), "float32", "x")
+    assert dev.n == cpu.n == 1200
+    np.testing.assert_allclose(dev.mean, cpu.mean, rtol=1e-12)
+    np.testing.assert_allclose(dev.comoment, cpu.comoment, rtol=1e-5, atol=1e-6 * np.abs(cpu.comoment).max())
+    np.testing.assert_array_equal(dev.comoment, dev.comoment.T)
+    with pytest.raises(LexpInputError, match="no rows"):
+        _moments_on_device(iter(()), torch.device("cpu"), "float32", "empty")
+
+
+def test_device_pass_gives_the_same_clusters(device) -> None:
+    """float32 on the device gives exactly the CPU clusters at every ct (TF32 stays off on CUDA)."""
+    x = _synthetic_activations(3000, n_layers=6, hidden=30)
+    cpu = cut_many(neuron_linkage(correlation(streaming_moments(x, chunk_rows=512))), CTS)
+    on = cut_many(neuron_linkage(correlation(streaming_moments(x, chunk_rows=512, device=device))), CTS)
+    for ct in CTS:
+        assert adjusted_rand(cpu[ct], on[ct]) == 1.0, ct
+
+
+def test_device_pass_refuses_non_finite_rows(device) -> None:
+    x = _data()
+    x[200, 5] = np.nan
+    with pytest.raises(LexpInputError, match="row 201"):
+        streaming_moments(x, chunk_rows=64, device=device)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lexp.device import log_stage_device
 from lexp.experiment import RunContext, public, torch_threads
 from lexp.report import figures
 
@@ -63,6 +64,8 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
         return out
 
     source: Any = store if max_rows is None else store.activations[:max_rows]
+    device = ctx.run_device()
+    log_stage_device("covariance pass", device, str(cfg.compute))
     with torch_threads(ctx.cfg.threads.clustering):
         moments = covariance.streaming_moments(
             source,
@@ -70,6 +73,7 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
             columns=None if columns is None else np.asarray(columns),
             compute=str(cfg.compute),
             progress=bool(ctx.cfg.progress),
+            device=device,
         )
     cka = None
     if columns is None:  # CKA needs whole layers
@@ -85,7 +89,8 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
         np.save(tmp / "cka.npy", cka, allow_pickle=False)
     if need_corr:
         np.save(tmp / "corr32.npy", corr.astype(np.float32), allow_pickle=False)
-    (tmp / "manifest.json").write_text(json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
+    manifest = {"fingerprint": fp, "settings": settings, "computed_on": str(device)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if cache.exists():
         shutil.rmtree(cache)
     os.replace(tmp, cache)

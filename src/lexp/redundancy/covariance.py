@@ -290,6 +290,7 @@ def streaming_moments(
     columns: Sequence[int] | np.ndarray | None = None,
     compute: Compute = "float32",
     progress: bool = False,
+    device: torch.device | str | None = None,
 ) -> Moments:
     """Mean and co-moment of the selected neurons in ONE pass over the rows of ``source``.
 
@@ -299,6 +300,9 @@ def streaming_moments(
     ``"float32"`` (exact to float32 rounding) or ``"bfloat16"`` (≈ 2× faster on BF16 CPUs; see
     the module docstring for its accuracy). Means, the chunk merge and ``C`` are float64; the
     bfloat16 products are summed in float32 first (their own rounding is 10⁴× larger).
+    ``device``: where the products run — None or the CPU: the path above (OpenBLAS ``ssyrk``);
+    a CUDA device: :func:`_moments_on_device` (chunks copied to the GPU, float32 products with
+    TF32 off, merged in float64 on the GPU). The result is host float64 either way.
     """
     if compute not in _COMPUTE:
         raise LexpInputError(f"streaming_moments: compute must be 'float32' or 'bfloat16', got {compute!r}")
@@ -311,6 +315,12 @@ def streaming_moments(
 
         total = None if n_rows is None else math.ceil(n_rows / chunk_rows)
         bar = tqdm(total=total, desc="covariance", unit="chunk")
+    if device is not None and torch.device(device).type != "cpu":
+        try:
+            return _moments_on_device(chunks, torch.device(device), compute, name, bar)
+        finally:
+            if bar is not None:
+                bar.close()
 
     acc_np: np.ndarray | None = None
     acc: torch.Tensor | None = None
@@ -397,6 +407,93 @@ def streaming_moments(
     _mirror_upper(acc_np)
     exact_mean = (np.stack(exact_means) * cnt).sum(axis=0) / n
     return Moments(n=n, mean=exact_mean, comoment=acc_np)
+
+
+@contextlib.contextmanager
+def _exact_float32() -> Iterator[None]:
+    """TF32 off for CUDA float32 products (10-bit mantissas would move correlations by ~1e-3)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _moments_on_device(
+    chunks: Iterator[np.ndarray], device: torch.device, compute: Compute, name: str, bar: Any = None
+) -> Moments:
+    """The streaming pass with torch on ``device`` (a GPU; it runs on the CPU too, which the tests use).
+
+    Same algebra as the CPU path (module docstring): each chunk is centred on its own mean, its
+    product ``xᵀx`` (float32 with TF32 off, or bfloat16 with float32 accumulation) is added to a
+    float64 ``C`` on the device, and the two low-rank merge terms are applied once at the end in
+    float64. Host memory: one chunk (its copy to the device goes through a pinned buffer on CUDA);
+    device memory: ``C`` (N² float64) + one float32 product + one chunk.
+    """
+    acc: torch.Tensor | None = None
+    prod: torch.Tensor | None = None
+    pinned: torch.Tensor | None = None
+    counts: list[int] = []
+    shifts: list[torch.Tensor] = []  # float64 chunk means (reported mean)
+    means: list[torch.Tensor] = []  # a_c + v_c: the centre of the deviations the product saw
+    offsets: list[torch.Tensor] = []  # v_c = m_c − a_c
+    low = torch.bfloat16 if compute == "bfloat16" else None
+    row0 = 0
+    with _exact_float32(), torch.inference_mode():
+        for chunk in chunks:
+            chunk = np.asarray(chunk, dtype=np.float32)
+            if chunk.ndim != 2 or chunk.shape[0] == 0:
+                raise LexpInputError(f"{name}: expected 2-D row blocks, got a chunk of shape {chunk.shape}")
+            n_c, n_feat = chunk.shape
+            if acc is None:
+                acc = torch.zeros((n_feat, n_feat), dtype=torch.float64, device=device)
+                prod = torch.empty((n_feat, n_feat), dtype=torch.float32, device=device)
+            elif n_feat != acc.shape[0]:
+                raise LexpInputError(
+                    f"{name}: chunk at row {row0 + 1} has {n_feat} columns, earlier ones "
+                    f"{acc.shape[0]}; a source must keep its width"
+                )
+            host = torch.from_numpy(chunk)
+            if device.type == "cuda":  # through a reused pinned buffer: an asynchronous copy
+                if pinned is None or pinned.shape[0] < n_c:
+                    pinned = torch.empty(chunk.shape, dtype=torch.float32, pin_memory=True)
+                host = pinned[:n_c].copy_(host)
+            x = host.to(device, non_blocking=True)
+            shift = x.sum(dim=0, dtype=torch.float64) / n_c
+            if not bool(torch.isfinite(shift).all()):
+                _raise_not_finite(chunk, row0, name)
+            x.sub_(shift.to(torch.float32))
+            v = x.sum(dim=0, dtype=torch.float64) / n_c
+            if low is not None:
+                x = x.to(low)
+            torch.mm(x.T, x, out=prod) if low is None else prod.copy_(x.T @ x)
+            acc.add_(prod)
+            counts.append(n_c)
+            offsets.append(v)
+            means.append(shift.to(torch.float32).to(torch.float64) + v)
+            shifts.append(shift)
+            del x
+            row0 += n_c
+            if bar is not None:
+                bar.update(1)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # the pinned buffer is reused next
+        if acc is None or row0 == 0:
+            raise LexpInputError(f"{name}: no rows to compute moments over; the source is empty")
+        del prod
+        cnt = torch.tensor(counts, dtype=torch.float64, device=device)[:, None]
+        w = cnt.sqrt()
+        m_c = torch.stack(means)
+        mean = (m_c * cnt).sum(dim=0) / row0
+        between = w * (m_c - mean)
+        within = w * torch.stack(offsets)
+        acc.addmm_(between.T, between).addmm_(within.T, within, alpha=-1.0)
+        # a GEMM's xᵀx is symmetric only up to rounding: keep the upper triangle, as the CPU path
+        upper = torch.triu(acc)
+        acc = upper + torch.triu(upper, diagonal=1).T
+        exact_mean = (torch.stack(shifts) * cnt).sum(dim=0) / row0
+        return Moments(n=row0, mean=exact_mean.cpu().numpy(), comoment=acc.cpu().numpy())
 
 
 # --------------------------------------------------------------------------------------------
