@@ -129,11 +129,49 @@ def test_classifier_timing_records() -> None:
     for r in records:
         assert len(r["train_runs"]) == 2 and r["train_seconds"] > 0 and r["predict_seconds"] > 0
     json.dumps(records)
-    # every epoch is exactly n_rows rows, in batch-size slices that never run off the pool
-    sizes = list(timing._batches(700, 128, 256))
-    assert sum(size for _, size in sizes) == 700 and all(start + size <= 256 for start, size in sizes)
     with pytest.raises(LexpInputError, match="positive"):
         classifier_timing(n_rows=10, feature_counts=[0])
+    with pytest.raises(LexpInputError, match="steps"):
+        classifier_timing(n_rows=10, feature_counts=[4], steps=0)
+
+
+def test_classifier_timing_times_the_probes_own_step(monkeypatch, device) -> None:
+    """Figure 5 times the step every probe of a run takes (FusedHeads + ElasticNetAdam) on the run's
+    device, and ``steps`` times a sample of it, scaled to the full pass."""
+    from lexp.probes import ElasticNetAdam, FusedHeads
+
+    calls = {"step": 0, "update": 0, "rows": 0}
+    step, update = FusedHeads.loss_and_grad, ElasticNetAdam.update
+
+    def counted_step(self, x, y, **kw):
+        calls["step"] += 1
+        calls["rows"] += x.shape[0]
+        assert x.device.type == device.type and self.weight.device.type == device.type
+        return step(self, x, y, **kw)
+
+    def counted_update(self):
+        calls["update"] += 1
+        return update(self)
+
+    monkeypatch.setattr(FusedHeads, "loss_and_grad", counted_step)
+    monkeypatch.setattr(ElasticNetAdam, "update", counted_update)
+    records = classifier_timing(
+        n_rows=1000, feature_counts=[16], n_classes=3, epochs=3, repeats=2, steps=5, device=device
+    )
+    (r,) = records
+    assert r["train_steps"] == 3 * 8 and r["train_steps_timed"] == 5 and r["device"] == str(device)
+    assert calls["step"] == calls["update"] == 5 * 3  # 5 timed steps in the warm-up + 2 repeats
+    assert calls["rows"] == 5 * 3 * 128
+    full = classifier_timing(n_rows=300, feature_counts=[4], n_classes=2, epochs=2, repeats=1, device=device)
+    assert full[0]["train_steps"] == full[0]["train_steps_timed"] == 2 * 3
+
+
+def test_forward_timing_on_the_models_device(device) -> None:
+    """Batches are moved to the model's device once; the truncated models share its weights there."""
+    model, batches = tiny_bert(4).to(device), [batch(0)]
+    records = forward_speedups(model, batches, [1], repeats=1)
+    assert [r["n_layers"] for r in records] == [4, 1] and all(r["seconds"] > 0 for r in records)
+    assert batches[0]["input_ids"].device.type == "cpu"  # the caller's batches are left alone
 
 
 def test_time_call() -> None:

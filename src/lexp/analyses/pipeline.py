@@ -6,6 +6,7 @@ directory: the encoder truncated to the selected layers, the selected neurons an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,40 +92,82 @@ def _final_probe(ctx: RunContext, result: Any) -> dict[str, Any]:
 
 
 def timings(ctx: RunContext, result: Any) -> None:
-    """Forward-pass speed-up of the truncated encoder, classifier time vs features, steps vs tokens."""
+    """Forward-pass speed-up of the truncated encoder and classifier time vs features, on the run's device.
+
+    The forward pass runs with ``threads.extract``, the classifier with ``threads.probes`` and the
+    probes' own step (:func:`lexp.redundancy.timing.classifier_timing`); both show progress bars and
+    honour ``timing.repeats``. ``timing.classifier_steps`` Adam steps are timed per run and scaled
+    to the full ``classifier_epochs`` over ``classifier_rows`` (a step's cost does not depend on the data).
+    """
+    from lexp.device import log_stage_device
     from lexp.encoders.loading import load_encoder
+    from lexp.experiment import torch_threads
     from lexp.redundancy import timing
 
+    log = logging.getLogger("lexp")
     tcfg = ctx.cfg.analysis.timing
+    device = ctx.run_device()
+    progress = bool(ctx.cfg.progress)
+    repeats = int(tcfg.repeats)
     model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
     model_cfg["name_or_path"] = str(ctx.model_dir)
     encoder = load_encoder(model_cfg)
+    model = encoder.model.to(device)
+    log_stage_device("timing", device, next(model.parameters()).dtype)
     batches = _timing_batches(ctx, encoder.tokenizer, int(tcfg.sentences), int(tcfg.batch_size))
-    depth = timing.encoder_depth(encoder.model)
-    records = timing.forward_speedups(
-        encoder.model, batches, sorted(set(range(depth))), repeats=int(tcfg.repeats)
+    depth = timing.encoder_depth(model)
+    n_sentences = sum(int(b["input_ids"].shape[0]) for b in batches)
+    log.info(
+        "timing the forward pass: full encoder and %d truncations, %d sentences, %d repeats",
+        depth,
+        n_sentences,
+        repeats,
     )
+    with torch_threads(ctx.cfg.threads.extract):
+        records = timing.forward_speedups(
+            model, batches, sorted(set(range(depth))), repeats=repeats, progress=progress
+        )
+    del model, encoder
     selected = (
         next(r for r in records if r["n_layers"] == result.ls_layer)
         if result.ls_layer < depth
         else records[0]
     )
     out: dict[str, Any] = {
+        "device": str(device),
         "forward": records,
         "ls_layers": result.ls_layer,
         "speedup_at_ls": float(selected["speedup"]),
-        "sentences_timed": sum(int(b["input_ids"].shape[0]) for b in batches),
+        "sentences_timed": n_sentences,
     }
     features = [f for f in tcfg.classifier_features if f <= ctx.model_info["n_neurons"]]
     features = sorted(set(features) | {int(result.ccfs_n_neurons)})
-    out["classifier"] = timing.classifier_timing(
-        n_rows=int(tcfg.classifier_rows),
-        feature_counts=features,
-        n_classes=max(2, len(ctx.task.labels)),
-        epochs=int(tcfg.classifier_epochs),
-        repeats=1,
-        seed=int(ctx.cfg.seed),
+    steps = tcfg.get("classifier_steps")
+    log.info(
+        "timing the probe vs features %s: %d rows x %d epochs, %s steps timed per run, %d repeats",
+        features,
+        int(tcfg.classifier_rows),
+        int(tcfg.classifier_epochs),
+        "all" if steps is None else int(steps),
+        repeats,
     )
+    probe = ctx.cfg.probe
+    with torch_threads(ctx.cfg.threads.probes):
+        out["classifier"] = timing.classifier_timing(
+            n_rows=int(tcfg.classifier_rows),
+            feature_counts=features,
+            n_classes=max(2, len(ctx.task.labels)),
+            epochs=int(tcfg.classifier_epochs),
+            batch_size=int(probe.batch_size),
+            lr=float(probe.lr),
+            l1=float(probe.l1),
+            l2=float(probe.l2),
+            repeats=repeats,
+            seed=int(ctx.cfg.seed),
+            steps=None if steps is None else int(steps),
+            device=device,
+            progress=progress,
+        )
     ctx.report["pipeline_timing"] = out
     ctx.tracker.log_metrics({"pipeline/speedup_at_ls": out["speedup_at_ls"]})
     path = figures.curve(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lexp.device import synchronize
 from lexp.errors import LexpInputError, LexpModelError
 
 __all__ = [
@@ -157,10 +158,16 @@ def _n_sentences(batches: Sequence[Batch]) -> int:
     return total
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _run(model: nn.Module, batches: Sequence[Batch]) -> None:
+    """One timed pass: every batch through the model, finished (CUDA runs asynchronously)."""
     with torch.inference_mode():
         for batch in batches:
             model(**batch)
+    synchronize(_model_device(model))
 
 
 def forward_speedups(
@@ -170,17 +177,21 @@ def forward_speedups(
     *,
     repeats: int = 3,
     warmup: int = 1,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Forward time per sentence of the full model and of each truncation in ``layer_counts``.
 
     The models are timed in rotation within each repeat, so that slow drifts of the machine
-    affect them alike. Returns one record per model — the full model first — with
-    ``n_layers``, ``seconds`` (median total), ``seconds_per_sentence``, ``runs`` (all totals)
-    and ``speedup`` = full / this model.
+    affect them alike. The batches are moved to the model's device once, before any clock runs,
+    and every timed pass waits for the device to finish. Returns one record per model — the full
+    model first — with ``n_layers``, ``seconds`` (median total), ``seconds_per_sentence``,
+    ``runs`` (all totals) and ``speedup`` = full / this model.
     """
     if repeats < 1 or warmup < 0:
         raise LexpInputError(f"timing: need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     n_sentences = _n_sentences(batches)
+    device = _model_device(model)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
     depth = encoder_depth(model)
     was_training = model.training
     model.eval()
@@ -190,9 +201,11 @@ def forward_speedups(
             for _ in range(warmup):
                 _run(m, batches[:1])
         runs: list[list[float]] = [[] for _ in models]
-        for _ in range(repeats):
-            for i, (_, m) in enumerate(models):
-                runs[i].append(time_call(_run, m, batches)[1])
+        with _bar(repeats * len(models), "time forward pass", progress) as bar:
+            for _ in range(repeats):
+                for i, (_, m) in enumerate(models):
+                    runs[i].append(time_call(_run, m, batches)[1])
+                    bar.update(1)
     finally:
         model.train(was_training)
     full = statistics.median(runs[0])
@@ -264,16 +277,28 @@ def classifier_timing(
     lr: float = 1e-3,
     l1: float = 1e-5,
     l2: float = 1e-5,
+    steps: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train and inference time of the paper's probe versus the number of input features.
+    """Train and inference time of the paper's probe versus the number of input features (Fig. 5).
 
-    The probe is the one of Section 3 (linear layer, cross-entropy + ``l1``·Σ|W| + ``l2``·‖W‖₂,
-    Adam, ``epochs`` passes of mini-batches over ``n_rows`` rows); inference is one batched
-    pass over the same rows. Cost does not depend on the values, so rows cycle through a seeded
-    random pool of ``pool_rows`` rows instead of materialising ``n_rows × features`` floats
-    (100,000 × 9,984 float32 would be 4 GB). Returns one record per feature count with median
-    ``train_seconds`` and ``predict_seconds`` and all runs.
+    The probe is the analysis' own: one :class:`lexp.probes.FusedHeads` head stepped by
+    :class:`lexp.probes.ElasticNetAdam` (cross-entropy + ``l1``·Σ|W| + ``l2``·‖W‖₂, Adam), on
+    ``device`` — exactly the step every probe of a run takes, so the figure times the code that
+    runs. A training pass is ``epochs`` passes of ``batch_size``-row minibatches over ``n_rows``
+    rows; inference is one batched pass over the same rows. Cost does not depend on the values, so
+    rows cycle through a seeded random pool of ``pool_rows`` rows instead of materialising
+    ``n_rows × features`` floats (100,000 × 9,984 float32 would be 4 GB).
+
+    ``steps`` (optional) times only that many Adam steps per run and scales the time to the full
+    ``epochs × ceil(n_rows / batch_size)`` steps (a step's cost does not depend on the data, so the
+    scaling is linear); records say so (``train_steps_timed``). The first run is a warm-up.
+    Returns one record per feature count with median ``train_seconds`` and ``predict_seconds``
+    and all runs.
     """
+    from lexp.probes import ElasticNetAdam, FusedHeads
+
     for name, value in (("n_rows", n_rows), ("n_classes", n_classes), ("epochs", epochs)):
         if value < 1:
             raise LexpInputError(f"classifier_timing: {name} = {value} must be positive")
@@ -281,65 +306,74 @@ def classifier_timing(
         raise LexpInputError(
             "classifier_timing: batch_size, repeats, pool_rows and every feature count must be positive"
         )
+    if steps is not None and steps < 1:
+        raise LexpInputError(f"classifier_timing: steps = {steps} must be positive (or None: every step)")
+    device = torch.device("cpu") if device is None else torch.device(device)
     pool_rows = max(batch_size, pool_rows // batch_size * batch_size)  # batches never wrap around
+    total_steps = epochs * -(-n_rows // batch_size)
+    timed_steps = total_steps if steps is None else min(int(steps), total_steps)
     generator = torch.Generator().manual_seed(seed)
     records = []
-    for n_features in feature_counts:
-        X = torch.randn(pool_rows, int(n_features), generator=generator)
-        y = torch.randint(0, n_classes, (pool_rows,), generator=generator)
-        train_runs, predict_runs = [], []
-        for r in range(repeats + 1):  # run 0 is the warm-up
-            torch.manual_seed(seed + r)
-            probe, t_train = time_call(_train_probe, X, y, n_rows, n_classes, epochs, batch_size, lr, l1, l2)
-            _, t_predict = time_call(_predict, probe, X, n_rows, batch_size)
-            if r:
-                train_runs.append(t_train)
-                predict_runs.append(t_predict)
-        records.append(
-            {
-                "n_features": int(n_features),
-                "n_rows": int(n_rows),
-                "epochs": int(epochs),
-                "train_seconds": statistics.median(train_runs),
-                "predict_seconds": statistics.median(predict_runs),
-                "train_runs": train_runs,
-                "predict_runs": predict_runs,
-            }
-        )
+    with _bar(len(feature_counts) * (repeats + 1), "time probe vs features", progress) as bar:
+        for n_features in feature_counts:
+            X = torch.randn(pool_rows, int(n_features), generator=generator).to(device)
+            y = torch.randint(0, n_classes, (pool_rows,), generator=generator).to(device)
+            train_runs, predict_runs = [], []
+            for r in range(repeats + 1):  # run 0 is the warm-up
+                heads = FusedHeads([np.arange(int(n_features))], n_classes, seed + r).to(device)
+                optimizer = ElasticNetAdam(heads, lr, l1=l1, l2=l2)
+                _, t_train = time_call(_train_steps, heads, optimizer, X, y, timed_steps, batch_size)
+                _, t_predict = time_call(_predict, heads, X, n_rows, batch_size)
+                if r:
+                    train_runs.append(t_train * total_steps / timed_steps)
+                    predict_runs.append(t_predict)
+                bar.update(1)
+            records.append(
+                {
+                    "n_features": int(n_features),
+                    "n_rows": int(n_rows),
+                    "epochs": int(epochs),
+                    "train_steps": int(total_steps),
+                    "train_steps_timed": int(timed_steps),
+                    "device": str(device),
+                    "train_seconds": statistics.median(train_runs),
+                    "predict_seconds": statistics.median(predict_runs),
+                    "train_runs": train_runs,
+                    "predict_runs": predict_runs,
+                }
+            )
     return records
 
 
-def _batches(n_rows: int, batch_size: int, pool_rows: int):
-    """(pool start, size) of each mini-batch of an ``n_rows`` pass over a cycled pool."""
-    for start in range(0, n_rows, batch_size):
-        yield start % pool_rows, min(batch_size, n_rows - start)
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", disable=not enabled)
 
 
-def _train_probe(
-    X: torch.Tensor,
-    y: torch.Tensor,
-    n_rows: int,
-    n_classes: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    l1: float,
-    l2: float,
-) -> nn.Linear:
-    probe = nn.Linear(X.shape[1], n_classes)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
-    for _ in range(epochs):
-        for start, size in _batches(n_rows, batch_size, X.shape[0]):
-            logits = probe(X[start : start + size])
-            loss = nn.functional.cross_entropy(logits, y[start : start + size])
-            loss = loss + l1 * probe.weight.abs().sum() + l2 * probe.weight.norm()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return probe
+def _train_steps(
+    heads: Any, optimizer: Any, X: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int
+) -> None:
+    """``steps`` probe steps over the cycled pool: data gradient, then ElasticNet + Adam in the update."""
+    pool = X.shape[0]
+    for step in range(steps):
+        start = step * batch_size % pool
+        heads.loss_and_grad(
+            X[start : start + batch_size],
+            y[start : start + batch_size],
+            l1=optimizer.l1,
+            l2=optimizer.l2,
+            regression=False,
+            penalty=False,
+        )
+        optimizer.update()
+    synchronize(X.device)
 
 
-def _predict(probe: nn.Linear, X: torch.Tensor, n_rows: int, batch_size: int) -> None:
+def _predict(heads: Any, X: torch.Tensor, n_rows: int, batch_size: int) -> None:
+    pool = X.shape[0]
     with torch.inference_mode():
-        for start, size in _batches(n_rows, batch_size, X.shape[0]):
-            probe(X[start : start + size]).argmax(dim=1)
+        for start in range(0, n_rows, batch_size):
+            at = start % pool
+            heads(X[at : at + min(batch_size, n_rows - start)]).argmax(dim=1)
+    synchronize(X.device)
