@@ -62,6 +62,14 @@ class RunContext:
         kwargs: dict[str, Any] = OmegaConf.to_container(self.cfg.trainer, resolve=True)  # type: ignore[assignment]
         return {**kwargs, **trainer_device_kwargs(self.run_device(), kwargs)}
 
+    def record_device(self, stage: str, dtype: Any = None) -> None:
+        """Log once which device and dtype ``stage`` runs on, and record it in results.json."""
+        from lexp.device import log_stage_device
+
+        info = log_stage_device(stage, self.run_device(), dtype)
+        stages = self.report.data.setdefault("device_stages", {})
+        stages[stage] = {k: info[k] for k in ("device", "dtype") if k in info}
+
     def run_device(self) -> Any:
         """The run's torch.device, resolved from the config on first use (tests build contexts by hand)."""
         if self.device is None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from lexp.device import log_stage_device
 from lexp.experiment import RunContext, public, torch_threads
 from lexp.report import figures
 
@@ -65,7 +64,7 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
 
     source: Any = store if max_rows is None else store.activations[:max_rows]
     device = ctx.run_device()
-    log_stage_device("covariance pass", device, str(cfg.compute))
+    ctx.record_device("covariance", str(cfg.compute))
     with torch_threads(ctx.cfg.threads.clustering):
         moments = covariance.streaming_moments(
             source,

@@ -99,7 +99,6 @@ def timings(ctx: RunContext, result: Any) -> None:
     honour ``timing.repeats``. ``timing.classifier_steps`` Adam steps are timed per run and scaled
     to the full ``classifier_epochs`` over ``classifier_rows`` (a step's cost does not depend on the data).
     """
-    from lexp.device import log_stage_device
     from lexp.encoders.loading import load_encoder
     from lexp.experiment import torch_threads
     from lexp.redundancy import timing
@@ -113,7 +112,7 @@ def timings(ctx: RunContext, result: Any) -> None:
     model_cfg["name_or_path"] = str(ctx.model_dir)
     encoder = load_encoder(model_cfg)
     model = encoder.model.to(device)
-    log_stage_device("timing", device, next(model.parameters()).dtype)
+    ctx.record_device("timing", next(model.parameters()).dtype)
     batches = _timing_batches(ctx, encoder.tokenizer, int(tcfg.sentences), int(tcfg.batch_size))
     depth = timing.encoder_depth(model)
     n_sentences = sum(int(b["input_ids"].shape[0]) for b in batches)

@@ -14,6 +14,7 @@ def finetuned_model_dir(ctx: RunContext) -> Path:
     from lexp.encoders.finetune import finetune
 
     with_timing = ctx.report.data.setdefault("finetune", {})
+    ctx.record_device("finetune", str(ctx.cfg.trainer.precision))
     path = finetune(
         ctx.task,
         OmegaConf.to_container(ctx.cfg.model, resolve=True),
