@@ -9,20 +9,38 @@ to float rounding (the tests check both paths against each other).
 
 The library is compiled once per machine with the C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``; ``-O3 -march=native -fopenmp``, with fallbacks when a flag is refused) into
-``$LEXP_KERNEL_DIR`` (default ``~/.cache/lexp/kernels``). Its name is a hash of the source, the
-compiler and the CPU's feature flags, so it is never stale and never built for another CPU.
-``LEXP_KERNELS=0`` switches it off. It shares torch's OpenMP runtime, so ``torch.set_num_threads``
-applies to it, and its results do not depend on the number of threads.
+``$LEXP_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/lexp/kernels`` or ``~/.cache/lexp/kernels``). Its
+key is a hash of the source, the compiler and the CPU's feature flags, so it is never stale and
+never built for another CPU. ``LEXP_KERNELS=0`` switches it off. It shares torch's OpenMP runtime,
+so ``torch.set_num_threads`` applies to it, and its results do not depend on the number of threads.
+
+Loading a shared library runs its code, so nothing is loaded that another user could have
+written (issue 12, case 6). The directory is created 0700; before anything in it is loaded it must
+be owned by this user and not writable by group or others, and so must every parent (root-owned
+parents, and sticky ones such as /tmp, are fine). Otherwise the library is built into a private
+``tempfile.mkdtemp`` directory for this process, with one warning saying how to fix the
+directory. Each build writes ``lexp_kernels-<key>.json`` beside the library, recording the
+library's file name (``lexp_kernels-<key>-<sha256[:16]>.so``) and its sha256; before loading, the
+record and the library must be regular files (not symlinks) with the same owner and mode rules,
+and the library's bytes must hash to the recorded sha256. A library that fails these checks is
+refused; one that fails to load (``dlopen`` error, a missing symbol) is passed over. Either way
+the probes fall back to the torch operations with one warning, never a traceback.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import datetime as _dt
+import errno
 import hashlib
+import json
 import logging
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -61,6 +79,8 @@ _VARIANTS: tuple[tuple[str, ...], ...] = (
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _reason: dict[str, str] = {}
+#: what the last _load() worked around (an unsafe directory), told in library()'s one warning
+_notes: list[str] = []
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -100,16 +120,152 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()[-800:]}")
 
 
-def _build(cc: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile the two halves (the softmax one with -ffast-math, for vectorised expf) and link."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+class _Refused(Exception):
+    """A library that must not be loaded: foreign owner, writable by others, a symlink, changed bytes."""
+
+
+def _uid() -> int:
+    """The user that must own the kernel directory and library (a hook for tests, which run as root)."""
+    return os.geteuid()
+
+
+def _unsafe(st: os.stat_result, path: Path | str) -> str | None:
+    """Why a file or directory with this ``stat`` could hold code from someone else, else ``None``."""
+    if st.st_uid != _uid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {_uid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _check_dir(directory: Path) -> str | None:
+    """Create ``directory`` (0700) if missing; ``None`` when code in it is safe to load, else why not.
+
+    Every parent must be owned by this user or root and, when writable by others, sticky (like
+    /tmp): otherwise another user could rename the directory away and put their own in its place.
+    Both the path as given and its symlink-resolved form are checked.
+    """
+    try:
+        if not directory.exists():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # parents: default mode
+            os.chmod(directory, 0o700)  # whatever the umask
+        real = directory.resolve(strict=True)
+        st = os.stat(real)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{directory} is not a directory"
+        why = _unsafe(st, directory)
+        if why:
+            return why
+        for parent in dict.fromkeys([*directory.absolute().parents, *real.parents]):
+            pst = os.stat(parent)
+            if pst.st_uid not in (0, _uid()):
+                return f"its parent {parent} is owned by uid {pst.st_uid}, not by this user or root"
+            if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
+                return f"its parent {parent} is writable by group or others and not sticky"
+    except OSError as err:
+        return f"cannot create or inspect {directory}: {err}"
+    return None
+
+
+def _record_path(directory: Path, key: str) -> Path:
+    return directory / f"lexp_kernels-{key}.json"
+
+
+def _open_checked(path: Path) -> int:
+    """An fd of ``path`` opened without following a symlink, after the owner and mode checks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _Refused(f"{path} is a symbolic link") from err
+        raise
+    st = os.fstat(fd)
+    why = None if stat.S_ISREG(st.st_mode) else f"{path} is not a regular file"
+    why = why or _unsafe(st, path)
+    if why:
+        os.close(fd)
+        raise _Refused(why)
+    return fd
+
+
+def _read_record(directory: Path, key: str) -> dict | None:
+    """The build record of ``key`` (``None``: not built here yet), checked like the library."""
+    path = _record_path(directory, key)
+    try:
+        fd = _open_checked(path)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, encoding="utf-8") as fh:
+        try:
+            record = json.load(fh)
+        except ValueError as err:
+            raise _Refused(f"{path} is not a valid build record ({err})") from err
+    name = record.get("library") if isinstance(record, dict) else None
+    digest = record.get("sha256") if isinstance(record, dict) else None
+    if not (
+        isinstance(name, str)
+        and re.fullmatch(rf"lexp_kernels-{key}-[0-9a-f]{{16}}\.so", name)
+        and isinstance(digest, str)
+        and re.fullmatch(r"[0-9a-f]{64}", digest)
+        and name.endswith(f"-{digest[:16]}.so")
+    ):
+        raise _Refused(f"{path} is not a valid build record (library name or sha256 malformed)")
+    return record
+
+
+def _verified(directory: Path, record: dict) -> Path | None:
+    """The library of ``record`` after its checks and a sha256 of its bytes; ``None`` if it is gone."""
+    path = directory / record["library"]
+    try:
+        fd = _open_checked(path)
+    except FileNotFoundError:
+        return None
+    try:
+        h = hashlib.sha256()
+        while block := os.read(fd, 1 << 20):
+            h.update(block)
+        checked = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if h.hexdigest() != record["sha256"]:
+        raise _Refused(
+            f"{path} changed after it was built (sha256 {h.hexdigest()[:16]}…, recorded "
+            f"{record['sha256'][:16]}…)"
+        )
+    now = os.lstat(path)  # the name still points at the file that was hashed
+    if stat.S_ISLNK(now.st_mode) or (now.st_dev, now.st_ino) != (checked.st_dev, checked.st_ino):
+        raise _Refused(f"{path} was replaced while it was being checked")
+    return path
+
+
+def _build(cc: str, flags: tuple[str, ...], directory: Path, key: str) -> dict:
+    """Compile the two halves (the softmax one with -ffast-math, for vectorised expf), link, and
+    move the library and then its build record into place (each rename is atomic, and the
+    library's name holds its own hash, so concurrent builders never see half a file or a record
+    of another builder's bytes)."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
         common = [cc, "-O3", "-fPIC", "-fno-math-errno", *flags, "-c", str(_SOURCE)]
         _run([*common, "-o", f"{tmp}/adam.o"])
         _run([*common, "-ffast-math", "-DLEXP_FAST_MATH", "-o", f"{tmp}/xent.o"])
         link = [f for f in flags if f == "-fopenmp"]
         _run([cc, "-shared", *link, f"{tmp}/adam.o", f"{tmp}/xent.o", "-o", f"{tmp}/lib.so", "-lm"])
-        os.replace(f"{tmp}/lib.so", target)  # atomic: concurrent builders never see half a file
+        os.chmod(f"{tmp}/lib.so", 0o700)  # never group/world-writable, whatever the umask
+        digest = hashlib.sha256(Path(f"{tmp}/lib.so").read_bytes()).hexdigest()
+        record = {
+            "library": f"lexp_kernels-{key}-{digest[:16]}.so",
+            "sha256": digest,
+            "flags": list(flags),
+            "compiler": cc,
+            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with open(f"{tmp}/record.json", "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(f"{tmp}/record.json", 0o600)
+        os.replace(f"{tmp}/lib.so", directory / record["library"])
+        os.replace(f"{tmp}/record.json", _record_path(directory, key))
+    return record
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -122,7 +278,28 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _identity(cc: str) -> str:
+    """What a library depends on besides its flags: source, compiler version, CPU, torch."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    return "\0".join([_SOURCE.read_text(), version, _cpu_tag(), torch.__version__])
+
+
+def _key(identity: str, flags: tuple[str, ...]) -> str:
+    """The 16-hex key in the names of a library and its build record."""
+    return hashlib.sha256(f"{identity}\0{' '.join(flags)}".encode()).hexdigest()[:16]
+
+
+def _private_dir() -> Path:
+    """A fresh 0700 directory for this process only (removed at exit; a loaded library stays mapped)."""
+    path = Path(tempfile.mkdtemp(prefix="lexp-kernels-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def _load() -> ctypes.CDLL | None:
+    """Build or find, check and load the library; ``None`` with ``_reason`` (and ``_notes``) set."""
+    _reason.pop("why", None)
+    _notes.clear()
     if os.environ.get("LEXP_KERNELS", "1").strip().lower() in {"0", "false", "off", "no"}:
         _reason["why"] = "switched off by LEXP_KERNELS=0"
         return None
@@ -131,21 +308,36 @@ def _load() -> ctypes.CDLL | None:
         _reason["why"] = "no C compiler found (set CC, or install gcc or clang)"
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+        identity = _identity(cc)
     except OSError as err:
         _reason["why"] = f"{cc} --version failed: {err}"
         return None
-    identity = "\0".join([_SOURCE.read_text(), version, _cpu_tag(), torch.__version__])
+    directory = cache_dir()
+    why = _check_dir(directory)
+    if why is not None:
+        private = _private_dir()
+        _notes.append(
+            f"the kernel directory {directory} is not safe to load compiled code from ({why}), so the "
+            f"library is built into the private directory {private} for this run; fix: `chmod 700` the "
+            "directory if it is yours, or set LEXP_KERNEL_DIR to a directory only you own"
+        )
+        directory = private
     errors = []
     for flags in _VARIANTS:
-        key = hashlib.sha256(f"{identity}\0{' '.join(flags)}".encode()).hexdigest()[:16]
-        target = cache_dir() / f"lexp_kernels-{key}.so"
+        key = _key(identity, flags)
         try:
-            if not target.exists():
-                _build(cc, flags, target)
-            return _declare(ctypes.CDLL(str(target)))
-        except (OSError, RuntimeError) as err:
-            errors.append(str(err))
+            record = _read_record(directory, key)
+            path = _verified(directory, record) if record is not None else None
+            if path is None:
+                path = _verified(directory, _build(cc, flags, directory, key))
+            if path is None:
+                raise RuntimeError(f"the library built in {directory} disappeared before it was loaded")
+            return _declare(ctypes.CDLL(str(path)))
+        except _Refused as err:
+            _reason["why"] = f"refused to load the compiled library: {err}; delete it to rebuild"
+            return None
+        except (OSError, RuntimeError, AttributeError, ValueError) as err:  # not built / not loadable
+            errors.append(f"{type(err).__name__}: {err}")
     _reason["why"] = "could not build or load kernels.c: " + " | ".join(errors)[-2000:]
     return None
 
@@ -154,11 +346,20 @@ def library() -> ctypes.CDLL | None:
     """The loaded library, built on first use; ``None`` when unavailable (the reason is logged once)."""
     with _lock:
         if "lib" not in _loaded:
-            _loaded["lib"] = _load()
+            try:
+                _loaded["lib"] = _load()
+            except Exception as err:  # never a traceback: the torch path computes the same maths
+                _loaded["lib"] = None
+                _reason["why"] = f"unexpected error while loading: {type(err).__name__}: {err}"
+            notes = "".join(f"{note}; " for note in _notes)
             if _loaded["lib"] is None:
                 log.warning(
-                    "lexp.kernels: %s; probes use torch operations (slower, same maths)", _reason["why"]
+                    "lexp.kernels: %s%s; probes use torch operations (slower, same maths)",
+                    notes,
+                    _reason["why"],
                 )
+            elif notes:
+                log.warning("lexp.kernels: %s", notes.removesuffix("; "))
         return _loaded["lib"]
 
 
