@@ -532,3 +532,168 @@ def test_cli_subprocess(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+# --------------------------------------------------------------------------------- model comparison
+def _two_models(root: Path) -> None:
+    """pos and sem with bert and xlnet (Table 8 and Tables 3/9/10), as the paper's tables."""
+    for task, b_n, x_n in (("pos", 290, 280), ("sem", 330, 290)):
+        bert = _neurons(b_n, reduced_dev=0.88) | {"reduced_test": 0.943}
+        xlnet = _neurons(x_n, reduced_dev=0.89) | {"reduced_test": 0.956}
+        _write(root, f"{task}_bert_n", _run(task, "neurons", model="bert", test=0.957, neurons=bert))
+        _write(root, f"{task}_xlnet_n", _run(task, "neurons", model="xlnet", test=0.961, neurons=xlnet))
+    _write(root, "pos_bert_p", _run("pos", "pipeline", model="bert", pipeline=_pipeline(4, 300)))
+    _write(root, "pos_xlnet_p", _run("pos", "pipeline", model="xlnet", pipeline=_pipeline(3, 300, 0.9)))
+
+
+def test_models_side_by_side_with_the_difference(tmp_path: Path) -> None:
+    _two_models(tmp_path)
+    tables = load_tables([tmp_path])
+    keys = [t.key for t in tables]
+    # each comparison follows the table it lines up
+    assert keys.index("compare_neurons") == keys.index("neurons") + 1
+    table = {t.key: t for t in tables}["compare_neurons"]
+    assert table.title.startswith("Table 8 / Tables 1-2 (neurons) by model: bert vs xlnet (test scores")
+    assert "Δ = xlnet - bert" in table.title
+    assert _header(table) == [
+        "task",
+        "oracle test · bert", "oracle test · xlnet", "oracle test · Δ",
+        "#neurons · bert", "#neurons · xlnet", "#neurons · Δ",
+        "reduced test · bert", "reduced test · xlnet", "reduced test · Δ",
+    ]  # fmt: skip
+    assert table.cells() == [
+        ["pos", "91.00", "91.00", "0.00", "290", "280", "-10", "94.30", "95.60", "+1.30"],
+        ["sem", "91.00", "91.00", "0.00", "330", "290", "-40", "94.30", "95.60", "+1.30"],
+        # Table 3's average over the word-level tasks both models ran
+        ["average (word-level, 2 tasks)", "91.00", "91.00", "0.00", "310", "285", "-25", "94.30", "95.60", "+1.30"],
+    ]  # fmt: skip
+    assert table.records()[0]["reduced test · Δ"] == pytest.approx(0.013)
+    pipeline = {t.key: t for t in tables}["compare_pipeline"]
+    row = dict(zip(_header(pipeline), pipeline.cells()[0], strict=True))
+    assert (row["LS layers · bert"], row["LS layers · xlnet"], row["LS layers · Δ"]) == ("4", "3", "-1")
+    assert (row["CCFS test · Δ"], row["% reduction · Δ"]) == ("0.00", "0.00")
+    # the long tables are unchanged: one row per task and model
+    assert [r[:2] for r in {t.key: t for t in tables}["neurons"].cells()][:2] == [
+        ["pos", "bert"],
+        ["pos", "xlnet"],
+    ]
+
+
+def test_baseline_picks_the_reference_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _two_models(tmp_path)
+    table = {t.key: t for t in load_tables([tmp_path], baseline="xlnet")}["compare_neurons"]
+    assert "xlnet vs bert" in table.title and "Δ = bert - xlnet" in table.title
+    assert table.cells()[0][4:7] == ["280", "290", "+10"]
+    assert main([str(tmp_path), "--baseline", "roberta"]) == 2
+    assert "baseline model 'roberta' has no run here (models: bert, xlnet)" in capsys.readouterr().err
+    assert main([str(tmp_path), "--no-compare"]) == 0
+    assert "by model" not in capsys.readouterr().out
+
+
+def test_comparison_rows_a_model_lacks_are_blank_and_dev_when_no_test(tmp_path: Path) -> None:
+    layers = _layers() | {"oracle_test": None}
+    for row in layers["table"]:
+        row["test"] = None
+    _write(
+        tmp_path, "a", _run("pos", "layers", model="minilm", test=None, layers=layers | {"oracle_test": None})
+    )
+    other = _layers()
+    other["table"] = other["table"][:2]  # a shallower model
+    for row in other["table"]:
+        row.update(dev=row["dev"] - 0.1, test=None, redundant=False)
+    _write(
+        tmp_path, "b", _run("pos", "layers", model="random", test=None, layers=other | {"oracle_test": None})
+    )
+    _write(tmp_path, "c", _run("sem", "layers", model="minilm", test=None, layers=layers))  # minilm only
+    table = {t.key: t for t in load_tables([tmp_path], split="test")}["compare_layers"]
+    assert "(dev scores in %" in table.title
+    assert _header(table) == [
+        "task", "layer", "dev · minilm", "dev · random", "dev · Δ", "redundant · minilm", "redundant · random",
+    ]  # fmt: skip
+    assert table.cells() == [
+        ["pos", "oracle", "90.00", "90.00", "0.00", "", ""],
+        ["pos", "0", "80.00", "70.00", "-10.00", "", ""],
+        ["pos", "1", "89.50", "79.50", "-10.00", "yes", ""],
+        ["pos", "2", "85.00", "", "", "", ""],
+        ["sem", "oracle", "90.00", "", "", "", ""],
+        ["sem", "0", "80.00", "", "", "", ""],
+        ["sem", "1", "89.50", "", "", "yes", ""],
+        ["sem", "2", "85.00", "", "", "", ""],
+    ]
+    assert table.notes == [
+        "no run has test scores: dev scores are compared",
+        "blank where a model has no such row (random: pos 2, sem)",
+    ]
+
+
+def test_one_model_or_no_shared_task_gives_no_comparison(tmp_path: Path) -> None:
+    _write(tmp_path, "a", _run("pos", "neurons", model="bert", neurons=_neurons()))
+    _write(tmp_path, "b", _run("sem", "neurons", model="xlnet", neurons=_neurons()))
+    assert not [t for t in load_tables([tmp_path]) if t.key.startswith("compare_")]
+
+
+def test_cka_compared_per_layer_pair(tmp_path: Path) -> None:
+    for model, cka in (("bert", [0.9, 0.8]), ("xlnet", [0.95, 0.7])):
+        _write(
+            tmp_path,
+            model,
+            _run("pos", "general", model=model, general=_general([(0.3, 6, 0.88, 0.89)], cka)),
+        )
+    table = {t.key: t for t in load_tables([tmp_path])}["compare_cka"]
+    assert _header(table) == ["task", "layers", "CKA · bert", "CKA · xlnet", "CKA · Δ"]
+    assert table.cells() == [
+        ["pos", "0-1", "0.9000", "0.9500", "+0.0500"],
+        ["pos", "1-2", "0.8000", "0.7000", "-0.1000"],
+    ]
+    assert "scores" not in table.title
+
+
+# ------------------------------------------------------------------ seeds, controls, debiased CKA
+def test_std_beside_a_value_prints_as_plus_minus(tmp_path: Path) -> None:
+    layers = _layers()
+    layers["table"][0]["dev_std"] = 0.0123  # x_std beside x
+    layers["table"][1]["std"] = {"test": 0.005}  # or std: {x: ...}
+    layers["oracle_dev_std"] = 0.001
+    neurons = _neurons() | {"n_neurons": 3.4, "n_neurons_std": 0.49}
+    _write(tmp_path, "l", _run("pos", "layers", layers=layers))
+    _write(tmp_path, "n", _run("pos", "neurons", neurons=neurons))
+    tables = _tables(tmp_path)
+    cells = tables["layers"].cells()
+    assert cells[0][2] == "90.00 ± 0.10"
+    assert cells[1][2:4] == ["80.00 ± 1.23", "81.00"]
+    assert cells[2][2:4] == ["89.50", "90.00 ± 0.50"]
+    value = tables["layers"].records()[1]["dev"]
+    assert value == pytest.approx(0.8) and value.std == pytest.approx(0.0123)
+    assert tables["neurons"].cells()[0][3] == "3.4 ± 0.5"
+
+
+def test_table7_control_task_and_selectivity_columns(tmp_path: Path) -> None:
+    layers = _layers()
+    for row, control in zip(layers["table"], (0.6, 0.7, 0.75), strict=True):
+        row["control_dev"] = control  # selectivity = dev - control when not stored
+    layers["table"][2]["selectivity_dev"] = 0.11  # stored: used as is
+    layers["oracle_control_dev"] = 0.5
+    _write(tmp_path, "l", _run("pos", "layers", layers=layers))
+    table = _tables(tmp_path)["layers"]
+    assert _header(table)[-2:] == ["control dev", "selectivity dev"]
+    assert [r[-2:] for r in table.cells()] == [
+        ["50.00", "40.00"],
+        ["60.00", "20.00"],
+        ["70.00", "19.50"],
+        ["75.00", "11.00"],
+    ]
+
+
+def test_seed_agreement_and_debiased_cka(tmp_path: Path) -> None:
+    pipeline = _pipeline(2, 3) | {"ls_n_layers_per_seed": [2, 2, 3, 2, 2]}
+    _write(tmp_path, "p", _run("pos", "pipeline", pipeline=pipeline))
+    general = _general([(0.3, 6, 0.88, 0.89)], cka=[0.95, 0.6]) | {"cka_adjacent_debiased": [0.9, 0.41]}
+    _write(tmp_path, "g", _run("pos", "general", general=general))
+    tables = _tables(tmp_path)
+    row = dict(zip(_header(tables["pipeline"]), tables["pipeline"].cells()[0], strict=True))
+    assert row["LS layers same across seeds"] == "80% (4/5: 2)"
+    assert _header(tables["cka"]) == ["task", "estimator", "0-1", "1-2"]
+    assert tables["cka"].cells() == [
+        ["pos", "biased", "0.9500", "0.6000"],
+        ["pos", "debiased", "0.9000", "0.4100"],
+    ]

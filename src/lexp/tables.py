@@ -196,7 +196,8 @@ def relevant_settings(run: Run, drop: Sequence[str] = ()) -> dict[str, str]:
 @dataclass(frozen=True)
 class Column:
     """``kind`` decides the printed form: score (fraction → % with 2 decimals), pct (already %),
-    int, ratio (4 decimals), num (shortest form), speedup (2 decimals), ct, text."""
+    int, ratio (4 decimals), num (shortest form), speedup (2 decimals), seconds (1 decimal), ct,
+    text; ``d:<kind>`` is a signed difference of ``<kind>`` (model comparison)."""
 
     name: str
     kind: str = "text"
@@ -221,27 +222,76 @@ class Table:
         return [[format_cell(v, c.kind) for v, c in zip(row, self.columns, strict=True)] for row in self.rows]
 
 
+class Stat(float):
+    """A mean over seeds that carries its standard deviation: it computes as the mean (sums,
+    differences, averages give plain floats) and prints as ``mean ± std``.
+
+    A results.json holds the spread of a number ``x`` beside it, as ``x_std`` or ``std: {x: …}`` in
+    the same object (``x_std`` list for a list ``x``); every table picks it up (see :func:`need_num`).
+    """
+
+    std: float
+
+    def __new__(cls, mean: float, std: float) -> Stat:
+        obj = super().__new__(cls, mean)
+        obj.std = float(std)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"Stat({float(self)!r}, std={self.std!r})"
+
+
+def _format_number(value: float, kind: str) -> str:
+    if kind == "score":
+        return f"{100 * value:.2f}"
+    if kind in ("pct", "speedup"):
+        return f"{value:.2f}"
+    if kind == "ratio":
+        return f"{value:.4f}"
+    if kind == "num":
+        return f"{value:g}"
+    if kind == "seconds":
+        return f"{value:.1f}"
+    if kind == "int":
+        return str(int(value)) if value.is_integer() else f"{value:.1f}"
+    if kind == "ct":
+        return f"{value:.2f}" if round(value, 2) == value else f"{value:g}"
+    return str(value)
+
+
+def _format_delta(value: float, kind: str) -> str:
+    """A signed difference in the printed unit of ``kind`` (scores: percentage points)."""
+    text = _format_number(value, kind)
+    if text.lstrip("-").strip("0.") == "":  # rounds to zero: no sign
+        return text.lstrip("-")
+    return text if text.startswith("-") else "+" + text
+
+
 def format_cell(value: Any, kind: str) -> str:
-    """Printed form of one value: scores as percentages with 2 decimals; None as an empty cell."""
+    """Printed form of one value: scores as percentages with 2 decimals; None as an empty cell.
+
+    ``kind`` ``d:<kind>`` is a signed difference (model comparison); a :class:`Stat` prints
+    ``mean ± std`` in the same unit.
+    """
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if kind == "score":
-        return f"{100 * float(value):.2f}"
-    if kind in ("pct", "speedup"):
-        return f"{float(value):.2f}"
-    if kind == "ratio":
-        return f"{float(value):.4f}"
-    if kind == "num":
-        return f"{float(value):g}"
-    if kind == "int":
-        return str(int(value)) if float(value).is_integer() else f"{float(value):.1f}"
-    if kind == "ct":
-        return f"{float(value):.2f}" if round(float(value), 2) == float(value) else f"{float(value):g}"
-    return str(value)
+    if kind.startswith("d:"):
+        return _format_delta(float(value), kind[2:])
+    if kind not in NUMERIC_KINDS:
+        return str(value)
+    text = _format_number(float(value), kind)
+    std = getattr(value, "std", None)
+    if std is not None and math.isfinite(std):
+        spread = "int" if kind == "int" else kind
+        text += " ± " + (f"{std:.1f}" if spread == "int" else _format_number(float(std), spread))
+    return text
+
+
+NUMERIC_KINDS = ("score", "pct", "speedup", "ratio", "num", "int", "ct", "seconds")
 
 
 @dataclass
@@ -281,11 +331,29 @@ def get(data: Any, *keys: str | int) -> Any:
 
 
 def need_num(data: Any, *keys: str | int) -> float | int:
-    """A number that must be there (a table cannot do without it)."""
+    """A number that must be there (a table cannot do without it); a :class:`Stat` when the
+    results.json holds its standard deviation beside it (``x_std`` or ``std: {x: …}``)."""
     value = need(data, *keys)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Missing(f"{'.'.join(str(k) for k in keys)} = {repr(value)[:40]} is not a number")
-    return value
+    std = _std_of(data, keys)
+    return value if std is None else Stat(value, std)
+
+
+def _std_of(data: Any, keys: Sequence[str | int]) -> float | None:
+    """The spread stored beside ``data[k1]...[kn]``, or None (absent or not a finite number)."""
+    *parents, last = keys
+    if isinstance(last, int):  # an element of a list x: the same element of x_std
+        if not parents or not isinstance(parents[-1], str):
+            return None
+        std = get(data, *parents[:-1], f"{parents[-1]}_std", last)
+    else:
+        std = get(data, *parents, f"{last}_std")
+        if std is None:
+            std = get(data, *parents, "std", last)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std):
+        return None
+    return float(std)
 
 
 def get_num(data: Any, *keys: str | int) -> float | int | None:
@@ -571,7 +639,21 @@ def _cka_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
         return []
     if not isinstance(adjacent, list):
         raise Missing("general.cka_adjacent is not a list")
-    return [(None, {"adjacent": [need_num(adjacent, i) for i in range(len(adjacent))]})]
+    general = need(run.data, "general")
+    debiased = get(general, "cka_adjacent_debiased")
+    if debiased is not None and not isinstance(debiased, list):
+        raise Missing("general.cka_adjacent_debiased is not a list")
+    return [
+        (
+            None,
+            {
+                "adjacent": [need_num(general, "cka_adjacent", i) for i in range(len(adjacent))],
+                "debiased": None
+                if debiased is None
+                else [need_num(general, "cka_adjacent_debiased", i) for i in range(len(debiased))],
+            },
+        )
+    ]
 
 
 def cka_table(runs: Sequence[Run], problems: Problems) -> Table | None:
@@ -581,14 +663,31 @@ def cka_table(runs: Sequence[Run], problems: Problems) -> Table | None:
         return None
     kept, skipped = newest(entries)
     key_cols, key_values, suffix = _key_columns(kept)
-    width = max(len(e.payload["adjacent"]) for e in kept)
-    columns = key_cols + [Column(f"{i}-{i + 1}", "ratio") for i in range(width)]
-    rows = [
-        key_values(e) + e.payload["adjacent"] + [None] * (width - len(e.payload["adjacent"])) for e in kept
-    ]
+    debiased = any(e.payload["debiased"] is not None for e in kept)
+    width = max(len(e.payload[k] or []) for e in kept for k in ("adjacent", "debiased"))
+    columns = (
+        key_cols
+        + ([Column("estimator")] if debiased else [])
+        + [Column(f"{i}-{i + 1}", "ratio") for i in range(width)]
+    )
+    rows = []
+    for e in kept:
+        estimators = [("biased", e.payload["adjacent"])]
+        if debiased:
+            estimators.append(("debiased", e.payload["debiased"] or []))
+        for name, values in estimators:
+            padded = list(values) + [None] * (width - len(values))
+            rows.append(key_values(e) + ([name] if debiased else []) + padded)
     return Table(
         "cka",
-        "Table 6 / Figure 1 (general): linear CKA between adjacent layers (layer 0 = embeddings)" + suffix,
+        "Table 6 / Figure 1 (general): linear CKA between adjacent layers (layer 0 = embeddings"
+        + (
+            "; biased = the paper's estimator, debiased = unbiased HSIC, Nguyen et al. 2021"
+            if debiased
+            else ""
+        )
+        + ")"
+        + suffix,
         columns,
         rows,
         _common_notes(kept, skipped, "for the same task, model and settings"),
@@ -612,9 +711,12 @@ def _layers_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
                 "inc_dev": get_num(data, *row, "incremental_dev"),
                 "inc_test": get_num(data, *row, "incremental_test"),
                 "redundant": get(data, *row, "redundant") is True,
+                **_control(data, row, "dev", "test"),
             }
         )
+    oracle = _control(data, ("layers",), "oracle_dev", "oracle_test", prefix="oracle_")
     info = {
+        "oracle_control": oracle,
         "oracle_dev": need_num(data, "layers", "oracle_dev"),
         "oracle_test": get_num(data, "layers", "oracle_test"),
         "threshold": get_num(data, "layers", "threshold"),
@@ -623,6 +725,40 @@ def _layers_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
         "layers": layers,
     }
     return [(None, info)]
+
+
+CONTROL_FIELDS = (
+    ("control dev", "score", "control_dev"),
+    ("control test", "score", "control_test"),
+    ("selectivity dev", "score", "selectivity_dev"),
+    ("selectivity test", "score", "selectivity_test"),
+)
+
+
+def _control(
+    data: Any, where: Sequence[str | int], dev_key: str, test_key: str, prefix: str = ""
+) -> dict[str, Any]:
+    """Control-task accuracy and selectivity (Hewitt & Liang 2019) stored in ``data[where]``.
+
+    Reads ``<prefix>control_dev``/``_test`` and ``<prefix>selectivity_dev``/``_test``; a
+    selectivity that is not stored is the score minus the control score. All None without a control.
+    """
+    out: dict[str, Any] = {}
+    for split, key in (("dev", dev_key), ("test", test_key)):
+        control = get_num(data, *where, f"{prefix}control_{split}")
+        selectivity = get_num(data, *where, f"{prefix}selectivity_{split}")
+        score = get_num(data, *where, key)
+        if selectivity is None and control is not None and score is not None:
+            selectivity = float(score) - float(control)
+        out[f"control_{split}"] = control
+        out[f"selectivity_{split}"] = selectivity
+    return out
+
+
+def _present(payloads: Iterable[Mapping[str, Any]], fields: Sequence[tuple[str, str, str]]) -> list:
+    """The fields some payload has a value for (optional columns appear only when used)."""
+    payloads = list(payloads)
+    return [f for f in fields if any(p.get(f[2]) is not None for p in payloads)]
 
 
 def layers_table(runs: Sequence[Run], problems: Problems) -> Table | None:
@@ -641,12 +777,18 @@ def layers_table(runs: Sequence[Run], problems: Problems) -> Table | None:
         Column("0..k test", "score"),
         Column("redundant"),
     ]
+    control = _present(
+        [e.payload["oracle_control"] for e in kept] + [r for e in kept for r in e.payload["layers"]],
+        CONTROL_FIELDS,
+    )
+    columns += [Column(name, kind) for name, kind, _ in control]
     rows = []
     notes = []
     for e in kept:
         p = e.payload
         keys = key_values(e)
-        rows.append(keys + ["oracle", p["oracle_dev"], p["oracle_test"], None, None, ""])
+        extra = [p["oracle_control"][k] for _, _, k in control]
+        rows.append(keys + ["oracle", p["oracle_dev"], p["oracle_test"], None, None, ""] + extra)
         for r in p["layers"]:
             rows.append(
                 keys
@@ -658,6 +800,7 @@ def layers_table(runs: Sequence[Run], problems: Problems) -> Table | None:
                     r["inc_test"],
                     "yes" if r["redundant"] else "",
                 ]
+                + [r[k] for _, _, k in control]
             )
         layers = ", ".join(str(x) for x in p["redundant_layers"]) or "none"
         rule = ""
@@ -690,9 +833,21 @@ def _neurons_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
                 "target_fraction": get_num(data, "neurons", "target_fraction"),
                 "target_dev": get_num(data, "neurons", "target_dev"),
                 "reached": reached if isinstance(reached, bool) else None,
+                **_control(data, ("neurons",), "reduced_dev", "reduced_test"),
+                "seeds_agree": _agreement(get(data, "neurons", "n_neurons_per_seed")),
             },
         )
     ]
+
+
+def _agreement(per_seed: Any) -> str | None:
+    """How stable a decision is across seeds: the share of seeds agreeing with the most common one."""
+    if not isinstance(per_seed, list) or not per_seed:
+        return None
+    values = [json.dumps(v) for v in per_seed]
+    mode = max(set(values), key=lambda v: (values.count(v), v))
+    n = values.count(mode)
+    return f"{100 * n / len(values):.0f}% ({n}/{len(values)}: {_short(mode)})"
 
 
 NEURON_FIELDS = (
@@ -707,6 +862,13 @@ NEURON_FIELDS = (
 )
 
 
+# decisions that seeds can disagree on: "<share agreeing with the most common> (<n>/<seeds>: <value>)"
+SEED_FIELDS = {
+    "neurons": (("#neurons same across seeds", "text", "seeds_agree"),),
+    "pipeline": (("LS layers same across seeds", "text", "ls_seeds_agree"),),
+}
+
+
 def neurons_table(runs: Sequence[Run], problems: Problems) -> Table | None:
     """Table 8 (Tables 1, 2): the smallest top-ranked neuron set that keeps the target score."""
     entries = _collect(runs, "Table 8", ["neurons"], _neurons_payload, [], problems)
@@ -715,15 +877,17 @@ def neurons_table(runs: Sequence[Run], problems: Problems) -> Table | None:
     kept, skipped = newest(entries)
     key_cols, key_values, suffix = _key_columns(kept)
     several = len({e.run.model for e in kept}) > 1
-    columns = key_cols + [Column(name, kind) for name, kind, _ in NEURON_FIELDS] + [Column("reached")]
+    optional = _present([e.payload for e in kept], CONTROL_FIELDS + SEED_FIELDS["neurons"])
+    fields = NEURON_FIELDS + tuple(optional)
+    columns = key_cols + [Column(name, kind) for name, kind, _ in fields] + [Column("reached")]
     rows = [
         key_values(e)
-        + [e.payload[k] for _, _, k in NEURON_FIELDS]
+        + [e.payload[k] for _, _, k in fields]
         + [None if e.payload["reached"] is None else bool(e.payload["reached"])]
         for e in kept
     ]
     rows += _averages(
-        kept, key_cols, [k for _, _, k in NEURON_FIELDS if k != "target_fraction"], NEURON_FIELDS
+        kept, key_cols, [k for _, kind, k in fields if k != "target_fraction" and kind != "text"], fields
     )
     notes = [
         f"{_name(e, several)}: target not reached; the best candidate is reported"
@@ -797,6 +961,7 @@ def _pipeline_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
                 "speedup": get_num(data, "pipeline_timing", "speedup_at_ls"),
                 "ls_reached": ls_reached if isinstance(ls_reached, bool) else None,
                 "fs_reached": fs_reached if isinstance(fs_reached, bool) else None,
+                "ls_seeds_agree": _agreement(get(data, "pipeline", "ls_n_layers_per_seed")),
             },
         )
     ]
@@ -830,10 +995,11 @@ def pipeline_table(runs: Sequence[Run], problems: Problems) -> Table | None:
     kept, skipped = newest(entries)
     key_cols, key_values, suffix = _key_columns(kept)
     several = len({e.run.model for e in kept}) > 1
-    columns = key_cols + [Column(name, kind) for name, kind, _ in PIPELINE_FIELDS]
-    rows = [key_values(e) + [e.payload[k] for _, _, k in PIPELINE_FIELDS] for e in kept]
-    averaged = [k for _, _, k in PIPELINE_FIELDS if k != "n_neurons_total"]
-    rows += _averages(kept, key_cols, averaged, PIPELINE_FIELDS, extra=0)
+    fields = PIPELINE_FIELDS + tuple(_present([e.payload for e in kept], SEED_FIELDS["pipeline"]))
+    columns = key_cols + [Column(name, kind) for name, kind, _ in fields]
+    rows = [key_values(e) + [e.payload[k] for _, _, k in fields] for e in kept]
+    averaged = [k for _, kind, k in fields if k != "n_neurons_total" and kind != "text"]
+    rows += _averages(kept, key_cols, averaged, fields, extra=0)
     notes = []
     for e in kept:
         if e.payload["ls_reached"] is False:
@@ -850,6 +1016,210 @@ def pipeline_table(runs: Sequence[Run], problems: Problems) -> Table | None:
     )
 
 
+# ----------------------------------------------------------------------------------- model comparison
+@dataclass(frozen=True)
+class CompareSpec:
+    """How a table lines models up: the column splitting a task's rows (ct, layer) and the columns
+    compared side by side (``{split}`` = the scores' split), and whether Table 3's averages apply."""
+
+    sub: str | None
+    values: tuple[str, ...]
+    averages: bool = False
+
+
+COMPARE = {
+    "oracle": CompareSpec(None, ("oracle {split}", "fine-tuned {split}")),
+    "general": CompareSpec("ct", ("#neurons", "% removed", "{split}")),
+    "cka": CompareSpec("layers", ("CKA",)),
+    "layers": CompareSpec("layer", ("{split}", "redundant", "control {split}", "selectivity {split}")),
+    "neurons": CompareSpec(
+        None, ("oracle {split}", "#neurons", "reduced {split}", "selectivity {split}"), averages=True
+    ),
+    "pipeline": CompareSpec(
+        None,
+        ("LS layers", "LS {split}", "CCFS #neurons", "CCFS {split}", "% reduction", "speed-up"),
+        averages=True,
+    ),
+}
+KEY_COLUMNS = ("task", "model", "settings", "estimator")
+
+
+def model_order(models: Iterable[str], baseline: str | None = None) -> list[str]:
+    """Models in table order: the baseline first, then the paper's (bert, xlnet), then alphabetical.
+
+    Without a baseline the first of that order is the reference of every difference column.
+    """
+    ordered = sorted(set(models), key=lambda m: _order(m, MODEL_ORDER))
+    if baseline in ordered:
+        ordered.remove(baseline)
+        ordered.insert(0, baseline)
+    return ordered
+
+
+def _melt_cka(table: Table) -> tuple[list[dict[str, Any]], list[Column]]:
+    """The CKA table with one row per layer pair (columns ``layers``, ``CKA``), so depths may differ."""
+    keys = [c for c in table.columns if c.name in KEY_COLUMNS]
+    pairs = [c.name for c in table.columns if c.name not in KEY_COLUMNS]
+    records = []
+    for record in table.records():
+        for i, pair in enumerate(pairs):
+            if record[pair] is not None:
+                records.append(
+                    {**{c.name: record[c.name] for c in keys}, "layers": (i, pair), "CKA": record[pair]}
+                )
+    return records, keys + [Column("layers"), Column("CKA", "ratio")]
+
+
+def _row_order(value: Any) -> tuple[int, Any]:
+    if isinstance(value, tuple):  # melted CKA pair: (index, name)
+        return (1, value[0])
+    if value == "oracle":
+        return (0, 0)
+    if isinstance(value, str) and value.isdigit():
+        return (1, int(value))
+    return (1, value) if isinstance(value, (int, float)) else (2, str(value))
+
+
+def compare_table(
+    table: Table,
+    task_kinds: Mapping[str, str | None] | None = None,
+    *,
+    baseline: str | None = None,
+    split: str = "test",
+) -> Table | None:
+    """The models of ``table`` side by side: per task (and ct / layer) one column per model for each
+    compared value, and ``Δ <value> (<model>-<baseline>)`` for every other model.
+
+    None when the table has a single model, the baseline is not among its models, or no task was
+    run with two models. Scores are of ``split`` (the other split when no row has it).
+    """
+    spec = COMPARE.get(table.key)
+    names = [c.name for c in table.columns]
+    if spec is None or "model" not in names:
+        return None
+    if table.key == "cka":
+        records, columns = _melt_cka(table)
+    else:
+        records = [r for r in table.records() if not str(r["task"]).startswith("average (")]
+        columns = table.columns
+    kinds = {c.name: c.kind for c in columns}
+    models = model_order({r["model"] for r in records}, baseline)
+    if len(models) < 2 or (baseline is not None and models[0] != baseline):
+        return None
+    notes = []
+    used = split
+
+    def wanted(at: str) -> list[str]:
+        return [v.format(split=at) for v in spec.values if v.format(split=at) in kinds]
+
+    def has_scores(at: str) -> bool:
+        scored = [v.format(split=at) for v in spec.values if "{split}" in v]
+        return any(r.get(v) is not None for r in records for v in scored)
+
+    other = "dev" if split == "test" else "test"
+    if not has_scores(split) and has_scores(other):
+        used = other
+        notes.append(f"no run has {split} scores: {other} scores are compared")
+    values = wanted(used)
+    key_names = [n for n in ("task", "settings", "estimator") if n in kinds] + (
+        [spec.sub] if spec.sub else []
+    )
+    grouped: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for record in records:
+        key = tuple(record[k] for k in key_names)
+        grouped.setdefault(key, {})[record["model"]] = record
+    if not any(len(by_model) > 1 for by_model in grouped.values()):
+        return None
+    task_rank = {t: i for i, t in enumerate(dict.fromkeys(r["task"] for r in records))}
+    ordered = sorted(grouped, key=lambda k: (task_rank[k[0]], *(_row_order(v) for v in k[1:])))
+    base = models[0]
+    out_columns = [Column(n) if n != spec.sub else Column(n, kinds.get(n, "text")) for n in key_names]
+    deltas = [v for v in values if kinds[v] in NUMERIC_KINDS]
+    for value in values:
+        out_columns += [Column(f"{value} · {m}", kinds[value]) for m in models]
+        if value in deltas:
+            out_columns += [
+                Column(f"{value} · Δ" + (f" {m}" if len(models) > 2 else ""), "d:" + kinds[value])
+                for m in models[1:]
+            ]
+
+    def cells(by_model: Mapping[str, Mapping[str, Any] | None]) -> list[Any]:
+        row: list[Any] = []
+        for value in values:
+            got = [(by_model.get(m) or {}).get(value) for m in models]
+            row += got
+            if value in deltas:
+                row += [_difference(g, got[0]) for g in got[1:]]
+        return row
+
+    rows = []
+    for key in ordered:
+        shown = [k[1] if isinstance(k, tuple) else k for k in key]
+        rows.append(shown + cells(grouped[key]))
+    if spec.averages and "settings" not in kinds:
+        rows += _compare_averages(grouped, ordered, models, values, task_kinds or {}, len(key_names), cells)
+    lacking = []
+    for m in models:
+        tasks_run = {k[0] for k in ordered if m in grouped[k]}
+        items = [
+            k[0] if k[0] not in tasks_run else " ".join(str(v[1] if isinstance(v, tuple) else v) for v in k)
+            for k in ordered
+            if m not in grouped[k]
+        ]
+        if items:
+            lacking.append(f"{m}: {', '.join(dict.fromkeys(items))}")
+    if lacking:
+        notes.append("blank where a model has no such row (" + "; ".join(lacking) + ")")
+    head = table.title.split(":")[0]
+    others = models[1] if len(models) == 2 else "model"
+    scores = f"{used} scores in %; " if any("{split}" in v for v in spec.values) else ""
+    return Table(
+        "compare_" + table.key,
+        f"{head} by model: {' vs '.join(models)} ({scores}Δ = {others} - {base}"
+        + (", scores in percentage points)" if scores else ")"),
+        out_columns,
+        rows,
+        notes,
+    )
+
+
+def _difference(value: Any, reference: Any) -> float | None:
+    numbers = [v for v in (value, reference) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return float(value) - float(reference) if len(numbers) == 2 else None
+
+
+def _compare_averages(
+    grouped: Mapping[tuple[Any, ...], Mapping[str, Mapping[str, Any]]],
+    ordered: Sequence[tuple[Any, ...]],
+    models: Sequence[str],
+    values: Sequence[str],
+    task_kinds: Mapping[str, str | None],
+    n_keys: int,
+    cells: Callable[[Mapping[str, Mapping[str, Any] | None]], list[Any]],
+) -> list[list[Any]]:
+    """Table 3's averages over the tasks that every model ran (per word-level / sentence family)."""
+    families: dict[str, list[tuple[Any, ...]]] = {}
+    for key in ordered:
+        if all(m in grouped[key] for m in models):
+            family = "word-level" if task_kinds.get(key[0]) == "labelling" else "sentence"
+            families.setdefault(family, []).append(key)
+    rows = []
+    for family in ("word-level", "sentence"):
+        keys = families.get(family, [])
+        if len(keys) < 2:
+            continue
+        averaged: dict[str, dict[str, Any]] = {}
+        for m in models:
+            averaged[m] = {}
+            for value in values:
+                got = [grouped[k][m].get(value) for k in keys]
+                numeric = all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in got)
+                averaged[m][value] = sum(float(g) for g in got) / len(got) if numeric else None
+        label = f"average ({family}, {len(keys)} tasks)"
+        rows.append([label] + [None] * (n_keys - 1) + cells(averaged))
+    return rows
+
+
 BUILDERS: tuple[Callable[[Sequence[Run], Problems], Table | None], ...] = (
     oracle_table,
     general_table,
@@ -860,20 +1230,53 @@ BUILDERS: tuple[Callable[[Sequence[Run], Problems], Table | None], ...] = (
 )
 
 
-def build_tables(runs: Sequence[Run], warn: Warn = _stderr) -> list[Table]:
-    """Every table that has data; each run lacking what a table needs gets one ``warn`` line."""
+def build_tables(
+    runs: Sequence[Run],
+    warn: Warn = _stderr,
+    *,
+    compare: bool = True,
+    baseline: str | None = None,
+    split: str = "test",
+) -> list[Table]:
+    """Every table that has data; each run lacking what a table needs gets one ``warn`` line.
+
+    With ``compare`` (default), a table holding several models on the same tasks is followed by
+    its model comparison (:func:`compare_table`, key ``compare_<key>``) against ``baseline``
+    (default: the first model of :func:`model_order`); ``split`` picks the compared scores.
+    A ``baseline`` that no run has is a ``ValueError``.
+    """
+    if baseline is not None and runs and baseline not in {r.model for r in runs}:
+        raise ValueError(
+            f"baseline model {baseline!r} has no run here (models: {', '.join(model_order(r.model for r in runs))})"
+        )
     problems = Problems()
-    tables = [t for t in (build(runs, problems) for build in BUILDERS) if t is not None]
+    kinds = {r.task: r.kind for r in runs if r.kind}
+    tables = []
+    for build in BUILDERS:
+        table = build(runs, problems)
+        if table is None:
+            continue
+        tables.append(table)
+        compared = compare_table(table, kinds, baseline=baseline, split=split) if compare else None
+        if compared is not None:
+            tables.append(compared)
     problems.report(warn)
     return tables
 
 
-def load_tables(paths: Iterable[str | Path], warn: Warn = _stderr) -> list[Table]:
+def load_tables(
+    paths: Iterable[str | Path],
+    warn: Warn = _stderr,
+    *,
+    compare: bool = True,
+    baseline: str | None = None,
+    split: str = "test",
+) -> list[Table]:
     """find → load → build in one call (for notebooks); paths without any results.json are warned."""
     files, empty = find_results(paths)
     for path in empty:
         warn(f"{path}: no {RESULTS} found")
-    return build_tables(load_runs(files, warn), warn)
+    return build_tables(load_runs(files, warn), warn, compare=compare, baseline=baseline, split=split)
 
 
 # ----------------------------------------------------------------------------------------- printing
@@ -922,6 +1325,24 @@ def format_csv(tables: Sequence[Table]) -> str:
 FORMATS = {"markdown": format_markdown, "csv": format_csv}
 
 
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model-comparison options shared by ``lexp.tables`` and ``lexp.report``."""
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="MODEL",
+        help="reference model of the comparison tables (Δ = other model - MODEL); default: the first "
+        "of bert, xlnet, then the other model names alphabetically",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "dev"),
+        default="test",
+        help="scores compared across models (default test, as the paper; dev when no run has test)",
+    )
+    parser.add_argument("--no-compare", action="store_true", help="leave out the model comparison tables")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exit 0 with the tables (broken files warned on stderr), 2 if a path has no results.json."""
     parser = argparse.ArgumentParser(
@@ -933,6 +1354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--format", choices=sorted(FORMATS), default="markdown")
     parser.add_argument("--out", type=Path, default=None, help="write the tables here (default: stdout)")
+    add_compare_arguments(parser)
     args = parser.parse_args(argv)
     files, empty = find_results(args.paths)
     if empty:
@@ -940,7 +1362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             what = "does not exist" if not path.exists() else f"has no {RESULTS} below it"
             _stderr(f"error: {path} {what}")
         return 2
-    tables = build_tables(load_runs(files))
+    try:
+        tables = build_tables(
+            load_runs(files), compare=not args.no_compare, baseline=args.baseline, split=args.split
+        )
+    except ValueError as exc:
+        _stderr(f"error: --baseline: {exc}")
+        return 2
     text = FORMATS[args.format](tables)
     if not tables:
         _stderr(f"no table has data ({len(files)} {RESULTS} read; see the lines above)")

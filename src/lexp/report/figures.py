@@ -135,3 +135,119 @@ def curve(
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------ cross-run figures (lexp.report)
+def ct_curves(
+    curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float | None]]]],
+    path: Path,
+    title: str,
+    score_label: str,
+) -> Path:
+    """Figure 2 across tasks: score (top) and % neurons removed (bottom) against ct, one line per task,
+    one column per model (``curves[model][task] = (cts, pct_removed, scores)``, scores as fractions)."""
+    models = list(curves)
+    fig, axes = plt.subplots(
+        2, len(models), figsize=(1.5 + 4.5 * len(models), 6.5), sharex=True, sharey="row", squeeze=False
+    )
+    for col, model in enumerate(models):
+        top, bottom = axes[0][col], axes[1][col]
+        for task, (cts, removed, scores) in curves[model].items():
+            ys = [np.nan if s is None else 100 * float(s) for s in scores]
+            (line,) = top.plot(cts, ys, "o-", ms=3, label=task)
+            bottom.plot(cts, removed, "o-", ms=3, color=line.get_color(), label=task)
+        top.set_title(model)
+        top.set_ylabel(score_label if col == 0 else "")
+        bottom.set_ylabel("% neurons removed" if col == 0 else "")
+        bottom.set_xlabel("clustering threshold ct")
+        bottom.set_ylim(0, 100)
+        top.grid(alpha=0.3)
+        bottom.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def layer_curves(
+    series: Mapping[str, Mapping[str, Sequence[float | None] | float | None]],
+    path: Path,
+    title: str,
+    score_label: str,
+) -> Path:
+    """Figure 4 for one task across models: the probe score of each layer, one line per model.
+
+    ``series[label]`` holds ``scores`` (fractions, layer 0 = embeddings), optional ``std`` (error
+    bars), ``oracle`` (dashed line in the same colour) and ``control`` (control-task scores, dotted).
+    Models of different depth share the x axis by layer index.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    depth = 0
+    for label, data in series.items():
+        scores = [np.nan if s is None else 100 * float(s) for s in data["scores"]]  # type: ignore[union-attr]
+        depth = max(depth, len(scores))
+        x = np.arange(len(scores))
+        std = data.get("std")
+        if std is not None and any(s is not None for s in std):  # type: ignore[union-attr]
+            err = [0.0 if s is None else 100 * float(s) for s in std]  # type: ignore[union-attr]
+            line = ax.errorbar(x, scores, yerr=err, fmt="o-", ms=3, capsize=2, label=label).lines[0]
+        else:
+            (line,) = ax.plot(x, scores, "o-", ms=3, label=label)
+        oracle = data.get("oracle")
+        if oracle is not None:
+            ax.axhline(100 * float(oracle), ls="--", lw=1, color=line.get_color(), label=f"{label}: oracle")
+        control = data.get("control")
+        if control is not None and any(c is not None for c in control):  # type: ignore[union-attr]
+            ys = [np.nan if c is None else 100 * float(c) for c in control]  # type: ignore[union-attr]
+            ax.plot(np.arange(len(ys)), ys, ":", color=line.get_color(), label=f"{label}: control task")
+    ax.set_xticks(range(depth), layer_names(depth))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(score_label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def cka_cross_heatmap(cka: np.ndarray, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """Cross-model CKA: layer i of model A (rows) against layer j of model B (columns)."""
+    cka = np.asarray(cka, dtype=float)
+    rows, cols = cka.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * cols, 0.9 + 0.5 * rows))
+    im = ax.imshow(cka, cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
+    ax.set_xticks(range(cols), layer_names(cols))
+    ax.set_yticks(range(rows), layer_names(rows))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if max(rows, cols) <= 14:
+        for i in range(rows):
+            for j in range(cols):
+                ax.text(j, i, f"{cka[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def grouped_bars(
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    path: Path,
+    title: str,
+    ylabel: str,
+) -> Path:
+    """One bar per series (model) in each category (task), values printed on the bars; None = no bar."""
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.6 * len(categories) * max(1, len(series))), 4))
+    x = np.arange(len(categories))
+    for i, (name, values) in enumerate(series.items()):
+        ys = np.array([np.nan if v is None else float(v) for v in values])
+        bars = ax.bar(x + i * width, np.nan_to_num(ys), width, label=name)
+        for bar, y in zip(bars, ys, strict=True):
+            if np.isfinite(y):
+                ax.annotate(
+                    f"{y:g}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=7
+                )
+    ax.set_xticks(x + width * (len(series) - 1) / 2, list(categories))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
