@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,33 @@ def test_bfloat16_dtype(tiny_bert_dir):
     assert enc.model.dtype == torch.bfloat16 and enc.info["dtype"] == "bfloat16"
     with pytest.raises(LexpModelError, match="float16"):
         load_encoder({"name_or_path": str(tiny_bert_dir), "dtype": "float16"})
+
+
+def test_float16_weights_are_refused_on_the_cpu_before_loading(tmp_path):
+    with pytest.raises(LexpModelError, match=r"float16 on the CPU.*Fix: use model.dtype=float32"):
+        load_encoder({"name_or_path": str(tmp_path / "not-even-there"), "dtype": "float16"}, device="cpu")
+
+
+def test_bfloat16_weights_warn_on_a_cpu_without_bfloat16_instructions(tiny_bert_dir, monkeypatch, caplog):
+    import lexp.encoders.loading as loading
+
+    for fast, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(loading, "_cpu_bf16_fast", lambda fast=fast: fast)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lexp.encoders.loading"):
+            enc = load_encoder({"name_or_path": str(tiny_bert_dir), "dtype": "bfloat16"})
+        assert enc.model.dtype == torch.bfloat16
+        assert ("~50x slower than float32" in caplog.text) is warned
+
+
+def test_encoder_is_loaded_on_the_device(tiny_bert_dir, device):
+    enc = load_encoder({"name_or_path": str(tiny_bert_dir)}, device=device)
+    assert {p.device.type for p in enc.model.parameters()} == {device.type}
+    assert enc.info["device"].startswith(device.type) and enc.info["dtype"] == "float32"
+    if device.type == "cuda":  # float16 weights are fine on a GPU
+        half = load_encoder({"name_or_path": str(tiny_bert_dir), "dtype": "float16"}, device=device)
+        assert half.model.dtype == torch.float16 and next(half.model.parameters()).is_cuda
+    assert next(load_encoder({"name_or_path": str(tiny_bert_dir)}).model.parameters()).device.type == "cpu"
 
 
 def test_xlnet_folder_pads_left_and_keeps_no_mems(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -127,6 +126,9 @@ def _run_group(cfg: DictConfig) -> tuple[str, str]:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage named by the config and return the contents of results.json."""
+    from lexp.schema import check_config, command_line
+
+    check_config(cfg)  # every setting, before any work (lexp.schema)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     from pytorch_lightning import seed_everything
@@ -140,7 +142,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model=cfg.model.name,
         analysis=cfg.analysis.name,
         lexp_version=lexp.__version__,
-        command=" ".join(sys.argv),
+        command=command_line(),  # each argument shell-quoted: copy-pasteable
         python=platform.python_version(),
         config=resolved,
     )
@@ -192,9 +194,14 @@ def read_task(ctx: RunContext) -> None:
     task_cfg = OmegaConf.to_container(ctx.cfg.task, resolve=True)
     task = load_task(task_cfg)  # type: ignore[arg-type]
     for split, n in (ctx.cfg.get("limit") or {}).items():
-        if n is not None and split in task.splits:
-            task.splits[split] = task.splits[split][: int(n)]
-            task.notes[f"limit_{split}"] = int(n)
+        if n is None or split not in task.splits:
+            continue
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # [:-1] or [:0] would be silent
+            raise LexpInputError(
+                f"limit.{split}={n!r} must be an integer >= 1 or null. Fix: limit.{split}=null"
+            )
+        task.splits[split] = task.splits[split][:n]
+        task.notes[f"limit_{split}"] = n
     ctx.task = task
     counts: dict[str, Any] = {}
     for split, items in task.splits.items():
@@ -256,6 +263,7 @@ def _split_names(ctx: RunContext) -> list[str]:
 
 def build_stores(ctx: RunContext) -> None:
     """Open the cached store of every split, extracting only what is missing or stale."""
+    from lexp.encoders.writer import report_counts
     from lexp.store import ensure_store, fingerprint, store_dir
 
     cfg = ctx.cfg
@@ -277,6 +285,7 @@ def build_stores(ctx: RunContext) -> None:
     encoder = None
     reused: dict[str, bool] = {}
     paths: dict[str, str] = {}
+    extraction: dict[str, Any] = {}
     for split in _split_names(ctx):
         settings = {
             "model": model_cfg,
@@ -288,6 +297,11 @@ def build_stores(ctx: RunContext) -> None:
             "long_sentences": extract_cfg["long_sentences"],
             "store_dtype": cfg.store.dtype,
             "max_length": cfg.finetune.max_seq_length if ctx.task.kind != "labelling" else None,
+            # What the numbers are computed in: a bfloat16 store is never reused as a float32 one.
+            # Not the device nor the batching: a float32 store built on the CPU or a GPU, in
+            # sentence or token-budget batches, holds the same rows within 1e-4 (tested).
+            "model_dtype": str(model_cfg.get("dtype") or "float32"),  # type: ignore[union-attr]
+            "precision": str(extract_cfg.get("precision", "32")),
         }
         fp = fingerprint(settings, ctx.task.files)
         path = store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp)
@@ -303,6 +317,7 @@ def build_stores(ctx: RunContext) -> None:
         ctx.stores[split] = store
         reused[split] = was_reused
         paths[split] = str(store.path)
+        extraction[split] = report_counts(split, store.manifest.get("extraction"), was_reused)
         log.info(
             "%s store %s: %s (%d rows × %d neurons)",
             split,
@@ -322,21 +337,28 @@ def build_stores(ctx: RunContext) -> None:
             "stores": paths,
             "stores_reused": reused,
             "rows": {s: int(st.n_rows) for s, st in ctx.stores.items()},
+            "extraction": extraction,
         }
     )
 
 
 def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
+    """The encoder (pretrained, or fine-tuned for sentence tasks) on the run's device."""
+    from lexp.device import log_stage_device
     from lexp.encoders.loading import load_encoder
 
     cfg = dict(model_cfg)
     cfg["name_or_path"] = str(ctx.model_dir)
-    return load_encoder(cfg)
+    device = ctx.run_device()
+    encoder = load_encoder(cfg, device=device)
+    log_stage_device("extract", device, encoder.info["dtype"])
+    return encoder
 
 
 def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: str, settings: Mapping) -> None:
     """Extract one split into a new store (written to a partial dir, then renamed by the writer)."""
-    from lexp.encoders.extract import extract_cls, extract_words
+    from lexp.encoders.extract import batch_plan, extract_cls, extract_words
+    from lexp.encoders.writer import write_extraction
     from lexp.store import StoreWriter
 
     task = ctx.task
@@ -354,6 +376,10 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
         "split": split,
         "label_vocab": list(task.labels),
     }
+    device = next(encoder.model.parameters()).device
+    max_tokens = cfg.extract.get("max_tokens", None)
+    batch_size, max_tokens = batch_plan(device, int(cfg.extract.batch_size), max_tokens)
+    precision = str(cfg.extract.get("precision", "32"))  # YAML may give 32 as an int
     if task.kind == "labelling":
         lengths = np.fromiter((len(s.words) for s in items), dtype=np.int64, count=len(items))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -361,7 +387,9 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
             encoder.model,
             encoder.tokenizer,
             [s.words for s in items],
-            batch_size=int(cfg.extract.batch_size),
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            precision=precision,
             subword=str(cfg.extract.subword),
             long_sentences=str(cfg.extract.long_sentences),
             progress=bool(cfg.progress),
@@ -373,9 +401,12 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
             encoder.model,
             encoder.tokenizer,
             [(e.text_a, e.text_b) for e in items],
-            batch_size=int(cfg.extract.batch_size),
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            precision=precision,
             max_length=int(cfg.finetune.max_seq_length),
             progress=bool(cfg.progress),
+            sources=[e.source for e in items],
         )
     with StoreWriter(
         target,
@@ -385,9 +416,15 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
         dtype=str(cfg.store.dtype),
         manifest=manifest,
     ) as writer:
-        for index, rows in stream:
-            writer.write_rows(int(offsets[index]), np.atleast_2d(rows))
-        writer.finish(labels, offsets)
+        write_extraction(stream, writer, offsets)  # rows stored by a background thread
+        counts = stream.stats.as_dict() | {
+            "device": str(device),
+            "model_dtype": str(encoder.info.get("dtype")),
+            "precision": precision,
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+        }
+        writer.finish(labels, offsets, extra_manifest={"extraction": counts})
 
 
 # ------------------------------------------------------------------------------------------- oracle

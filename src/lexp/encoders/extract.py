@@ -12,6 +12,15 @@ so it does not depend on the padding side (XLNet pads on the left) nor on the to
 subword marker. Nothing is dropped or truncated silently: every word gets exactly one row, words
 that tokenise to nothing are encoded as the unknown token (and counted), and sentences longer than
 the model maximum either raise a `LexpInputError` or are encoded in overlapping windows.
+
+Device: the extractors run on the device of the model's weights (move the model first; nothing
+here assumes the CPU). The wanted rows of every layer are gathered on that device into one
+float32 buffer per batch, which reaches the host in ONE copy. On CUDA that copy is asynchronous,
+on a side stream, into pinned memory, and the host reads a batch only after the next batch's
+forward has been queued (double buffering): the copy of batch i overlaps the forward of batch
+i+1. On the CPU the gather writes straight into the returned array, as before (no extra copy).
+Batches are cut by sentence count (``batch_size``) or by a budget of padded tokens
+(``max_tokens``; ``"auto"``: `GPU_MAX_TOKENS` on CUDA, sentence batches on the CPU).
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ import contextlib
 import inspect
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +43,8 @@ from lexp.errors import LexpInputError, LexpModelError
 __all__ = [
     "SUBWORD_MODES",
     "PRECISIONS",
+    "GPU_MAX_TOKENS",
+    "batch_plan",
     "LONG_SENTENCE_POLICIES",
     "Extraction",
     "ExtractionStats",
@@ -48,6 +60,10 @@ SUBWORD_MODES = ("last", "first", "average")
 PRECISIONS = ("32", "bf16-mixed")
 LONG_SENTENCE_POLICIES = ("error", "window")
 _SHOW = 5  # offenders named in messages
+#: Padded tokens per forward for ``max_tokens="auto"`` on CUDA: 32 EWT sentences (~800 tokens) leave
+#: a large GPU idle; 32K tokens is what the issue's H100 reference used. BERT-base keeps 1.3 GB of
+#: hidden states per batch (32768 x 768 x 13 float32) plus one layer's transients: a few GB.
+GPU_MAX_TOKENS = 32768
 
 
 @dataclass
@@ -69,28 +85,54 @@ class ExtractionStats:
     def words_per_second(self) -> float:
         return self.n_words / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def padding_ratio(self) -> float:
+        """Padded tokens per real token (1.0: no padding); what token budgets keep low."""
+        return self.n_padded_tokens / self.n_tokens if self.n_tokens > 0 else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready counts (a store manifest's ``extraction`` entry) incl. the derived rates."""
+        out: dict[str, Any] = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        out["padding_ratio"] = round(self.padding_ratio, 4)
+        out["words_per_second"] = round(self.words_per_second, 1)
+        return out
+
 
 class Extraction(Iterator[tuple[int, np.ndarray]]):
     """Iterator over ``(index, activations)`` that also exposes `ExtractionStats` as ``.stats``.
 
     Validation and tokenisation happen when the extractor is called (errors surface at once);
-    forward passes happen lazily, batch by batch, while iterating.
+    forward passes happen lazily, batch by batch, while iterating. ``batches()`` gives the same
+    items grouped by forward batch (a list per batch), for consumers that hand work on per batch
+    (the background store writer); use one way of iterating, not both.
     """
 
     def __init__(
-        self, run: Callable[[ExtractionStats], Iterator[tuple[int, np.ndarray]]], stats: ExtractionStats
+        self,
+        run: Callable[[ExtractionStats], Iterator[list[tuple[int, np.ndarray]]]],
+        stats: ExtractionStats,
     ):
         self.stats = stats
-        self._gen = run(stats)
+        self._batches = run(stats)
+        self._items: Iterator[tuple[int, np.ndarray]] | None = None
 
     def __iter__(self) -> Extraction:
         return self
 
     def __next__(self) -> tuple[int, np.ndarray]:
-        return next(self._gen)
+        if self._items is None:
+            self._items = (item for batch in self._batches for item in batch)
+        return next(self._items)
+
+    def batches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """The items grouped by forward batch: ``[(index, activations), ...]`` per batch."""
+        if self._items is not None:
+            raise RuntimeError("Extraction.batches(): this extraction is already being iterated item by item")
+        return self._batches
 
     def close(self) -> None:
-        self._gen.close()
+        self._batches.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,18 +158,28 @@ def _inference(model: torch.nn.Module, precision: str) -> Iterator[None]:
 
     ``precision="bf16-mixed"`` runs the matrix products in bfloat16 (autocast): several times faster
     on CPUs with AVX-512-BF16, at the cost of ~1e-2 absolute error in the activations.
+    On CUDA, ``precision="32"`` really is float32: TF32 matrix products (``torch.set_float32_matmul_
+    precision("high")``, which some scripts set globally) are switched off for the forward and the
+    setting is restored after it, so GPU rows equal CPU rows within 1e-4.
     """
     was_training = model.training
     model.eval()
+    device = _device(model)
     autocast = (
-        torch.autocast(_device(model).type, dtype=torch.bfloat16)
+        torch.autocast(device.type, dtype=torch.bfloat16)
         if precision == "bf16-mixed"
         else contextlib.nullcontext()
     )
+    matmul = torch.get_float32_matmul_precision()
+    exact = device.type == "cuda" and precision == "32" and matmul != "highest"
     try:
+        if exact:
+            torch.set_float32_matmul_precision("highest")
         with torch.inference_mode(), autocast:
             yield
     finally:
+        if exact:
+            torch.set_float32_matmul_precision(matmul)
         model.train(was_training)
 
 
@@ -185,6 +237,111 @@ def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) ->
         out.append(slice(start, stop))
         start = stop
     return out
+
+
+def batch_plan(
+    device: torch.device | str, batch_size: int, max_tokens: int | str | None
+) -> tuple[int, int | None]:
+    """``(batch_size, max_tokens)`` for `_batches` from the ``extract`` settings.
+
+    ``max_tokens="auto"``: on CUDA a budget of `GPU_MAX_TOKENS` padded tokens per forward and no
+    separate sentence cap (short sentences fill the budget); on the CPU the sentence batches of
+    ``batch_size`` lexp always used there. An int budget on any device cuts the batches by the
+    budget alone; ``None`` keeps sentence batches of ``batch_size``.
+    """
+    if max_tokens == "auto":
+        if torch.device(device).type == "cuda":
+            return GPU_MAX_TOKENS, GPU_MAX_TOKENS
+        return int(batch_size), None
+    if max_tokens is None:
+        return int(batch_size), None
+    return int(max_tokens), int(max_tokens)
+
+
+def _check_batching(batch_size: Any, max_tokens: Any) -> None:
+    bad_tokens = max_tokens not in (None, "auto") and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or bad_tokens:
+        raise LexpInputError(
+            f"batch_size must be an int >= 1 and max_tokens an int >= 1, 'auto' or None; got {batch_size!r} "
+            f"and {max_tokens!r}."
+        )
+
+
+def _to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Inputs on the model's device; on CUDA staged through pinned memory, copied asynchronously."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+class _DeviceToHost:
+    """One device-to-host copy per batch.
+
+    CUDA: the copy runs on a side stream, after an event recorded behind the batch's gather, into
+    pinned host memory (``non_blocking``), and the returned event says when the host may read it.
+    The caller queues the next batch's forward before waiting on that event, so the copy overlaps
+    the next forward. Pinned blocks come from torch's caching host allocator: a block is reused as
+    soon as the rows viewing it are dropped (after the writer stored them), so this is double
+    buffering without a second copy out of a staging buffer, and the rows the caller keeps stay
+    valid. CPU: the gathered buffer already is host memory and is returned as is.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if self.stream is None:
+            return rows, None
+        gathered = torch.cuda.Event()
+        gathered.record(torch.cuda.current_stream(self.device))
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        self.stream.wait_event(gathered)
+        with torch.cuda.stream(self.stream):
+            host.copy_(rows, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        rows.record_stream(self.stream)  # the allocator keeps `rows` until the copy has read it
+        return host, done
+
+    @staticmethod
+    def wait(host: torch.Tensor, done: Any) -> np.ndarray:
+        if done is not None:
+            done.synchronize()
+        return host.numpy()
+
+
+def _gather(
+    hidden_states: Sequence[torch.Tensor],
+    index: torch.Tensor,
+    more: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The wanted token rows of every layer, on the states' device: float32 (rows, layers*hidden).
+
+    ``index`` holds one flat token position (batch row * width + position) per output row. For
+    the subword average, ``more[k-1] = (rows, tokens)`` adds each listed row's (k+1)-th subword
+    and ``lengths`` (rows, 1) divides: each index_add_ names a row at most once, so the sums are
+    taken in subword order on every device, deterministically (CUDA's index_add_ with repeated
+    rows adds in no fixed order). One device buffer for all layers, filled layer by layer
+    (stacking the hidden states first would copy every token of every layer).
+    """
+    dim = hidden_states[0].shape[-1]
+    device = hidden_states[0].device
+    n_rows = len(index)
+    out = torch.empty((n_rows, len(hidden_states), dim), dtype=torch.float32, device=device)
+    for layer, h in enumerate(hidden_states):
+        flat = h.reshape(-1, dim)
+        if lengths is None:
+            out[:, layer] = flat.index_select(0, index)
+            continue
+        total = flat.index_select(0, index).float()
+        for rows, tokens in more:
+            total.index_add_(0, rows, flat.index_select(0, tokens).float())
+        out[:, layer] = total.div_(lengths)
+    return out.view(n_rows, -1)
 
 
 def _check_fast(tokenizer: Any) -> None:
@@ -332,10 +489,13 @@ def extract_words(
     progress: bool = True,
     sources: Sequence[str] | None = None,
     max_length: int | None = None,
-    max_tokens: int | None = None,
+    max_tokens: int | str | None = None,
     precision: str = "32",
 ) -> Extraction:
     """One activation row per word: yields ``(sentence index, float32 (n_words, n_layers*hidden))``.
+
+    Runs on the device of the model's weights (move the model there first, e.g. with
+    ``load_encoder(cfg, device=...)``); rows always arrive on the host as float32 numpy arrays.
 
     Args:
         sentences: pre-tokenised sentences (lists of words); each word keeps exactly one row.
@@ -349,8 +509,11 @@ def extract_words(
             (`lexp.encoders.loading.model_max_tokens`; None = unbounded, e.g. XLNet).
         max_tokens: optional cap on padded tokens per forward (sequences x longest); with a large
             ``batch_size`` this batches by token budget, which wastes less compute on padding.
-        precision: ``"32"`` (float32, default) or ``"bf16-mixed"`` (bfloat16 matrix products,
-            faster on AVX-512-BF16 CPUs, ~1e-2 absolute error); rows are float32 either way.
+            ``"auto"``: `batch_plan` (a `GPU_MAX_TOKENS` budget alone on CUDA, sentence batches of
+            ``batch_size`` on the CPU). Batching changes no row beyond float rounding (~1e-6).
+        precision: ``"32"`` (float32, default; on CUDA without TF32) or ``"bf16-mixed"`` (bfloat16
+            autocast: fast on GPUs and AVX-512-BF16 CPUs, ~1e-2 absolute error); rows are float32
+            either way.
 
     Rows are yielded in processing order (longest first); place them by index. Words that tokenise
     to zero subwords (control or zero-width characters) are encoded as the unknown token and counted
@@ -362,8 +525,10 @@ def extract_words(
         )
     if long_sentences not in LONG_SENTENCE_POLICIES:
         raise LexpInputError(f"long_sentences={long_sentences!r} is not one of {LONG_SENTENCE_POLICIES}.")
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
-        raise LexpInputError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}.")
+    _check_batching(batch_size, max_tokens)
+    device = _device(model)
+    if max_tokens == "auto":
+        batch_size, max_tokens = batch_plan(device, batch_size, max_tokens)
     _check_precision(precision)
     _check_fast(tokenizer)
     _check_sources(sources, len(sentences), "sentences")
@@ -422,17 +587,45 @@ def extract_words(
     total_words = sum(len(ws) for ws in words)
     empties = [i for i, ws in enumerate(words) if not ws]
 
-    def run(st: ExtractionStats) -> Iterator[tuple[int, np.ndarray]]:
+    def run(st: ExtractionStats) -> Iterator[list[tuple[int, np.ndarray]]]:
         from tqdm.auto import tqdm
 
         bar = tqdm(
             total=total_words, unit="word", unit_scale=True, desc="extract words", disable=not progress
         )
         pending: dict[int, tuple[np.ndarray, int]] = {}
+        copier = _DeviceToHost(device)
+        lag = 0 if copier.stream is None else 1  # CUDA: read batch i after queueing batch i+1
+        in_flight: deque[tuple[list[_Piece], torch.Tensor, Any]] = deque()
+
+        def collect(batch: list[_Piece], host: torch.Tensor, done: Any) -> list[tuple[int, np.ndarray]]:
+            rows = copier.wait(host, done)
+            out: list[tuple[int, np.ndarray]] = []
+            at = 0
+            for p in batch:
+                k = len(p.starts)
+                block = rows[at : at + k]
+                at += k
+                st.n_words += k
+                if p.rows is None:
+                    out.append((p.sentence, block))
+                    continue
+                buf, left_over = pending.get(p.sentence, (None, n_pieces_of[p.sentence]))
+                if buf is None:
+                    buf = np.empty((len(words[p.sentence]), rows.shape[1]), dtype=np.float32)
+                buf[p.rows] = block
+                if left_over == 1:
+                    pending.pop(p.sentence, None)
+                    out.append((p.sentence, buf))
+                else:
+                    pending[p.sentence] = (buf, left_over - 1)
+            bar.update(at)
+            return out
+
         clock = time.perf_counter()
         try:
-            for i in empties:
-                yield i, np.zeros((0, n_layers * hidden), dtype=np.float32)
+            if empties:
+                yield [(i, np.zeros((0, n_layers * hidden), dtype=np.float32)) for i in empties]
             for part in _batches([len(p.ids) for p in pieces], batch_size, max_tokens):
                 batch = pieces[part]
                 rows = _run_word_batch(
@@ -444,26 +637,12 @@ def extract_words(
                         f"(num_hidden_layers + 1) * hidden_size = {n_layers * hidden}; lexp supports "
                         "encoders whose hidden_states are the embeddings plus one output per layer."
                     )
-                at = 0
-                for p in batch:
-                    k = len(p.starts)
-                    block = rows[at : at + k]
-                    at += k
-                    st.n_words += k
-                    if p.rows is None:
-                        yield p.sentence, block
-                        continue
-                    buf, left_over = pending.get(p.sentence, (None, n_pieces_of[p.sentence]))
-                    if buf is None:
-                        buf = np.empty((len(words[p.sentence]), rows.shape[1]), dtype=np.float32)
-                    buf[p.rows] = block
-                    if left_over == 1:
-                        pending.pop(p.sentence, None)
-                        yield p.sentence, buf
-                    else:
-                        pending[p.sentence] = (buf, left_over - 1)
-                bar.update(at)
-                st.seconds = time.perf_counter() - clock
+                in_flight.append((batch, *copier.start(rows)))
+                if len(in_flight) > lag:
+                    yield collect(*in_flight.popleft())
+                    st.seconds = time.perf_counter() - clock
+            while in_flight:
+                yield collect(*in_flight.popleft())
         finally:
             bar.close()
             st.seconds = time.perf_counter() - clock
@@ -571,8 +750,9 @@ def _run_word_batch(
     forward_kwargs: dict[str, Any],
     precision: str,
     stats: ExtractionStats,
-) -> np.ndarray:
-    """Forward one batch and gather one row per taken word: float32 (n_words, n_layers*hidden)."""
+) -> torch.Tensor:
+    """Forward one batch and gather one row per taken word on the model's device: float32
+    (n_words, n_layers*hidden). On CUDA the work is only queued; nothing waits for it here."""
     inputs, offsets, width = _pad_batch(
         [p.ids for p in batch], [p.type_ids for p in batch] if want_types else None, tokenizer, left
     )
@@ -583,28 +763,28 @@ def _run_word_batch(
     stats.n_tokens += int(inputs["attention_mask"].sum())
     stats.n_padded_tokens += inputs["input_ids"].numel()
     device = _device(model)
-    with _inference(model, precision):
-        hidden_states = model(**{k: v.to(device) for k, v in inputs.items()}, **forward_kwargs).hidden_states
-        n_rows, dim = len(starts), hidden_states[0].shape[-1]
-        out = torch.empty((n_rows, len(hidden_states), dim), dtype=torch.float32)
-        if subword == "average":
-            lengths = ends - starts
-            token = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(
-                lengths.sum()
+    # gather indices (computed on the host) travel with the inputs: pinned and asynchronous on CUDA
+    gather: dict[str, torch.Tensor] = {}
+    n_more = 0
+    if subword == "average":
+        count = ends - starts
+        gather["index"] = torch.from_numpy(starts)
+        gather["lengths"] = torch.from_numpy(count.astype(np.float32)[:, None])
+        for k in range(1, int(count.max())):  # row r's (k+1)-th subword, for rows that have one
+            rows = np.flatnonzero(count > k)
+            gather[f"rows{k}"], gather[f"tokens{k}"] = (
+                torch.from_numpy(rows),
+                torch.from_numpy(starts[rows] + k),
             )
-            token_t = torch.from_numpy(token).to(device)
-            slot = torch.from_numpy(np.repeat(np.arange(n_rows), lengths)).to(device)
-            scale = torch.from_numpy(lengths.astype(np.float32)).to(device)[:, None]
-            for layer, h in enumerate(hidden_states):
-                flat = h.reshape(-1, dim).index_select(0, token_t).float()
-                out[:, layer] = (
-                    torch.zeros((n_rows, dim), device=device).index_add_(0, slot, flat).div_(scale).cpu()
-                )
-        else:
-            index = torch.from_numpy(starts if subword == "first" else ends - 1).to(device)
-            for layer, h in enumerate(hidden_states):
-                out[:, layer] = h.reshape(-1, dim).index_select(0, index).cpu()
-    return out.numpy().reshape(n_rows, -1)
+            n_more = k
+    else:
+        gather["index"] = torch.from_numpy(starts if subword == "first" else ends - 1)
+    inputs = _to_device(inputs, device)
+    gather = _to_device(gather, device)
+    more = [(gather[f"rows{k}"], gather[f"tokens{k}"]) for k in range(1, n_more + 1)]
+    with _inference(model, precision):
+        hidden_states = model(**inputs, **forward_kwargs).hidden_states
+        return _gather(hidden_states, gather["index"], more, gather.get("lengths"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,10 +801,12 @@ def extract_cls(
     max_length: int = 128,
     progress: bool = True,
     sources: Sequence[str] | None = None,
-    max_tokens: int | None = None,
+    max_tokens: int | str | None = None,
     precision: str = "32",
 ) -> Extraction:
     """The classification-token representation of each example: yields ``(index, float32 (n_layers*hidden,))``.
+
+    Runs on the device of the model's weights, like `extract_words`.
 
     Pairs are encoded as pairs (``text_a [SEP] text_b``). As in the paper's fine-tuning, examples
     longer than ``max_length`` tokens are truncated (longest sequence first); their number is in
@@ -632,8 +814,10 @@ def extract_cls(
     BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources``,
     ``max_tokens`` and ``precision`` are as in `extract_words`.
     """
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
-        raise LexpInputError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}.")
+    _check_batching(batch_size, max_tokens)
+    device = _device(model)
+    if max_tokens == "auto":
+        batch_size, max_tokens = batch_plan(device, batch_size, max_tokens)
     _check_precision(precision)
     _check_fast(tokenizer)
     _check_sources(sources, len(examples), "examples")
@@ -700,12 +884,20 @@ def extract_cls(
     order = sorted(range(len(examples)), key=lambda i: -len(ids[i]))
     left = getattr(tokenizer, "padding_side", "right") == "left"
 
-    def run(st: ExtractionStats) -> Iterator[tuple[int, np.ndarray]]:
+    def run(st: ExtractionStats) -> Iterator[list[tuple[int, np.ndarray]]]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(order), unit="ex", unit_scale=True, desc="extract cls", disable=not progress)
+        copier = _DeviceToHost(device)
+        lag = 0 if copier.stream is None else 1  # CUDA: read batch i after queueing batch i+1
+        in_flight: deque[tuple[list[int], torch.Tensor, Any]] = deque()
+
+        def collect(chunk: list[int], host: torch.Tensor, done: Any) -> list[tuple[int, np.ndarray]]:
+            rows = copier.wait(host, done)
+            bar.update(len(chunk))
+            return list(zip(chunk, rows, strict=True))
+
         clock = time.perf_counter()
-        device = _device(model)
         try:
             for part in _batches([len(ids[i]) for i in order], batch_size, max_tokens):
                 chunk = order[part]
@@ -717,22 +909,21 @@ def extract_cls(
                 )
                 lengths = np.array([len(ids[i]) for i in chunk], dtype=np.int64)
                 pos = offsets + (0 if where == "first" else lengths - 1)
-                index = torch.from_numpy(np.arange(len(chunk), dtype=np.int64) * width + pos).to(device)
+                index = torch.from_numpy(np.arange(len(chunk), dtype=np.int64) * width + pos)
                 st.n_batches += 1
                 st.n_tokens += int(lengths.sum())
                 st.n_padded_tokens += inputs["input_ids"].numel()
+                moved = _to_device({**inputs, "_index": index}, device)
+                index_d = moved.pop("_index")
                 with _inference(model, precision):
-                    hidden_states = model(
-                        **{k: v.to(device) for k, v in inputs.items()}, **forward_kwargs
-                    ).hidden_states
-                    dim = hidden_states[0].shape[-1]
-                    out = torch.empty((len(chunk), len(hidden_states), dim), dtype=torch.float32)
-                    for layer, h in enumerate(hidden_states):
-                        out[:, layer] = h.reshape(-1, dim).index_select(0, index).cpu()
-                rows = out.numpy().reshape(len(chunk), -1)
-                yield from zip(chunk, rows, strict=True)
-                bar.update(len(chunk))
-                st.seconds = time.perf_counter() - clock
+                    hidden_states = model(**moved, **forward_kwargs).hidden_states
+                    rows = _gather(hidden_states, index_d)
+                in_flight.append((chunk, *copier.start(rows)))
+                if len(in_flight) > lag:
+                    yield collect(*in_flight.popleft())
+                    st.seconds = time.perf_counter() - clock
+            while in_flight:
+                yield collect(*in_flight.popleft())
         finally:
             bar.close()
             st.seconds = time.perf_counter() - clock
