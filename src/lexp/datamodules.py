@@ -11,15 +11,28 @@ so two runs with the same seed see identical batches, and a probe trained alone 
 batches as the same probe trained as one head of a ``MultiHeadProbe``. Lightning calls
 ``set_epoch`` on the sampler at every epoch; a hand-written loop calls
 ``loader.sampler.set_epoch(epoch)`` itself.
+
+**Resident splits** (``resident``, ``probe.resident``): on a GPU, per-step host work — reading,
+casting, copying each minibatch, and Lightning's per-batch hooks — costs more than the step. When a
+split (its selected columns, in the store's dtype) fits in half the device memory available, it is
+copied onto the device once, in chunks streamed from the memory map (never a whole host copy),
+checked for non-finite values on the way, and batches are cut from it there: the training loader
+yields one :class:`ResidentBatch` per epoch (the epoch's :func:`epoch_order` on the device; the
+probe cuts it into ``batch_size`` minibatches, so the Adam steps are exactly the streaming ones) and
+the evaluation loaders yield large float32 slices. ``resident=true`` also works on the CPU (the
+split is then a torch tensor in RAM), which is how the tests check it against the streaming path.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -27,9 +40,64 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lexp.errors import LexpInputError
 from lexp.store import Store, open_store
 
-__all__ = ["ActivationDataModule", "EpochBatchSampler", "StoreBatches", "epoch_order"]
+__all__ = [
+    "ActivationDataModule",
+    "EpochBatchSampler",
+    "RESIDENT_CHOICES",
+    "ResidentBatch",
+    "StoreBatches",
+    "epoch_order",
+    "parse_resident",
+]
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
+
+#: ``resident`` / ``probe.resident``: auto = on a GPU when the split fits in the budget; true = on the
+#: run's device whatever the budget (the CPU too); false = always stream from the store.
+RESIDENT_CHOICES = ("auto", True, False)
+#: share of the device memory available (free + torch's reusable cache) a resident split may take
+RESIDENT_FRACTION = 0.5
+#: bytes per host→device copy while loading a resident split (a chunk of the memory map)
+_LOAD_CHUNK_BYTES = 64 << 20
+#: float32 bytes of one evaluation batch cut from a resident split on a GPU (large batches: few launches)
+_EVAL_BATCH_BYTES = 256 << 20
+
+
+def parse_resident(value: Any, what: str = "resident") -> str | bool:
+    """``auto`` | ``True`` | ``False`` from a setting (YAML's ``auto``/``true``/``false``, a bool, or
+    null for the default, auto)."""
+    if isinstance(value, bool):
+        return value
+    if value is None:  # null: the default
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in {"true", "yes", "on", "1"}:
+            return True
+        if text in {"false", "no", "off", "0"}:
+            return False
+    raise LexpInputError(
+        f"{what} = {value!r}: use auto, true or false (auto: keep the splits in GPU memory when they fit in "
+        f"{RESIDENT_FRACTION:.0%} of what is available; true: on the run's device whatever the size, the CPU too; "
+        "false: always stream from the store)"
+    )
+
+
+def _row_list(rows: np.ndarray, limit: int = 6) -> str:
+    """Sorted store rows as ``"3, 10-14, 99"`` (the first ``limit`` runs, then how many more)."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if rows.size == 0:
+        return "none"
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = [(int(r[0]), int(r[-1])) for r in np.split(rows, breaks)]
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    if len(runs) > limit:
+        text += f", … ({rows.size} rows in all)"
+    return text
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -121,6 +189,76 @@ def _as_batch(item: Any) -> Any:
     return item
 
 
+# ------------------------------------------------------------------------------ resident splits
+class ResidentBatch:
+    """One training batch of a split held on the device: the split (``x`` in the store's dtype,
+    ``y``) and the rows of this batch in epoch order (an index tensor on the device, or a slice
+    when unshuffled). :meth:`minibatches` cuts them into ``batch_size`` rows, each gathered and cast
+    to float32 on the device.
+
+    Deliberately not a tensor collection (no ``to``, not a dataclass): Lightning passes it to
+    ``training_step`` unchanged — the data already live on the device, nothing is moved or copied.
+    """
+
+    __slots__ = ("x", "y", "rows", "batch_size")
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | slice, batch_size: int) -> None:
+        self.x, self.y, self.rows, self.batch_size = x, y, rows, int(batch_size)
+
+    def __len__(self) -> int:
+        return self.rows.stop - self.rows.start if isinstance(self.rows, slice) else int(self.rows.numel())
+
+    @property
+    def n_steps(self) -> int:
+        return -(-len(self) // self.batch_size)
+
+    def minibatches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x float32 (≤ batch_size, C), y)`` per minibatch, on the device, in order. Every full
+        minibatch has the same shape (only the last may be short), and nothing here waits for the
+        device: the indices are views of one tensor made once per batch."""
+        bs = self.batch_size
+        if isinstance(self.rows, slice):
+            for start in range(self.rows.start, self.rows.stop, bs):
+                stop = min(start + bs, self.rows.stop)
+                yield self.x[start:stop].float(), self.y[start:stop]
+            return
+        for idx in self.rows.split(bs):
+            yield self.x.index_select(0, idx).float(), self.y.index_select(0, idx)
+
+
+class _ResidentSplit(Dataset):
+    """A split held on a device: ``x`` (rows × selected columns, store dtype) and ``y``. As a
+    dataset it answers the samplers' index batches: a :class:`ResidentBatch` for training
+    (``train=True``), else the float32 rows of a slice."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool) -> None:
+        self.x, self.y, self.batch_size, self.train = x, y, int(batch_size), train
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, rows: slice | np.ndarray) -> Any:
+        if self.train:
+            if isinstance(rows, np.ndarray):  # the epoch order: one copy to the device per batch
+                rows = torch.from_numpy(rows).to(self.x.device)
+            return ResidentBatch(self.x, self.y, rows, self.batch_size)
+        return self.x[rows].float(), self.y[rows]
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Memory a resident split may come out of: on a GPU the free memory plus what torch's caching
+    allocator holds unused (freed tensors it keeps for reuse); on the CPU the available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    return int(psutil.virtual_memory().available)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 class ActivationDataModule(pl.LightningDataModule):
     """Probe batches ``(x float32 (B, n_features), y)`` from the train/dev/test stores.
 
@@ -133,6 +271,13 @@ class ActivationDataModule(pl.LightningDataModule):
     its minibatches (one optimiser step each; they read ``batch_size`` from here), so the steps
     are the same as with ``read_steps=1`` while the reading and Lightning's per-batch work are paid
     once per read.
+
+    ``resident`` (``"auto"`` | ``True`` | ``False``, see the module docstring) holds the train, dev
+    and test splits on the device — the Trainer's (``trainer.strategy.root_device``) once one is
+    attached, else ``device`` (default: the CPU) — each loaded when its loader is first asked for
+    and released at Lightning's ``teardown``. ``auto`` does so only on a GPU and only for a split
+    that fits in ``resident_fraction`` of the memory available there; the training loader then
+    yields one :class:`ResidentBatch` per epoch (``read_steps`` does not apply).
     """
 
     def __init__(
@@ -150,6 +295,9 @@ class ActivationDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         predict_split: str = "test",
         read_steps: int = 1,
+        resident: bool | str = "auto",
+        device: torch.device | str | None = None,
+        resident_fraction: float = RESIDENT_FRACTION,
     ) -> None:
         super().__init__()
         stores = {"train": train, "dev": dev, "test": test}
@@ -183,6 +331,15 @@ class ActivationDataModule(pl.LightningDataModule):
         self._datasets = {
             name: StoreBatches(store, self.columns, self.regression) for name, store in self.stores.items()
         }
+        self.resident = parse_resident(resident)
+        self.device = None if device is None else torch.device(device)
+        if not 0 < float(resident_fraction) <= 1:
+            raise LexpInputError(f"resident_fraction = {resident_fraction!r} must be in (0, 1]")
+        self.resident_fraction = float(resident_fraction)
+        #: splits held on a device (loaded on first use, dropped at teardown)
+        self._resident: dict[str, _ResidentSplit] = {}
+        #: per split, how the last loader made cuts it: (rows per batch, shuffled)
+        self._layout: dict[str, tuple[int, bool]] = {}
 
     @property
     def n_features(self) -> int:
@@ -202,17 +359,16 @@ class ActivationDataModule(pl.LightningDataModule):
         return n
 
     def loader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
-        """A loader over one split; ``shuffle`` uses the seeded per-epoch order."""
+        """A loader over one split, streamed from the store; ``shuffle`` uses the seeded per-epoch order."""
         if split not in self._datasets:
             raise LexpInputError(
                 f"no {split!r} store was given to ActivationDataModule (have {sorted(self._datasets)})"
             )
-        dataset = self._datasets[split]
-        sampler = EpochBatchSampler(
-            self.stores[split].n_rows, batch_size or self.batch_size, shuffle=shuffle, seed=self.seed
-        )
+        rows = batch_size or self.batch_size
+        self._layout[split] = (rows, shuffle)
+        sampler = EpochBatchSampler(self.stores[split].n_rows, rows, shuffle=shuffle, seed=self.seed)
         return DataLoader(
-            dataset,
+            self._datasets[split],
             sampler=sampler,
             batch_size=None,
             collate_fn=_as_batch,
@@ -220,19 +376,167 @@ class ActivationDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _resident_loader(self, split: str, data: _ResidentSplit, rows: int, shuffle: bool) -> DataLoader:
+        """A loader cutting batches out of a split on the device (no workers: nothing to read)."""
+        self._layout[split] = (rows, shuffle)
+        sampler = EpochBatchSampler(len(data), rows, shuffle=shuffle, seed=self.seed)
+        return DataLoader(data, sampler=sampler, batch_size=None, collate_fn=_as_batch, num_workers=0)
+
     def train_dataloader(self) -> DataLoader:
+        data = self.resident_split("train")
+        if data is not None:  # one batch per epoch: the probe loops over its minibatches
+            return self._resident_loader("train", data, len(data), self.shuffle)
         return self.loader("train", shuffle=self.shuffle, batch_size=self.batch_size * self.read_steps)
 
     def ordered_dataloader(self, split: str) -> DataLoader:
-        """Store-order batches of a split (evaluation, prediction, ranking)."""
+        """Store-order batches of a split (evaluation, prediction, ranking), streamed from the store."""
         return self.loader(split, shuffle=False, batch_size=self.eval_batch_size)
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        data = self.resident_split(split)
+        if data is None:
+            return self.ordered_dataloader(split)
+        rows = self.eval_batch_size
+        if data.x.device.type == "cuda":  # large batches: few kernel launches per pass
+            rows = max(rows, _EVAL_BATCH_BYTES // (4 * max(1, data.x.shape[1])))
+        return self._resident_loader(split, data, rows, False)
 
     def val_dataloader(self) -> DataLoader | list:
         """Store-order dev batches; no dev store means no validation (an empty list for Lightning)."""
-        return self.ordered_dataloader("dev") if "dev" in self._datasets else []
+        return self._eval_dataloader("dev") if "dev" in self._datasets else []
 
     def test_dataloader(self) -> DataLoader:
-        return self.ordered_dataloader("test")
+        if "test" not in self._datasets:
+            return self.ordered_dataloader("test")  # the error naming the missing store
+        return self._eval_dataloader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self.ordered_dataloader(self.predict_split)
+
+    # ---- resident splits
+    def target_device(self) -> torch.device:
+        """Where resident splits go: the attached Trainer's device, else ``device`` (default CPU)."""
+        trainer = self.trainer
+        if trainer is not None:
+            root = trainer.strategy.root_device
+            if self.device is not None and torch.device(root) != self.device:
+                raise LexpInputError(
+                    f"ActivationDataModule(device={self.device}) but the Trainer runs on {root}; give both "
+                    "the run's device (lexp.device.trainer_device_kwargs), or leave device unset"
+                )
+            return torch.device(root)
+        return self.device or torch.device("cpu")
+
+    def resident_split(self, split: str) -> _ResidentSplit | None:
+        """The split held on :meth:`target_device` (loaded on first use), or None to stream it."""
+        if split in self._resident:
+            return self._resident[split]
+        device = self.target_device()
+        if self.resident is False or (self.resident == "auto" and device.type != "cuda"):
+            return None
+        store = self.stores[split]
+        n_cols = self.n_features
+        nbytes = store.n_rows * n_cols * store.dtype.itemsize + store.n_rows * 8
+        available = _available_bytes(device)
+        if self.resident == "auto" and nbytes > self.resident_fraction * available:
+            log.info(
+                "%s split streamed from %s: %s would take more than %.0f%% of the %s available on %s",
+                split,
+                store.path,
+                _gib(nbytes),
+                100 * self.resident_fraction,
+                _gib(available),
+                device,
+            )
+            return None
+        if nbytes > available:
+            raise LexpInputError(
+                f"{store.path}: resident=true, but the {split} split ({store.n_rows} rows × {n_cols} columns, "
+                f"{store.dtype}) needs {_gib(nbytes)} and {device} has {_gib(available)} available; set "
+                "probe.resident=auto (held only when it fits) or false (streamed from the store)"
+            )
+        self._resident[split] = data = self._load(split, device)
+        log.info(
+            "%s split held on %s: %d rows × %d columns, %s (%s)",
+            split,
+            device,
+            store.n_rows,
+            n_cols,
+            store.dtype,
+            _gib(nbytes),
+        )
+        return data
+
+    def _load(self, split: str, device: torch.device) -> _ResidentSplit:
+        """Copy a split onto ``device`` chunk by chunk from the memory map, in the store's dtype,
+        checking on the device that every value is finite (one host sync at the end)."""
+        store = self.stores[split]
+        n_rows, n_cols = store.n_rows, self.n_features
+        x = torch.empty(
+            (n_rows, n_cols), dtype=torch.from_numpy(np.empty(0, store.dtype)).dtype, device=device
+        )
+        chunk_rows = max(1, _LOAD_CHUNK_BYTES // max(1, n_cols * store.dtype.itemsize))
+        finite = []
+        with warnings.catch_warnings():  # a read-only memmap view: only read, by the copy
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            for start, chunk in zip(
+                range(0, n_rows, chunk_rows),
+                store.iter_chunks(chunk_rows, self.columns, dtype=store.dtype),
+                strict=True,
+            ):
+                block = x[start : start + len(chunk)]
+                block.copy_(torch.from_numpy(chunk))
+                # a NaN/Inf anywhere makes the float32 sum non-finite (the exact check is below)
+                finite.append(torch.isfinite(block.sum(dtype=torch.float32)))
+        if finite and not bool(torch.stack(finite).all()):
+            bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().cpu().numpy()
+            if bad.size:
+                raise LexpInputError(
+                    f"{store.path}: {bad.size} row(s) of the {split} split hold non-finite activations (NaN or "
+                    f"Inf) in the probe's columns, store rows {_row_list(bad)}; the store's activations.npy is "
+                    "damaged (lexp refuses non-finite values when writing a store): delete the store directory "
+                    "so that lexp rebuilds it, and rerun"
+                )
+        labels = self._datasets[split].labels
+        if split == "train":
+            self._check_labels(store, labels)
+        y = labels.to(device)
+        return _ResidentSplit(x, y, self.batch_size, train=split == "train")
+
+    def _check_labels(self, store: Store, labels: torch.Tensor) -> None:
+        """Train labels of a resident split, checked once on the host (a CUDA kernel indexing with a
+        bad id would be a device-side assert, not an error)."""
+        if self.regression:
+            bad = np.flatnonzero(~np.isfinite(labels.numpy()))
+            what = "non-finite regression targets"
+        else:
+            n = self.n_classes
+            bad = np.flatnonzero((labels.numpy() < 0) | (labels.numpy() >= n))
+            what = f"label ids outside the {n} train classes"
+        if bad.size:
+            raise LexpInputError(
+                f"{store.path}: {what} at rows {_row_list(bad)} of labels.npy; rebuild the store from the task"
+            )
+
+    def teardown(self, stage: str) -> None:
+        """Lightning's end of fit/test: give the device memory of resident splits back."""
+        self._resident.clear()
+
+    def describe_rows(
+        self, split: str, batch_idx: int | None, *, epoch: int = 0, positions: np.ndarray | None = None
+    ) -> str:
+        """``"<store path>: <split> rows …"`` for a batch of the last loader made for ``split``
+        (``batch_idx`` None: the store alone). ``positions`` picks rows of the batch; without them
+        the batch's rows are read again and those holding non-finite values are named."""
+        store = self.stores[split]
+        if batch_idx is None:
+            return f"{store.path} ({split} split)"
+        per, shuffled = self._layout.get(split, (self.batch_size, False))
+        order = epoch_order(store.n_rows, self.seed, epoch) if shuffled else np.arange(store.n_rows)
+        rows = order[batch_idx * per : (batch_idx + 1) * per]
+        if positions is None:
+            x = store.read_rows(rows, self.columns)
+            positions = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            if positions.size == 0:
+                return f"{store.path}: {split} rows {_row_list(rows)}"
+        return f"{store.path}: {split} store rows {_row_list(rows[positions])}"
