@@ -121,11 +121,15 @@ def screenshot(
     png_path: str | Path,
     *,
     width: int = 1280,
+    height: int | None = None,
     max_height: int = 30000,
     timeout: float = 180,
 ) -> Path:
-    """A PNG of the whole page (measured first, up to ``max_height`` pixels) at ``width`` pixels."""
-    height = min(int(inspect_page(html_path, width=width, timeout=timeout)["height"]), max_height)
+    """A PNG of the whole page at ``width`` pixels: ``height`` (default: measured by
+    :func:`inspect_page`, one more Chromium start) up to ``max_height`` pixels."""
+    if height is None:
+        height = int(inspect_page(html_path, width=width, timeout=timeout)["height"])
+    height = min(height, max_height)
     png_path = Path(png_path).resolve()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     _chromium(

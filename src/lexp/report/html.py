@@ -222,12 +222,14 @@ class ReportBuilder:
         *,
         split: str,
         warnings: list[str],
+        warn: Callable[[str], None],
         inputs: Sequence[Path],
     ) -> None:
         self.runs = list(runs)
         self.tables = {t.key: t for t in tables}
         self.split = split
-        self.warnings = warnings
+        self.warnings = warnings  # every line so far (shown at the end of the page)
+        self.warn = warn  # adds a line to warnings and prints it
         self.inputs = inputs
         self.used: set[Path] = set()  # run figures already placed in a section
         self.draw = Drawer()
@@ -243,7 +245,7 @@ class ReportBuilder:
         path = run.path.parent / "figures" / name
         data = png_of(path)
         if data is None:
-            self.warnings.append(f"{path}: listed in results.json but missing or not a PNG; left out")
+            self.warn(f"{path}: listed in results.json but missing or not a PNG; left out")
             return None
         self.used.add(path.resolve())
         return self._fig(data, f"{run.task} · {run.model}: {name}", str(path))
@@ -687,13 +689,11 @@ class ReportBuilder:
                 if path.resolve() in self.used or path.suffix.lower() != ".png":
                     continue
                 if run.path.parent.resolve() not in path.resolve().parents:
-                    self.warnings.append(
-                        f"{run.path}: figure {name!r} lies outside the run directory; left out"
-                    )
+                    self.warn(f"{run.path}: figure {name!r} lies outside the run directory; left out")
                     continue
                 data = png_of(path)
                 if data is None:
-                    self.warnings.append(f"{path}: listed in results.json but missing or not a PNG; left out")
+                    self.warn(f"{path}: listed in results.json but missing or not a PNG; left out")
                     continue
                 self.used.add(path.resolve())
                 figs.append(
@@ -763,7 +763,7 @@ def build_report(
         note(f"{path}: no {tb.RESULTS} found")
     runs = tb.load_runs(files, note)
     tables = tb.build_tables(runs, note, baseline=baseline, split=split)
-    builder = ReportBuilder(runs, tables, split=split, warnings=warnings, inputs=paths)
+    builder = ReportBuilder(runs, tables, split=split, warnings=warnings, warn=note, inputs=paths)
     text = builder.build()
     return Page(text, warnings, builder.n_figures, len(tables))
 
