@@ -697,3 +697,30 @@ def test_seed_agreement_and_debiased_cka(tmp_path: Path) -> None:
         ["pos", "biased", "0.9500", "0.6000"],
         ["pos", "debiased", "0.9000", "0.4100"],
     ]
+
+
+def test_a_model_setting_makes_a_second_model(tmp_path: Path) -> None:
+    """``model.random_init=true`` under the same model name is compared as a model of its own."""
+    _write(tmp_path, "a", _run("pos", "neurons", neurons=_neurons(4)))
+    twin = _run("pos", "neurons", neurons=_neurons(9, reduced_dev=0.5))
+    twin["config"]["model"]["random_init"] = True
+    _write(tmp_path, "b", twin)
+    tables = _tables(tmp_path)
+    assert [r[:2] for r in tables["neurons"].cells()] == [
+        ["pos", "minilm"],
+        ["pos", "minilm[random_init=true]"],
+    ]
+    assert "settings" not in _header(tables["neurons"])
+    compare = tables["compare_neurons"]
+    assert _header(compare)[4:7] == [
+        "#neurons · minilm",
+        "#neurons · minilm[random_init=true]",
+        "#neurons · Δ",
+    ]
+    assert compare.cells()[0][4:7] == ["4", "9", "+5"]
+    twin["config"]["model"]["random_init"] = False  # now both runs set it: both names say so
+    _write(tmp_path, "a", twin)
+    assert [r[1] for r in _tables(tmp_path)["neurons"].cells()] == [
+        "minilm[random_init=false]",
+        "minilm[random_init=true]",
+    ]

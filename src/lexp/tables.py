@@ -22,7 +22,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,9 @@ class Run:
     path: Path
     mtime_ns: int
     data: dict[str, Any]
+    #: the model's name with the model settings that tell it from other runs of that name
+    #: (:func:`model_variants`), e.g. ``minilm[random_init=true]``; None: the plain name
+    variant: str | None = None
 
     @property
     def task(self) -> str:
@@ -85,7 +88,7 @@ class Run:
 
     @property
     def model(self) -> str:
-        return str(self.data["model"])
+        return self.variant or str(self.data["model"])
 
     @property
     def analysis(self) -> str:
@@ -146,6 +149,33 @@ def load_run(path: str | Path) -> Run:
     if absent:
         raise Unreadable(f"lacks {', '.join(absent)}: not a lexp run")
     return Run(path=path, mtime_ns=stat.st_mtime_ns, data=data)
+
+
+def model_variants(runs: Sequence[Run]) -> list[Run]:
+    """The runs, each named by its model and the ``model.*`` settings that differ between runs of
+    that model name: ``minilm`` and ``minilm[random_init=true]`` are two models in every table.
+
+    A setting a run does not have is left out of its name; names without differences stay plain.
+    """
+    configs = {}
+    for run in runs:
+        config = get(run.data, "config", "model")
+        configs[id(run)] = {
+            k: json.dumps(v, sort_keys=True)
+            for k, v in (flatten(config) if isinstance(config, Mapping) else {}).items()
+            if k not in ("name", "name_or_path")
+        }
+    by_name: dict[str, list[Run]] = {}
+    for run in runs:
+        by_name.setdefault(str(run.data["model"]), []).append(run)
+    out = {}
+    for name, group in by_name.items():
+        keys = sorted({k for r in group for k in configs[id(r)]})
+        differ = [k for k in keys if len({configs[id(r)].get(k) for r in group}) > 1]
+        for run in group:
+            parts = [f"{k}={_short(configs[id(run)][k])}" for k in differ if k in configs[id(run)]]
+            out[id(run)] = replace(run, variant=f"{name}[{','.join(parts)}]" if parts else None)
+    return [out[id(r)] for r in runs]
 
 
 def load_runs(files: Iterable[str | Path], warn: Warn = _stderr) -> list[Run]:
@@ -1245,6 +1275,7 @@ def build_tables(
     (default: the first model of :func:`model_order`); ``split`` picks the compared scores.
     A ``baseline`` that no run has is a ``ValueError``.
     """
+    runs = model_variants(runs)
     if baseline is not None and runs and baseline not in {r.model for r in runs}:
         raise ValueError(
             f"baseline model {baseline!r} has no run here (models: {', '.join(model_order(r.model for r in runs))})"

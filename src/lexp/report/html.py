@@ -761,7 +761,7 @@ def build_report(
     files, empty = tb.find_results(paths)
     for path in empty:
         note(f"{path}: no {tb.RESULTS} found")
-    runs = tb.load_runs(files, note)
+    runs = tb.model_variants(tb.load_runs(files, note))
     tables = tb.build_tables(runs, note, baseline=baseline, split=split)
     builder = ReportBuilder(runs, tables, split=split, warnings=warnings, warn=note, inputs=paths)
     text = builder.build()
