@@ -5,6 +5,15 @@ as the paper's tables (oracle, Table 6 + CKA, Table 7, Table 8 / Tables 1-2, Tab
 row per task (and model, and setting that differs between runs). It only reads: a file that cannot
 be parsed, or lacks what a table needs, gets one line on stderr and is left out of that table.
 
+Several models (or one model name with different ``model.*`` settings, e.g. ``minilm`` and
+``minilm[random_init=true]``) on the same tasks: each table is followed by its model comparison,
+one column per model and ``Δ`` = model − baseline (``--baseline MODEL``; default the first of
+bert, xlnet, then alphabetical; ``--split dev|test``; ``--no-compare``). Optional results appear
+as extra columns when a run has them: ``x_std`` / ``std: {x: …}`` beside any number prints
+``mean ± std``; ``control_dev|test`` and ``selectivity_dev|test`` per Table 7 row (``oracle_``
+prefixed for the oracle) and in the ``neurons`` block; ``general.cka_adjacent_debiased``;
+``neurons.n_neurons_per_seed`` and ``pipeline.ls_n_layers_per_seed`` (seed agreement).
+
 In a notebook::
 
     from lexp.tables import load_tables, format_markdown
