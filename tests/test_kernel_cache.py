@@ -124,13 +124,19 @@ def test_the_directory_and_its_parents_must_belong_to_the_user(tmp_path: Path, m
     monkeypatch.setattr(kernels, "_uid", lambda: 12345)  # as another user: root's directory is foreign
     assert kernels._check_dir(mine) == f"{mine} is owned by uid 0, not by this user (uid 12345)"
     monkeypatch.undo()
+    new = tmp_path / "a" / "b" / "k"  # missing parents are made private too, whatever the umask
+    old_umask = os.umask(0o002)
+    try:
+        assert kernels._check_dir(new) is None
+    finally:
+        os.umask(old_umask)
+    assert {stat.S_IMODE(d.stat().st_mode) for d in (new, new.parent, new.parent.parent)} == {0o700}
+    os.chmod(tmp_path / "a", 0o775)  # group-writable parent (umask 002's ~/.cache): accepted
+    assert kernels._check_dir(new) is None
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)  # anyone may rename the kernel directory below it away
-    assert (
-        kernels._check_dir(shared / "k")
-        == f"its parent {shared} is writable by group or others and not sticky"
-    )
+    assert kernels._check_dir(shared / "k") == f"its parent {shared} is writable by everyone and not sticky"
     os.chmod(shared, 0o1777)  # like /tmp: only the owner may rename entries
     assert kernels._check_dir(shared / "k") is None
     link = tmp_path / "link"

@@ -231,6 +231,18 @@ def test_too_little_free_space_fails_before_anything_is_created(tmp_path: Path, 
     assert _leftovers(tmp_path) == []
 
 
+def test_require_free_space_checks_several_stores_before_any_exists(tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(store_mod, "_free_bytes", lambda d: seen.append(d) or 1_000_000)
+    target = tmp_path / "cache" / "stores" / "m" / "pos" / "train-0123456789ab"  # nothing exists yet
+    store_mod.require_free_space(target, 1_000_000)
+    with pytest.raises(
+        StoreSpaceError, match=r"needs 1,000,001 bytes .*1,000,000 bytes \(1\.0 MB\) are free"
+    ):
+        store_mod.require_free_space(target, 1_000_001)
+    assert seen == [tmp_path, tmp_path] and not (tmp_path / "cache").exists()
+
+
 def test_enospc_while_writing_labels_is_the_same_error(tmp_path: Path, monkeypatch) -> None:
     acts, labels = _data(100)
     real = store_mod._save_npy

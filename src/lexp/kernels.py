@@ -16,8 +16,8 @@ so ``torch.set_num_threads`` applies to it, and its results do not depend on the
 
 Loading a shared library runs its code, so nothing is loaded that another user could have
 written (issue 12, case 6). The directory is created 0700; before anything in it is loaded it must
-be owned by this user and not writable by group or others, and so must every parent (root-owned
-parents, and sticky ones such as /tmp, are fine). Otherwise the library is built into a private
+be owned by this user and not writable by group or others; every parent must be owned by this user
+or root and not world-writable unless sticky (like /tmp). Otherwise the library is built into a private
 ``tempfile.mkdtemp`` directory for this process, with one warning saying how to fix the
 directory. Each build writes ``lexp_kernels-<key>.json`` beside the library, recording the
 library's file name (``lexp_kernels-<key>-<sha256[:16]>.so``) and its sha256; before loading, the
@@ -141,14 +141,19 @@ def _unsafe(st: os.stat_result, path: Path | str) -> str | None:
 def _check_dir(directory: Path) -> str | None:
     """Create ``directory`` (0700) if missing; ``None`` when code in it is safe to load, else why not.
 
-    Every parent must be owned by this user or root and, when writable by others, sticky (like
-    /tmp): otherwise another user could rename the directory away and put their own in its place.
-    Both the path as given and its symlink-resolved form are checked.
+    The directory must be this user's and not writable by group or others. Every parent must be
+    owned by this user or root and, when world-writable, sticky (like /tmp): otherwise another user
+    could rename the directory away and put their own in its place. Group-writable parents are
+    accepted (with a umask of 002, ``~/.cache`` is group-writable for the user's own group).
+    Parents this function creates are made 0700 as well. Both the path as given and its
+    symlink-resolved form are checked.
     """
     try:
         if not directory.exists():
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # parents: default mode
-            os.chmod(directory, 0o700)  # whatever the umask
+            missing = [p for p in (directory, *directory.parents) if not p.exists()]
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for made in missing:
+                os.chmod(made, 0o700)  # whatever the umask
         real = directory.resolve(strict=True)
         st = os.stat(real)
         if not stat.S_ISDIR(st.st_mode):
@@ -160,8 +165,8 @@ def _check_dir(directory: Path) -> str | None:
             pst = os.stat(parent)
             if pst.st_uid not in (0, _uid()):
                 return f"its parent {parent} is owned by uid {pst.st_uid}, not by this user or root"
-            if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
-                return f"its parent {parent} is writable by group or others and not sticky"
+            if pst.st_mode & stat.S_IWOTH and not pst.st_mode & stat.S_ISVTX:
+                return f"its parent {parent} is writable by everyone and not sticky"
     except OSError as err:
         return f"cannot create or inspect {directory}: {err}"
     return None

@@ -82,6 +82,7 @@ __all__ = [
     "fingerprint",
     "load_store",
     "open_store",
+    "require_free_space",
     "store_dir",
     "store_nbytes",
     "verify_store",
@@ -557,7 +558,7 @@ class StoreVerification:
     def message(self) -> str:
         """One line for a person: ``ok <path> …`` or ``FAILED <path>: <problems>; <fix>``."""
         if self.ok:
-            return f"ok      {self.path} ({self.nbytes / 1e6:,.1f} MB checked in {self.seconds:.1f} s)"
+            return f"ok      {self.path} ({self.nbytes / 1e6:,.1f} MB checked in {self.seconds:.2f} s)"
         return (
             f"FAILED  {self.path}: {' '.join(self.problems)} Delete this store directory and rerun; "
             "lexp rebuilds it from the data."
@@ -619,6 +620,41 @@ def _free_bytes(directory: Path) -> int:
     """Bytes this process may still allocate on ``directory``'s file system (root may use the reserve)."""
     st = os.statvfs(directory)
     return int(st.f_frsize * (st.f_bfree if os.geteuid() == 0 else st.f_bavail))
+
+
+def _space_error(
+    path: Path, needed: int, free: int | None = None, exc: OSError | None = None
+) -> StoreSpaceError:
+    """One clear message: where, how much is needed, how much is free, what to do."""
+    where = path.parent
+    if free is None:
+        with contextlib.suppress(OSError):
+            free = _free_bytes(where)
+    free_text = (
+        f"{free:,} bytes ({free / 1e6:,.1f} MB) are free" if free is not None else "free space unknown"
+    )
+    cause = f" ({exc.strerror})" if exc is not None and exc.strerror else ""
+    return StoreSpaceError(
+        f"{path}: not enough disk space for this activation store{cause}: it needs {needed:,} bytes "
+        f"({needed / 1e6:,.1f} MB), {free_text} on the file system of {where}. Nothing was written. "
+        "Free space there, or point the cache at a larger disk (LEXP_CACHE=<dir> or cache_dir=<dir>), "
+        "then rerun."
+    )
+
+
+def require_free_space(path: Path | str, nbytes: int) -> None:
+    """Raise :class:`StoreSpaceError` unless ``path``'s file system has ``nbytes`` free.
+
+    For a run that will build several stores: call it once with the sum of their
+    :func:`store_nbytes` (``path`` = the first store's directory, which need not exist yet) to fail
+    before the first extraction, not after the train split. ``StoreWriter`` still checks and
+    reserves each store itself.
+    """
+    path = Path(path).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = _free_bytes(existing)
+    if free < nbytes:
+        raise _space_error(path, int(nbytes), free)
 
 
 def _is_space_error(exc: BaseException) -> bool:
@@ -793,21 +829,7 @@ class StoreWriter:
         return self
 
     def _space_error(self, exc: OSError | None, free: int | None = None) -> StoreSpaceError:
-        """One clear message: where, how much is needed, how much is free, what to do."""
-        where = self.path.parent
-        if free is None:
-            with contextlib.suppress(OSError):
-                free = _free_bytes(where)
-        free_text = (
-            f"{free:,} bytes ({free / 1e6:,.1f} MB) are free" if free is not None else "free space unknown"
-        )
-        cause = f" ({exc.strerror})" if exc is not None and exc.strerror else ""
-        return StoreSpaceError(
-            f"{self.path}: not enough disk space for this activation store{cause}: it needs "
-            f"{self.nbytes:,} bytes ({self.nbytes / 1e6:,.1f} MB), {free_text} on the file system of "
-            f"{where}. Nothing was written. Free space there, or point the cache at a larger disk "
-            "(LEXP_CACHE=<dir> or cache_dir=<dir>), then rerun."
-        )
+        return _space_error(self.path, self.nbytes, free, exc)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self._finished:
