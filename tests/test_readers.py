@@ -79,9 +79,11 @@ def test_conll2000_counts_and_quirks(data_root):
     # a sentence starts with the word "#" (pound sign): it is a token, not a comment
     pound = next(s for s in train if s.source.endswith("train.txt:202400"))
     assert (pound.words[0], pound.labels[0]) == ("#", "B-NP")
-    # with "#" comments the reader would (by design) drop that line: the config must disable them
-    with_comments = read_columns(data_root / "conll2000/train.txt", **{**CONLL2000, "comment_prefix": "#"})
-    assert n_tokens(with_comments) == 211727 - 1
+    # with "#" comments that line cannot be told from a comment: the reader refuses, naming it
+    with pytest.raises(
+        LexpInputError, match=r"train.txt:202400: this line starts with the comment prefix '#'"
+    ):
+        read_columns(data_root / "conll2000/train.txt", **{**CONLL2000, "comment_prefix": "#"})
     # words such as "1.8" or "10-2" in column 0 are never taken for CoNLL-U ids, even when asked to
     numeric = read_columns(data_root / "conll2000/train.txt", **{**CONLL2000, "skip_token_ids": True})
     assert n_tokens(numeric) == 211727
@@ -264,7 +266,8 @@ def test_label_column_missing_on_one_line(tmp_path):
 def test_word_column_missing(tmp_path):
     path = write(tmp_path / "x.tsv", "1\tw\tNN\n2\n")
     with pytest.raises(
-        LexpInputError, match=r"x.tsv:2: found 1 column, so word_column=1 .* and label_column=2"
+        LexpInputError,
+        match=r"x.tsv:2: found 1 column \(split on separator='\\t'\), so word_column=1 .* and label_column=2",
     ):
         read_columns(path, word_column=1, label_column=2, separator="\t")
 
@@ -275,7 +278,10 @@ def test_wrong_column_count_against_first_line_and_min_columns(tmp_path):
         LexpInputError, match=rf"{path}:3: found 4 columns, but the first token line \(1\) has 3"
     ):
         read_columns(path, word_column=0, label_column=2, separator="\t")
-    with pytest.raises(LexpInputError, match=rf"{path}:1: found 3 columns, but this format needs at least 7"):
+    with pytest.raises(
+        LexpInputError,
+        match=rf"{path}:1: found 3 columns \(split on separator='\\t'\), but this format needs at least 7",
+    ):
         read_columns(path, word_column=0, label_column=2, separator="\t", min_columns=7)
 
 

@@ -24,6 +24,7 @@ is any mapping (a resolved ``DictConfig`` works too).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import numpy as np
 from lexp.errors import LexpInputError
 from lexp.tasks.base import Example, Sentence, TaskData, label_vocabulary
 from lexp.tasks.glue import FORMATS, glue_format, read_glue
-from lexp.tasks.readers import read_columns
+from lexp.tasks.readers import comment_prefix_value, read_columns, separator_value
 
 __all__ = [
     "Example",
@@ -57,6 +58,7 @@ _COLUMN_DEFAULTS: dict[str, Any] = {
     "multiword_joiner": None,
     "max_train_tokens": None,
     "dev_from_train": None,
+    "pmb_layer": None,
 }
 _GLUE_DEFAULTS: dict[str, Any] = {
     "glue_task": None,
@@ -215,6 +217,12 @@ def _load_labelling(cfg: dict[str, Any]) -> TaskData:
     if cfg.get("kind", "labelling") != "labelling":
         raise LexpInputError(f"task {name}: reader 'columns' reads labelling tasks; set kind: labelling")
     _check_files_keys(cfg, ("train", "dev", "test"))
+    cfg["separator"] = separator_value(cfg["separator"])
+    cfg["comment_prefix"] = comment_prefix_value(cfg["comment_prefix"])
+    paths = {split: _file(cfg, split) for split in ("train", "dev", "test")}
+    if paths["train"] is None:
+        raise LexpInputError(f"task {name}: files.train is required")
+    layout_note = _pmb_columns(cfg, paths) if cfg["pmb_layer"] is not None else None
     for key in ("word_column", "label_column"):
         if cfg[key] is None:
             raise LexpInputError(f"task {name}: set `{key}` (0-based column index)")
@@ -231,9 +239,6 @@ def _load_labelling(cfg: dict[str, Any]) -> TaskData:
     }
     max_train_tokens = _optional_int(cfg, "max_train_tokens")
     dev_fraction = cfg["dev_from_train"]
-    paths = {split: _file(cfg, split) for split in ("train", "dev", "test")}
-    if paths["train"] is None:
-        raise LexpInputError(f"task {name}: files.train is required")
     if paths["dev"] is not None and dev_fraction is not None:
         raise LexpInputError(
             f"task {name}: both files.dev and dev_from_train are set; keep one (dev_from_train=null "
@@ -248,6 +253,9 @@ def _load_labelling(cfg: dict[str, Any]) -> TaskData:
     splits: dict[str, list[Sentence]] = {}
     notes: dict[str, Any] = {"reader": "columns", "columns": read_kw}
     train = read_columns(paths["train"], **read_kw)  # type: ignore[arg-type]
+    if cfg["pmb_layer"] is not None:
+        _check_pmb_labels(cfg, paths["train"], train)
+        notes["pmb_layout"] = layout_note
     notes["train"] = {
         "file": str(paths["train"]),
         "sentences_read": len(train),
@@ -324,6 +332,115 @@ def _split_multiwords(sentences: list[Sentence], joiner: str) -> tuple[list[Sent
             sentence = Sentence(words=words, labels=sentence.labels, source=sentence.source)
         out.append(sentence)
     return out, changed
+
+
+# ------------------------------------------------------------------------------------ PMB layouts
+#: Column layouts of the PMB gold CoNLL exports, by column count (the files' header comment, when
+#: present, names the columns and wins). 4.0.0 repeats `tok`; 3.0.0 has it once.
+PMB_LAYOUTS: dict[int, tuple[str, tuple[str, ...]]] = {
+    7: ("PMB 4.0.0", ("tok", "tok", "sym", "sem", "cat", "sns", "rol")),
+    6: ("PMB 3.0.0", ("tok", "sym", "sem", "cat", "sns", "rol")),
+}
+#: What each layer's labels look like, checked on the train labels: a column read by mistake
+#: (lemmas, senses, roles, the other layer) fails it. Sem tags are three capital letters (CON,
+#: NIL ...); CCG categories are mostly slashed ((s:dcl\np)/np), the rest atomic (n, np, conj, .).
+PMB_LABEL_CHECKS = {
+    "sem": (
+        "sem tags: three capital letters such as CON, DIS, NIL",
+        lambda t: bool(_SEM_TAG.fullmatch(t)),
+        0.9,
+    ),
+    "cat": (
+        "CCG categories, mostly with slashes such as (s:dcl\\np)/np",
+        lambda t: "/" in t or "\\" in t,
+        0.5,
+    ),
+}
+_SEM_TAG = re.compile(r"[A-Z]{3}")
+
+
+def _layout_names(text: str) -> str:
+    return ", ".join(f"{i}={n}" for i, n in enumerate(text.split(", ")))
+
+
+def _pmb_columns(cfg: dict[str, Any], paths: Mapping[str, Path | None]) -> str:
+    """Find the ``pmb_layer`` column of every file from its layout; fill in label/min columns.
+
+    ``label_column``/``min_columns`` null: taken from the layout. Set: checked against it, so a
+    number that points at another layer is refused, never read silently.
+    """
+    from lexp.tasks.readers import column_layout
+
+    name, layer = cfg["name"], cfg["pmb_layer"]
+    if layer not in PMB_LABEL_CHECKS:
+        raise LexpInputError(
+            f"task {name}: pmb_layer must be one of {sorted(PMB_LABEL_CHECKS)} or null, got {layer!r}"
+        )
+    known = "; ".join(f"{v}: {len(cols)} columns {', '.join(cols)}" for v, cols in PMB_LAYOUTS.values())
+    found: dict[str, tuple[str, tuple[str, ...], int]] = {}
+    for split, path in paths.items():
+        if path is None:
+            continue
+        layout = column_layout(path, cfg["separator"], cfg["comment_prefix"])
+        if layout.header is not None:
+            names = layout.header
+            how = f"{PMB_LAYOUTS.get(len(names), ('PMB',))[0]} column header at line {layout.header_line}"
+        elif layout.n_columns in PMB_LAYOUTS:
+            how, names = PMB_LAYOUTS[layout.n_columns]
+            how += f" ({layout.n_columns} columns, no column header)"
+        else:
+            raise LexpInputError(
+                f"task {name}: {path}:{layout.first_line}: cannot tell which column holds the PMB "
+                f"{layer} layer: the token lines have {layout.n_columns} columns and no column header "
+                f"comment ('# tok:gold<TAB>sym:gold ...') precedes them. Known layouts: {known}. Fix: "
+                f"describe this file's layout, all of task.word_column=<column of the token> "
+                f"task.label_column=<column of {layer}> task.min_columns={layout.n_columns} (0-based "
+                f"columns; task.pmb_layer={layer} then still checks that the labels look like {layer}), "
+                "or point task.files at a PMB 3.0.0/4.0.0 export."
+            )
+        if layer not in names or "tok" not in names:
+            raise LexpInputError(
+                f"task {name}: {path}: the columns ({how}: {', '.join(names)}) have no {layer!r} and "
+                f"'tok' column. Fix: export the {layer} layer, or set task.pmb_layer=null and "
+                "task.word_column / task.label_column / task.min_columns by hand."
+            )
+        found[split] = (how, names, names.index(layer))
+    how, names, column = found["train"]
+    for split, (other_how, other_names, _) in found.items():
+        if other_names != names:
+            raise LexpInputError(
+                f"task {name}: files.{split} has another column layout ({other_how}: "
+                f"{', '.join(other_names)}) than files.train ({how}: {', '.join(names)}). Fix: use files "
+                "of one PMB release."
+            )
+    settings = {"word_column": names.index("tok"), "label_column": column, "min_columns": len(names)}
+    for key, value in settings.items():
+        if cfg[key] is None:
+            cfg[key] = value
+        elif cfg[key] != value and not (key == "min_columns" and cfg[key] <= value):
+            raise LexpInputError(
+                f"task {name}: {key}={cfg[key]} does not match the {layer} layer of {paths['train']} "
+                f"({how}: columns {_layout_names(', '.join(names))}), where {key} is {value}. Fix: "
+                f"task.{key}=null (taken from the layout) or task.{key}={value}"
+            )
+    return f"{how}: columns {', '.join(names)}; {layer} = column {column} (0-based)"
+
+
+def _check_pmb_labels(cfg: dict[str, Any], path: Path, sentences: Sequence[Sentence]) -> None:
+    """Refuse labels that do not look like the layer (a wrong column is never read silently)."""
+    layer = cfg["pmb_layer"]
+    what, looks_right, share = PMB_LABEL_CHECKS[layer]
+    vocab = sorted({label for s in sentences for label in s.labels})
+    good = sum(map(looks_right, vocab))
+    if vocab and good >= share * len(vocab):
+        return
+    odd = [t for t in vocab if not looks_right(t)][:6]
+    raise LexpInputError(
+        f"task {cfg['name']}: column {cfg['label_column']} of {path} does not hold the PMB {layer} layer: "
+        f"only {good} of its {len(vocab)} distinct labels look like {what} (others: "
+        f"{', '.join(map(repr, odd))}). Fix: task.label_column=null to take the {layer} column from the "
+        "file's layout, or point task.label_column (0-based) at the right column."
+    )
 
 
 # ------------------------------------------------------------------------------------------------ GLUE

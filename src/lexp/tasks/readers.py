@@ -15,8 +15,15 @@ Format facts the reader relies on (checked on the real files):
 * **Comments only between sentences.** A line starting with ``comment_prefix`` is a comment only
   before the first token of a sentence (CoNLL-U and PMB put them there). Inside a sentence it is a
   token line, so a token ``#`` is never dropped; a misplaced comment fails loudly instead, as a
-  line with too few columns. CoNLL-2000 has ``#`` (pound sign) tokens, one of them the first word
-  of a sentence (train.txt line 202,400), so its config turns comments off.
+  line with too few columns. Before a sentence, a prefixed line that looks like a token line (as
+  many columns as the file's token lines, and a first field without spaces, such as ``#<TAB>#``)
+  cannot be told from a sentence that starts with the token ``#``: that is an error, never a
+  silently dropped token. CoNLL-2000 and the Penn Treebank have ``#`` (pound sign) tokens, one of
+  them the first word of a sentence (CoNLL-2000 train.txt line 202,400), so their configs turn
+  comments off.
+* **Blank means empty.** Only an empty line (or one holding nothing but ``\r``) ends a sentence.
+  A line of only tabs or spaces is an empty token line (e.g. ``word<TAB>label`` with both fields
+  missing) and an error naming the line, never a silent sentence break.
 * **CoNLL-U ids.** With ``skip_token_ids``, multiword-token ranges (``1-2``) and empty nodes
   (``8.1``) are skipped, but only in a sentence whose column 0 is a CoNLL-U id on *every* line with
   the word ids running 1, 2, ..., n, and never when column 0 is the word or the label column. CoNLL-2000 has 1,773 words such as ``1.8``
@@ -33,15 +40,66 @@ Format facts the reader relies on (checked on the real files):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from lexp.errors import LexpInputError
 from lexp.tasks.base import Sentence
 
+#: Named separators (a shell cannot pass a tab): ``tab``; ``\t`` as a shell hands it to Hydra
+#: (backslash + t, or two backslashes + t) means a tab too; ``whitespace`` = null = any whitespace.
+SEPARATOR_NAMES: dict[str, str | None] = {
+    "tab": "\t",
+    "\\t": "\t",
+    "\\\\t": "\t",
+    "space": " ",
+    "whitespace": None,
+}
+#: Named comment prefixes: ``#`` starts a comment in Hydra's override grammar, so it needs quotes
+#: that survive the shell (``"task.comment_prefix='#'"``); ``task.comment_prefix=hash`` needs none.
+COMMENT_PREFIX_NAMES: dict[str, str | None] = {"hash": "#", "none": None}
+
 #: A CoNLL-U ID: a word index, a multiword-token range (``1-2``) or an empty node (``8.1``).
 _CONLLU_ID = re.compile(r"[0-9]+(?:-[0-9]+|\.[0-9]+)?")
 
 _Row = tuple[int, list[str]]  # (1-based line number, columns)
+
+
+def separator_value(value: object) -> str | None:
+    """The separator a setting means: ``tab``/``\\t`` → a tab, ``space`` → " ", ``whitespace``/None →
+    None (any run of whitespace); other strings stand for themselves.
+
+    Raises LexpInputError for an empty string and for letters/digits (``t`` is what a shell leaves
+    of an unquoted ``\\t``).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or value == "":
+        raise LexpInputError(
+            f"task.separator={value!r} is not a separator; use tab, space, whitespace (any run of "
+            "whitespace, also null) or a literal string such as '|'. Fix: e.g. task.separator=tab"
+        )
+    if value.lower() in SEPARATOR_NAMES:
+        return SEPARATOR_NAMES[value.lower()]
+    if value.isalnum():
+        shell = " (a shell turns an unquoted \\t into a plain t)" if value == "t" else ""
+        raise LexpInputError(
+            f"task.separator={value!r} would split columns on the text {value!r}{shell}. Fix: "
+            "task.separator=tab for tab-separated files (or space, or whitespace for any whitespace)"
+        )
+    return value
+
+
+def comment_prefix_value(value: object) -> str | None:
+    """The comment prefix a setting means: ``hash`` → ``#``, ``none``/None → no comments."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise LexpInputError(
+            f"task.comment_prefix={value!r} is not a prefix; use a non-empty string, hash (#) or null. "
+            "Fix: e.g. task.comment_prefix=hash"
+        )
+    return COMMENT_PREFIX_NAMES.get(value.lower(), value)
 
 
 def read_columns(
@@ -57,17 +115,21 @@ def read_columns(
     """Read a CoNLL-style file into labelled sentences.
 
     Columns are 0-based. ``separator=None`` splits on runs of whitespace; any other string splits
-    exactly on it (use ``"\\t"`` for CoNLL-U and PMB). ``comment_prefix=None`` disables comments.
-    ``min_columns`` makes every token line need at least that many columns. Besides, every token
-    line must have as many columns as the file's first token line, so that a line missing a column
-    cannot shift a label into the wrong place unnoticed.
+    exactly on it (``"\\t"`` or ``"tab"`` for CoNLL-U and PMB; see :func:`separator_value`).
+    ``comment_prefix=None`` disables comments (``"hash"`` means ``#``). ``min_columns`` makes every
+    token line need at least that many columns. Besides, every token line must have as many columns
+    as the file's first token line, so that a line missing a column cannot shift a label into the
+    wrong place unnoticed.
 
     Raises LexpInputError naming the file, the 1-based line, the problem and the fix for: an empty
     file or one without sentences, a line with too few columns for ``word_column``/``label_column``
-    or ``min_columns``, a column count that differs from the file's first token line, and an empty
-    word or label (or ``_``, CoNLL-U's "unspecified", as a label in a CoNLL-U file).
+    or ``min_columns``, a column count that differs from the file's first token line, a line of
+    only whitespace (an empty token line, not a sentence break), a comment line that looks like a
+    token line, and an empty word or label (or ``_``, CoNLL-U's "unspecified", in a CoNLL-U file).
     """
     path = Path(path)
+    separator = separator_value(separator)
+    comment_prefix = comment_prefix_value(comment_prefix)
     _check_arguments(path, word_column, label_column, separator, min_columns)
     text = _read_text(path)
     if not text.strip():
@@ -80,25 +142,44 @@ def read_columns(
     sentences: list[Sentence] = []
     rows: list[_Row] = []
     expected_columns: tuple[int, int] | None = None  # (count, line of the first token line)
+    preamble: list[tuple[int, str]] = []  # comment lines before the first token line of the file
     for lineno, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
+        line = raw.rstrip("\r")
+        if not line:
             if rows:
                 sentences.append(_sentence(path, rows, word_column, label_column, ids_possible))
                 rows = []
             continue
-        if comment_prefix and not rows and raw.startswith(comment_prefix):
+        if not line.strip():
+            raise LexpInputError(
+                f"{path}:{lineno}: the line holds only whitespace ({line!r}): an empty token line, not a "
+                "sentence break. Fix: make the line empty if a sentence ends here, or fill in the word "
+                f"and the label (separator={_separator_name(separator)})."
+            )
+        if comment_prefix and not rows and line.startswith(comment_prefix):
+            if expected_columns is None:
+                preamble.append((lineno, line))
+            else:
+                _check_comment(path, lineno, line, separator, comment_prefix, expected_columns)
             continue
-        columns = raw.rstrip("\r").split(separator) if separator is not None else raw.split()
+        columns = line.split(separator) if separator is not None else line.split()
         n = len(columns)
         if n < needed:
-            _too_few_columns(path, lineno, n, word_column, label_column, comment_prefix, raw)
+            _too_few_columns(path, lineno, n, word_column, label_column, comment_prefix, line, separator)
         if min_columns is not None and n < min_columns:
             raise LexpInputError(
-                f"{path}:{lineno}: found {n} columns, but this format needs at least {min_columns} "
-                f"(min_columns={min_columns}). Fix the line, or set task.min_columns to match the file."
+                f"{path}:{lineno}: found {n} column{'s' if n != 1 else ''} (split on separator="
+                f"{_separator_name(separator)}), but this format needs at least {min_columns} "
+                f"(min_columns={min_columns}). Fix the line, or describe the file's layout: "
+                f"task.min_columns (now {min_columns}), task.word_column (now {word_column}) and "
+                f"task.label_column (now {label_column}) all index its columns, and task.separator "
+                "splits them; change every one that differs."
             )
         if expected_columns is None:
             expected_columns = (n, lineno)
+            for comment_line, comment in preamble:
+                _check_comment(path, comment_line, comment, separator, comment_prefix, expected_columns)
+            preamble = []
         elif n != expected_columns[0]:
             raise LexpInputError(
                 f"{path}:{lineno}: found {n} columns, but the first token line ({expected_columns[1]}) "
@@ -111,10 +192,76 @@ def read_columns(
     if not sentences:
         raise LexpInputError(
             f"{path}:1: no sentences found (only blank or comment lines starting with "
-            f"{comment_prefix!r}). Check the file, or set task.comment_prefix: null if token lines "
+            f"{comment_prefix!r}). Check the file, or set task.comment_prefix=null if token lines "
             "start with that prefix."
         )
     return sentences
+
+
+@dataclass(frozen=True)
+class ColumnLayout:
+    """What the top of a column file says about its columns (see :func:`column_layout`)."""
+
+    n_columns: int  # columns of the first token line
+    first_line: int  # its 1-based line number
+    header: tuple[str, ...] | None  # column names from a header comment such as "# tok:gold<TAB>sym:gold"
+    header_line: int | None
+
+
+#: A column-header field of a PMB export: ``tok:gold``, ``sem:silver`` ... (``# `` before the first).
+_HEADER_FIELD = re.compile(r"(?:#+\s*)?([A-Za-z]+):[A-Za-z]+")
+
+
+def column_layout(path: str | Path, separator: str | None, comment_prefix: str | None) -> ColumnLayout:
+    """The column count of the first token line and the column names of a header comment before it.
+
+    PMB exports carry a header comment naming every column (``# tok:gold<TAB>tok:gold<TAB>sym:gold
+    ...``); it is used only when it has as many fields as the token lines. Reads only the top of
+    the file.
+    """
+    path = Path(path)
+    separator = separator_value(separator)
+    comment_prefix = comment_prefix_value(comment_prefix)
+    header: tuple[str, ...] | None = None
+    header_line = None
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split(separator) if separator is not None else line.split()
+            if comment_prefix and line.startswith(comment_prefix):
+                matches = [_HEADER_FIELD.fullmatch(f.strip()) for f in fields]
+                if len(fields) > 1 and all(matches):
+                    header = tuple(m.group(1).lower() for m in matches if m)
+                    header_line = lineno
+                continue
+            if header is not None and len(header) != len(fields):
+                header, header_line = None, None
+            return ColumnLayout(len(fields), lineno, header, header_line)
+    raise LexpInputError(f"{path}:1: no token line found; check the file and task.comment_prefix.")
+
+
+def _check_comment(
+    path: Path,
+    lineno: int,
+    line: str,
+    separator: str | None,
+    comment_prefix: str,
+    expected: tuple[int, int],
+) -> None:
+    """A comment line must not look like a token line: then a sentence-initial token such as ``#``
+    (PTB, CoNLL-2000) would be dropped as a comment without a trace."""
+    columns = line.split(separator) if separator is not None else line.split()
+    if len(columns) != expected[0] or any(c.isspace() for c in columns[0].strip()):
+        return
+    raise LexpInputError(
+        f"{path}:{lineno}: this line starts with the comment prefix {comment_prefix!r} but has "
+        f"{len(columns)} columns like the token lines (line {expected[1]}): {line[:60]!r}. It cannot be "
+        f"told from a sentence that starts with the token {columns[0]!r}, which would be dropped. Fix: "
+        "task.comment_prefix=null if the file has no comment lines (the Penn Treebank and CoNLL-2000 "
+        "have '#' tokens); otherwise remove this line's ambiguity in the file."
+    )
 
 
 def _check_arguments(
@@ -125,8 +272,6 @@ def _check_arguments(
             raise LexpInputError(f"{path}: {name} must be a 0-based column index >= 0, got {value!r}")
     if word_column == label_column:
         raise LexpInputError(f"{path}: word_column and label_column are both {word_column}; they must differ")
-    if separator == "" or (separator is not None and not isinstance(separator, str)):
-        raise LexpInputError(f"{path}: separator must be null (any whitespace) or a string such as '\\t'")
     if min_columns is not None and (isinstance(min_columns, bool) or not isinstance(min_columns, int)):
         raise LexpInputError(f"{path}: min_columns must be an integer or null, got {min_columns!r}")
     if not path.is_file():
@@ -156,6 +301,7 @@ def _too_few_columns(
     label_column: int,
     comment_prefix: str | None,
     raw: str,
+    separator: str | None,
 ) -> None:
     missing = [
         f"{name}={col} (column {col + 1} counting from 1)"
@@ -169,14 +315,15 @@ def _too_few_columns(
             "allowed before a sentence, so add a blank line before it."
         )
     raise LexpInputError(
-        f"{path}:{lineno}: found {n} column{'s' if n != 1 else ''}, so {' and '.join(missing)} "
-        f"is missing.{hint} Fix the line, or set task.word_column / task.label_column / "
-        "task.separator to match the file."
+        f"{path}:{lineno}: found {n} column{'s' if n != 1 else ''} (split on separator="
+        f"{_separator_name(separator)}), so {' and '.join(missing)} is missing.{hint} Fix the line, "
+        "or set task.word_column / task.label_column / task.separator to match the file "
+        "(task.separator=tab for tab-separated files)."
     )
 
 
 def _separator_name(separator: str | None) -> str:
-    return "any whitespace" if separator is None else repr(separator)
+    return "null (any whitespace)" if separator is None else repr(separator)
 
 
 def _sentence(
