@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -127,6 +126,9 @@ def _run_group(cfg: DictConfig) -> tuple[str, str]:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage named by the config and return the contents of results.json."""
+    from lexp.schema import check_config, command_line
+
+    check_config(cfg)  # every setting, before any work (lexp.schema)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     from pytorch_lightning import seed_everything
@@ -140,7 +142,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model=cfg.model.name,
         analysis=cfg.analysis.name,
         lexp_version=lexp.__version__,
-        command=" ".join(sys.argv),
+        command=command_line(),  # each argument shell-quoted: copy-pasteable
         python=platform.python_version(),
         config=resolved,
     )
@@ -192,9 +194,14 @@ def read_task(ctx: RunContext) -> None:
     task_cfg = OmegaConf.to_container(ctx.cfg.task, resolve=True)
     task = load_task(task_cfg)  # type: ignore[arg-type]
     for split, n in (ctx.cfg.get("limit") or {}).items():
-        if n is not None and split in task.splits:
-            task.splits[split] = task.splits[split][: int(n)]
-            task.notes[f"limit_{split}"] = int(n)
+        if n is None or split not in task.splits:
+            continue
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # [:-1] or [:0] would be silent
+            raise LexpInputError(
+                f"limit.{split}={n!r} must be an integer >= 1 or null. Fix: limit.{split}=null"
+            )
+        task.splits[split] = task.splits[split][:n]
+        task.notes[f"limit_{split}"] = n
     ctx.task = task
     counts: dict[str, Any] = {}
     for split, items in task.splits.items():
