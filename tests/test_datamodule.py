@@ -245,3 +245,97 @@ def test_an_epoch_does_not_copy_the_store_into_memory(tmp_path: Path) -> None:
     assert checksum == int((np.arange(n_rows) % 2048).sum())
     assert label_sum == int((np.arange(n_rows) % 3).sum())
     assert peak < 60, f"anonymous memory grew by {peak:.0f} MB during one epoch over a 205 MB store"
+
+
+# ------------------------------------------------------------------------------ resident splits
+def _corrupt(store_path: Path, rows: list[int], dtype=np.float16) -> None:
+    """Overwrite whole rows of activations.npy with 0xFF bytes in place (a NaN in float16 and in
+    float32), as disk damage would: same size, so the store still opens."""
+    acts = np.load(store_path / "activations.npy", mmap_mode="r")
+    row_bytes = acts.shape[1] * acts.dtype.itemsize
+    offset = acts.offset
+    del acts
+    with open(store_path / "activations.npy", "r+b") as f:
+        for r in rows:
+            f.seek(offset + r * row_bytes)
+            f.write(b"\xff" * row_bytes)
+
+
+def test_resident_auto_on_the_cpu_streams_as_before(stores: dict) -> None:
+    dm = ActivationDataModule(stores["train"], stores["dev"], batch_size=128, seed=3)
+    assert dm.resident == "auto" and dm.target_device() == torch.device("cpu")
+    assert dm.resident_split("train") is None
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    batches = list(loader)
+    assert all(isinstance(b, (tuple, list)) for b in batches) and len(batches) == 8
+    np.testing.assert_array_equal(
+        np.concatenate([x[:, 0].numpy() for x, _ in batches]).astype(np.int64), epoch_order(1000, 3, 1)
+    )
+    assert isinstance(next(iter(dm.val_dataloader())), (tuple, list))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_resident_split_gives_the_streaming_minibatches(tmp_path: Path, shuffle: bool) -> None:
+    """resident=true (here: RAM) yields one ResidentBatch per epoch whose minibatches are exactly the
+    streaming ones: same rows, same order, same float32 values (from a float16 store)."""
+    from lexp.datamodules import ResidentBatch
+
+    store = make_store(tmp_path / "s", 500, dtype="float16")
+    cols = np.array([5, 0, 17, 3])
+    stream = ActivationDataModule(store, store, columns=cols, batch_size=64, seed=1, shuffle=shuffle)
+    held = ActivationDataModule(
+        store, store, columns=cols, batch_size=64, seed=1, shuffle=shuffle, resident=True, eval_batch_size=128
+    )
+    data = held.resident_split("train")
+    assert data.x.dtype == torch.float16 and data.x.shape == (500, 4)  # the store's dtype, selected columns
+    s_loader, h_loader = stream.train_dataloader(), held.train_dataloader()
+    for epoch in (0, 2):
+        s_loader.sampler.set_epoch(epoch)
+        h_loader.sampler.set_epoch(epoch)
+        (batch,) = list(h_loader)  # the whole epoch is one batch
+        assert isinstance(batch, ResidentBatch) and len(batch) == 500 and batch.n_steps == 8
+        minibatches = list(batch.minibatches())
+        for (xs, ys), (xh, yh) in zip(s_loader, minibatches, strict=True):
+            assert xh.dtype == torch.float32 and yh.dtype == torch.int64
+            assert torch.equal(xs, xh) and torch.equal(ys, yh)
+    val = list(held.val_dataloader())
+    assert [len(x) for x, _ in val] == [128, 128, 128, 116]
+    np.testing.assert_array_equal(
+        torch.cat([x for x, _ in val]).numpy(), row_values(500).astype(np.float16).astype(np.float32)[:, cols]
+    )
+    held.teardown("fit")  # Lightning's end of fit gives the memory back
+    assert held._resident == {}
+
+
+def test_resident_settings_are_checked(stores: dict, monkeypatch) -> None:
+    import lexp.datamodules as dms
+
+    with pytest.raises(LexpInputError, match="resident = 'sometimes'"):
+        ActivationDataModule(stores["train"], resident="sometimes")
+    assert ActivationDataModule(stores["train"], resident="false").resident is False
+    assert ActivationDataModule(stores["train"], resident=None).resident == "auto"
+    # resident=true that cannot fit: one clear error naming the store, the bytes and the fix
+    monkeypatch.setattr(dms, "_available_bytes", lambda device: 1000)
+    with pytest.raises(LexpInputError, match=r"resident=true.*needs .* GiB.*probe.resident=auto"):
+        ActivationDataModule(stores["train"], resident=True).train_dataloader()
+    # auto on a GPU with too little memory streams (decided before anything is copied)
+    dm = ActivationDataModule(stores["train"], resident="auto", device="cuda")
+    assert dm.resident_split("train") is None
+
+
+def test_resident_load_refuses_non_finite_activations(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "bad", 300, dtype="float16")
+    _corrupt(store.path, [7, 8, 250])
+    dm = ActivationDataModule(open_store(store.path), resident=True)
+    with pytest.raises(
+        LexpInputError, match=r"3 row\(s\) of the train split hold non-finite.*rows 7-8, 250"
+    ) as err:
+        dm.train_dataloader()
+    assert str(store.path) in str(err.value) and "delete the store directory" in str(err.value)
+    # train labels of a resident split are checked once, on the host, when it is loaded
+    labels = np.arange(40) % 4
+    labels[5] = 9
+    bad_labels = make_store(tmp_path / "labels", 40, labels=labels)
+    with pytest.raises(LexpInputError, match=r"label ids outside the 4 train classes at rows 5"):
+        ActivationDataModule(bad_labels, resident=True).train_dataloader()

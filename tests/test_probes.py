@@ -520,3 +520,112 @@ def test_predict_selects_columns_and_validates_shapes():
     assert predict(w, np.zeros(2), x, columns=np.array([2, 1])).tolist() == [1, 0]
     with pytest.raises(LexpInputError, match="columns"):
         predict(w, np.zeros(2), x)
+
+
+# ------------------------------------------------------------------- resident data, bad values
+def _store(path, split, dtype="float16"):
+    from lexp.store import StoreWriter
+
+    x, y = split
+    with StoreWriter(
+        path, n_rows=len(y), n_layers=3, hidden=4, dtype=dtype, manifest={"label_vocab": list("abcd")}
+    ) as writer:
+        writer.write_rows(0, x)
+        return writer.finish(y)
+
+
+def _corrupt_rows(path, rows):
+    """0xFF over whole rows of activations.npy, in place (NaN in float16), as disk damage would."""
+    acts = np.load(path / "activations.npy", mmap_mode="r")
+    row_bytes, offset = acts.shape[1] * acts.dtype.itemsize, acts.offset
+    del acts
+    with open(path / "activations.npy", "r+b") as f:
+        for r in rows:
+            f.seek(offset + r * row_bytes)
+            f.write(b"\xff" * row_bytes)
+
+
+@pytest.fixture
+def store_paths(tmp_path):
+    return [
+        _store(tmp_path / "train", _blobs(640, seed=1)),
+        _store(tmp_path / "dev", _blobs(160, seed=2)),
+        _store(tmp_path / "test", _blobs(160, seed=3)),
+    ]
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_resident_run_equals_the_streaming_run(store_paths, reference, monkeypatch):
+    """probe.resident=true (RAM here; the GPU's memory there): the same batches, hence the same
+    weights and scores as streaming from the store — for the fused heads and the autograd reference."""
+    from lexp.datamodules import ActivationDataModule, ResidentBatch
+
+    epochs_seen = []  # the ResidentBatch of every training batch: one per epoch, 640 rows
+    original = ResidentBatch.minibatches
+    monkeypatch.setattr(
+        ResidentBatch, "minibatches", lambda self: epochs_seen.append(len(self)) or original(self)
+    )
+    layers = {f"layer_{k}": np.arange(4 * k, 4 * k + 4) for k in range(3)}
+    subsets = None if reference else {**layers, "oracle": np.arange(12)}
+    runs = {}
+    for resident in (False, True):
+        dm = ActivationDataModule(*store_paths, batch_size=32, seed=3, read_steps=4, resident=resident)
+        runs[resident] = train_probes(
+            dm,
+            subsets,
+            probe_cfg=_cfg(epochs=2, resident=resident),
+            trainer_kwargs=QUIET,
+            reference=reference,
+        )
+        assert dm._resident == {}  # released at teardown
+    assert epochs_seen == [640, 640]
+    for name, result in runs[False].items():
+        np.testing.assert_allclose(result["weights"], runs[True][name]["weights"], rtol=0, atol=1e-6)
+        assert result["dev"] == pytest.approx(runs[True][name]["dev"])
+        assert result["test"] == pytest.approx(runs[True][name]["test"])
+
+
+def test_non_finite_train_activations_stop_training_with_the_store_rows(store_paths):
+    """Case 2 of issue 12: a damaged activations.npy (0xFF bytes = NaN) stops training with an error
+    naming the store, the rows and the epoch — streamed or resident — never a 'complete' run."""
+    from lexp.datamodules import ActivationDataModule
+    from lexp.store import open_store
+
+    _corrupt_rows(store_paths[0], [100, 101])
+    train = open_store(store_paths[0])  # same size: opening does not read the rows
+    ordered = ActivationDataModule(train, *store_paths[1:], batch_size=32, shuffle=False, read_steps=4)
+    with pytest.raises(LexpInputError, match="non-finite activations") as err:
+        train_probes(ordered, {"oracle": np.arange(12)}, probe_cfg=_cfg(epochs=2), trainer_kwargs=QUIET)
+    message = str(err.value)
+    assert f"{store_paths[0]}: train store rows 100-101:" in message  # both in the first read of 128
+    assert "2 row(s) of training batch 1 of epoch 1" in message and "delete the store directory" in message
+    # shuffled: the first batch holding one of them is named, with the store row it holds
+    shuffled = ActivationDataModule(train, *store_paths[1:], batch_size=32, seed=3, read_steps=4)
+    with pytest.raises(LexpInputError, match=r"train store rows 10[01]: non-finite activations"):
+        train_probes(shuffled, None, probe_cfg=_cfg(epochs=1), trainer_kwargs=QUIET)
+    resident = ActivationDataModule(train, *store_paths[1:], batch_size=32, seed=3, resident=True)
+    with pytest.raises(LexpInputError, match=r"2 row\(s\) of the train split .* store rows 100-101"):
+        train_probes(resident, None, probe_cfg=_cfg(epochs=1), trainer_kwargs=QUIET)
+
+
+def test_non_finite_dev_activations_are_not_scored(store_paths):
+    from lexp.datamodules import ActivationDataModule
+
+    _corrupt_rows(store_paths[1], [150])
+    dm = ActivationDataModule(*store_paths, batch_size=32, seed=3, eval_batch_size=64)
+    with pytest.raises(LexpInputError, match="outputs are not finite") as err:
+        train_probes(dm, None, probe_cfg=_cfg(epochs=1), trainer_kwargs=QUIET)
+    assert f"{store_paths[1]}: dev store rows 150" in str(err.value)
+
+
+def test_a_diverging_probe_is_an_error_not_a_result():
+    """Finite inputs, an absurd learning rate: the weights overflow; the run says so and how to fix it."""
+    dm = ArrayDataModule(_blobs(256, seed=1), _blobs(64, seed=2), n_classes=4)
+    with pytest.raises(LexpInputError, match=r"diverged\. Lower probe\.lr \(now 1e\+38\)"):
+        train_probes(dm, {"a": np.arange(12)}, probe_cfg=_cfg(epochs=2, lr=1e38), trainer_kwargs=QUIET)
+
+
+def test_resident_setting_is_checked_before_training():
+    dm = ArrayDataModule(_blobs(64), _blobs(32), n_classes=4)
+    with pytest.raises(LexpInputError, match="resident = 'maybe'"):
+        train_probes(dm, None, probe_cfg=_cfg(resident="maybe"), trainer_kwargs=QUIET)

@@ -81,9 +81,9 @@ def parse_resident(value: Any, what: str = "resident") -> str | bool:
         if text in {"false", "no", "off", "0"}:
             return False
     raise LexpInputError(
-        f"{what} = {value!r}: use auto, true or false (auto: keep the splits in GPU memory when they fit in "
-        f"{RESIDENT_FRACTION:.0%} of what is available; true: on the run's device whatever the size, the CPU too; "
-        "false: always stream from the store)"
+        f"{what} = {value!r}: use auto (or null), true or false (auto: keep the splits in GPU memory "
+        f"when they fit in {RESIDENT_FRACTION:.0%} of what is available; true: on the run's device "
+        "whatever the size, the CPU too; false: always stream from the store)"
     )
 
 
@@ -451,8 +451,8 @@ class ActivationDataModule(pl.LightningDataModule):
             return None
         if nbytes > available:
             raise LexpInputError(
-                f"{store.path}: resident=true, but the {split} split ({store.n_rows} rows × {n_cols} columns, "
-                f"{store.dtype}) needs {_gib(nbytes)} and {device} has {_gib(available)} available; set "
+                f"{store.path}: resident=true, but the {split} split ({store.n_rows} rows × {n_cols} "
+                f"columns, {store.dtype}) needs {_gib(nbytes)} and {device} has {_gib(available)} available; set "
                 "probe.resident=auto (held only when it fits) or false (streamed from the store)"
             )
         self._resident[split] = data = self._load(split, device)
@@ -492,10 +492,10 @@ class ActivationDataModule(pl.LightningDataModule):
             bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().cpu().numpy()
             if bad.size:
                 raise LexpInputError(
-                    f"{store.path}: {bad.size} row(s) of the {split} split hold non-finite activations (NaN or "
-                    f"Inf) in the probe's columns, store rows {_row_list(bad)}; the store's activations.npy is "
-                    "damaged (lexp refuses non-finite values when writing a store): delete the store directory "
-                    "so that lexp rebuilds it, and rerun"
+                    f"{store.path}: {bad.size} row(s) of the {split} split hold non-finite activations "
+                    f"(NaN or Inf) in the probe's columns, store rows {_row_list(bad)}; the store's "
+                    "activations.npy is damaged (lexp refuses non-finite values when writing a store): "
+                    "delete the store directory so that lexp rebuilds it, and rerun"
                 )
         labels = self._datasets[split].labels
         if split == "train":
@@ -515,7 +515,8 @@ class ActivationDataModule(pl.LightningDataModule):
             what = f"label ids outside the {n} train classes"
         if bad.size:
             raise LexpInputError(
-                f"{store.path}: {what} at rows {_row_list(bad)} of labels.npy; rebuild the store from the task"
+                f"{store.path}: {what} at rows {_row_list(bad)} of labels.npy; "
+                "rebuild the store from the task"
             )
 
     def teardown(self, stage: str) -> None:

@@ -261,10 +261,11 @@ class _ProbeModule(pl.LightningModule):
             if self.regression:
                 bad_rows |= ~torch.isfinite(y.float())
             bad = bad_rows.nonzero().flatten().cpu().numpy()
+            what = "activations or targets" if self.regression else "activations"
             if bad.size:
                 raise LexpInputError(
-                    f"{self._describe_rows('train', batch_idx, epoch, bad)}: non-finite activations (NaN or "
-                    f"Inf) in {bad.size} row(s) of training batch {batch_idx + 1} of epoch {epoch + 1}; a probe "
+                    f"{self._describe_rows('train', batch_idx, epoch, bad)}: non-finite {what} (NaN or Inf) "
+                    f"in {bad.size} row(s) of training batch {batch_idx + 1} of epoch {epoch + 1}; a probe "
                     f"trained on them would be garbage. {_STORE_FIX}"
                 )
         raise LexpInputError(

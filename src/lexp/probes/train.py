@@ -44,7 +44,7 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "select_on_dev": True,
     "regression": None,
     "read_steps": 16,
-    "resident": "auto",
+    "resident": None,  # auto: on a GPU when a split fits (lexp.datamodules.parse_resident)
 }
 _CONFIG_KEYS = {*PROBE_DEFAULTS, "name"}
 
