@@ -101,3 +101,49 @@ def test_predict_cli_and_its_errors(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "in.txt:2" in bad.stderr and "Traceback" not in bad.stderr
     with pytest.raises(LexpInputError, match="no reduced extractor"):
         ReducedExtractor.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ device and predict
+def save_tiny_extractor(tmp_path: Path, *, settings: dict | None = None) -> tuple[Path, list[list[str]]]:
+    """A tiny BERT extractor (layers 0..1, 8 neurons) and the predictions of the same maths by hand
+    (also used by tests/test_hostile.py)."""
+    model, tokenizer = tiny_bert(tmp_path)
+    rng = np.random.default_rng(2)
+    columns = np.array([1, 5, 9, 30, 33, 40, 50, 63])
+    W = rng.standard_normal((len(LABELS), len(columns))).astype(np.float32)
+    b = rng.standard_normal(len(LABELS)).astype(np.float32)
+    path = save_reduced_extractor(
+        tmp_path / "run" / "extractor",
+        model=truncate_encoder(model, 1),
+        tokenizer=tokenizer,
+        n_layers_kept=2,
+        columns=columns,
+        weights=W,
+        bias=b,
+        labels=LABELS,
+        kind="labelling",
+        settings={"subword": "last", "store_dtype": "float32", **(settings or {})},
+    )
+    return path, _expected(model, tokenizer, 1, columns, W, b)
+
+
+def test_load_puts_encoder_and_probe_on_the_device(device: torch.device, tmp_path: Path) -> None:
+    path, expected = save_tiny_extractor(tmp_path)
+    tagger = ReducedExtractor.load(path, device=device)
+    assert tagger.device.type == device.type
+    assert next(tagger.model.parameters()).device.type == device.type
+    for tensor in (tagger.columns, tagger.weight, tagger.bias):
+        assert tensor.device.type == device.type
+    assert tagger.tag(SENTENCES, batch_size=2) == expected
+    feats = tagger.features(SENTENCES)
+    assert feats.shape == (sum(map(len, SENTENCES)), 8) and feats.dtype == np.float32
+    assert ReducedExtractor.load(path, device="cpu").tag(SENTENCES) == expected  # same on the CPU
+
+
+def predict_cli(argv: list, capsys) -> tuple[int, str, str]:
+    """``python -m lexp.predict argv`` in this process: (exit code, stdout, stderr)."""
+    from lexp.predict import main
+
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err

@@ -5,8 +5,11 @@ the selected neuron columns and the trained probe (``probe.safetensors``) and a 
 ``manifest.json``. No pickle; loading never runs remote code.
 
     from lexp.extractor import ReducedExtractor
-    tagger = ReducedExtractor.load("outputs/.../extractor")
+    tagger = ReducedExtractor.load("outputs/.../extractor", device="auto")
     tagger.tag([["The", "cat", "sat", "."]])     # -> [["DT", "NN", "VBD", "."]]
+
+``load(..., device=...)`` puts the encoder, the neuron index and the probe on one device; the
+selected neurons are gathered and scored there.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,26 +79,42 @@ def save_reduced_extractor(
     return path
 
 
+#: Rows scored per probe call on the device (features of the selected neurons only).
+_SCORE_ROWS = 8192
+
+
 @dataclass
 class ReducedExtractor:
-    """A truncated encoder, a neuron index and a linear probe: tags words (or classifies sentences)."""
+    """A truncated encoder, a neuron index and a linear probe: tags words (or classifies sentences).
+
+    Everything lives on one ``device``: the encoder, the probe's weights and the neuron index; the
+    selected columns are gathered and scored there, and only label ids come back to the CPU.
+    """
 
     model: Any
     tokenizer: Any
-    columns: np.ndarray
-    weight: torch.Tensor
-    bias: torch.Tensor
+    columns: torch.Tensor  # int64 column indices into the kept layers' activations, on ``device``
+    weight: torch.Tensor  # (K, C) float32 on ``device``
+    bias: torch.Tensor  # (K,) float32 on ``device``
     labels: list[str]
     kind: str
     settings: dict[str, Any]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def load(cls, path: str | Path) -> ReducedExtractor:
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> ReducedExtractor:
+        """Load a saved extractor onto ``device`` (auto | cpu | cuda | cuda:N; None: the CPU).
+
+        Every missing or unreadable part is one LexpInputError naming the file and the fix.
+        """
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
         from transformers import AutoModel, AutoTokenizer
 
+        from lexp.device import resolve_device
         from lexp.encoders.loading import load_pretrained
 
+        target = torch.device("cpu") if device is None else resolve_device(device)
         path = Path(path)
         if (path / "extractor" / "manifest.json").exists():  # a run directory was given
             path = path / "extractor"
@@ -105,59 +124,132 @@ class ReducedExtractor:
                 f"{path}: no reduced extractor here (missing manifest.json). Pass the run directory of "
                 "`python -m lexp.run analysis=pipeline`, or its extractor/ folder."
             )
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise LexpInputError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-        tensors = load_file(str(path / "probe.safetensors"))
-        model = load_pretrained(AutoModel, path / "encoder", trust_remote_code=False).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path / "encoder", trust_remote_code=False)
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise LexpInputError(
+                f"{manifest_path}: not a readable JSON manifest ({exc}). Re-run the pipeline."
+            ) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            got = manifest.get("format") if isinstance(manifest, dict) else None
+            raise LexpInputError(f"{manifest_path}: format {got!r} is not {FORMAT!r}")
+        probe_path, encoder_dir = path / "probe.safetensors", path / "encoder"
+        for needed, what in ((probe_path, "the probe"), (encoder_dir, "the truncated encoder")):
+            if not needed.exists():
+                raise LexpInputError(
+                    f"{needed}: missing ({what} of this extractor); the folder is incomplete. Fix: re-run "
+                    "`python -m lexp.run analysis=pipeline` (analysis.save_extractor=true) to write it again."
+                )
+        try:
+            tensors = load_file(str(probe_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise LexpInputError(
+                f"{probe_path}: not a readable safetensors file ({exc}). Re-run the pipeline."
+            ) from None
+        missing = sorted({"columns", "weight", "bias"} - set(tensors))
+        if missing:
+            raise LexpInputError(
+                f"{probe_path}: lacks tensor(s) {missing}. Re-run the pipeline to write it again."
+            )
+        model = load_pretrained(AutoModel, encoder_dir, trust_remote_code=False).eval().to(target)
+        tokenizer = AutoTokenizer.from_pretrained(encoder_dir, trust_remote_code=False)
         return cls(
             model=model,
             tokenizer=tokenizer,
-            columns=tensors["columns"],
-            weight=torch.from_numpy(tensors["weight"]),
-            bias=torch.from_numpy(tensors["bias"]),
+            columns=torch.as_tensor(tensors["columns"], dtype=torch.int64, device=target),
+            weight=torch.as_tensor(tensors["weight"], dtype=torch.float32, device=target),
+            bias=torch.as_tensor(tensors["bias"], dtype=torch.float32, device=target),
             labels=list(manifest["labels"]),
             kind=manifest["kind"],
             settings=manifest["settings"],
+            device=target,
         )
 
-    def _scores(self, features: np.ndarray) -> torch.Tensor:
-        dtype = self.settings.get("store_dtype", "float32")
-        x = torch.from_numpy(features[:, self.columns].astype(dtype).astype(np.float32))
-        return x @ self.weight.T + self.bias
+    def _selected(self, rows: np.ndarray) -> torch.Tensor:
+        """The selected neurons of activation rows, gathered on the device, rounded through the store
+        dtype the probe was trained on (float16 by default), as float32."""
+        store_dtype = getattr(torch, str(self.settings.get("store_dtype", "float32")))
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        return x.index_select(1, self.columns).to(store_dtype).float()
 
-    def features(self, sentences: Sequence[Sequence[str]], batch_size: int = 32) -> np.ndarray:
-        """Word vectors of the selected neurons, in input order (one row per word)."""
+    def _scores(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.addmm(self.bias, self._selected(rows), self.weight.T)
+
+    def _word_rows(
+        self,
+        sentences: Sequence[Sequence[str]],
+        batch_size: int,
+        long_sentences: str | None,
+        sources: Sequence[str] | None,
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Activation rows of the kept layers in chunks of whole sentences: (sentence ids, rows)."""
         from lexp.encoders.extract import extract_words
 
-        lengths = np.array([len(s) for s in sentences], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        out = None
+        ids: list[int] = []
+        blocks: list[np.ndarray] = []
+        n = 0
         for index, rows in extract_words(
             self.model,
             self.tokenizer,
             sentences,
             batch_size=batch_size,
             subword=self.settings.get("subword", "last"),
-            long_sentences=self.settings.get("long_sentences", "error"),
+            long_sentences=long_sentences or self.settings.get("long_sentences", "error"),
             progress=False,
+            sources=sources,
         ):
-            if out is None:
-                out = np.empty((int(offsets[-1]), rows.shape[1]), dtype=np.float32)
-            out[offsets[index] : offsets[index + 1]] = rows
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+            ids.append(index)
+            blocks.append(rows)
+            n += len(rows)
+            if n >= _SCORE_ROWS:
+                yield ids, np.concatenate(blocks)
+                ids, blocks, n = [], [], 0
+        if ids:
+            yield ids, np.concatenate(blocks)
 
-    def tag(self, sentences: Sequence[Sequence[str]], batch_size: int = 32) -> list[list[str]]:
-        """One label per word of every sentence (sequence-labelling extractors)."""
+    def features(
+        self,
+        sentences: Sequence[Sequence[str]],
+        batch_size: int = 32,
+        *,
+        long_sentences: str | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Word vectors of the selected neurons, in input order (one row per word), float32."""
+        lengths = np.array([len(s) for s in sentences], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        out = np.empty((int(offsets[-1]), int(self.columns.numel())), dtype=np.float32)
+        for ids, rows in self._word_rows(sentences, batch_size, long_sentences, sources):
+            selected = self._selected(rows).cpu().numpy()
+            at = 0
+            for i in ids:
+                out[offsets[i] : offsets[i + 1]] = selected[at : at + lengths[i]]
+                at += int(lengths[i])
+        return out
+
+    def tag(
+        self,
+        sentences: Sequence[Sequence[str]],
+        batch_size: int = 32,
+        *,
+        long_sentences: str | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> list[list[str]]:
+        """One label per word of every sentence (sequence-labelling extractors).
+
+        ``long_sentences``: ``error`` | ``window`` (None: the setting the extractor was built with);
+        ``sources``: ``"path:line"`` per sentence, named in errors.
+        """
         if self.kind != "labelling":
             raise LexpInputError(f"this extractor was trained for a {self.kind} task; use classify()")
-        feats = self.features(sentences, batch_size)
-        ids = self._scores(feats).argmax(dim=1).numpy() if len(feats) else np.empty(0, dtype=np.int64)
-        out, start = [], 0
-        for sentence in sentences:
-            out.append([self.labels[i] for i in ids[start : start + len(sentence)]])
-            start += len(sentence)
+        out: list[list[str]] = [[] for _ in sentences]
+        for ids, rows in self._word_rows(sentences, batch_size, long_sentences, sources):
+            predicted = self._scores(rows).argmax(dim=1).cpu().numpy()
+            at = 0
+            for i in ids:
+                k = len(sentences[i])
+                out[i] = [self.labels[j] for j in predicted[at : at + k]]
+                at += k
         return out
 
     def classify(self, pairs: Sequence[tuple[str, str | None]], batch_size: int = 32) -> list[Any]:
@@ -166,7 +258,7 @@ class ReducedExtractor:
 
         if self.kind == "labelling":
             raise LexpInputError("this extractor tags words; use tag()")
-        feats = np.zeros((len(pairs), 0), dtype=np.float32)
+        feats: np.ndarray | None = None
         for index, row in extract_cls(
             self.model,
             self.tokenizer,
@@ -175,10 +267,12 @@ class ReducedExtractor:
             max_length=int(self.settings.get("max_length", 128)),
             progress=False,
         ):
-            if feats.shape[1] == 0:
+            if feats is None:
                 feats = np.zeros((len(pairs), row.shape[-1]), dtype=np.float32)
             feats[index] = row
+        if feats is None:
+            return []
         scores = self._scores(feats)
         if self.kind == "regression":
-            return scores[:, 0].tolist()
-        return [self.labels[i] for i in scores.argmax(dim=1).tolist()]
+            return scores[:, 0].cpu().tolist()
+        return [self.labels[i] for i in scores.argmax(dim=1).cpu().tolist()]

@@ -90,7 +90,7 @@ def override_problem(argv: list[str]) -> str | None:
             key, _, value = override.partition("=")
             named = {"#": " or the named value " + f"{key}=hash"} if key.endswith("comment_prefix") else {}
             return (
-                f"lexp: error: cannot parse the override {override!r}: {str(exc).splitlines()[-1].strip()}. "
+                f"lexp: error: cannot parse the override {override!r} ({str(exc).splitlines()[0].strip()}). "
                 f"Hydra needs a value with special characters ({value!r}) in quotes, and the shell removes "
                 f"one level of them: quote the whole override for the shell, e.g. \"{key}='{value}'\""
                 f"{named.get(value, '')}."

@@ -388,6 +388,11 @@ def _pmb_columns(cfg: dict[str, Any], paths: Mapping[str, Path | None]) -> str:
         elif layout.n_columns in PMB_LAYOUTS:
             how, names = PMB_LAYOUTS[layout.n_columns]
             how += f" ({layout.n_columns} columns, no column header)"
+        elif cfg["label_column"] is not None:  # described by hand: only the label check applies
+            return (
+                f"unknown layout ({layout.n_columns} columns, no column header): label_column="
+                f"{cfg['label_column']} as set, its labels checked to look like {layer}"
+            )
         else:
             raise LexpInputError(
                 f"task {name}: {path}:{layout.first_line}: cannot tell which column holds the PMB "
