@@ -2,8 +2,8 @@
 
 Same input on both sides: the first ``--sentences`` sentences of UD EWT dev (1,000 sentences,
 14,063 words), the same model (all-MiniLM-L6-v2 by default), last-subword aggregation, all 7
-layers incl. embeddings, float32, CPU, the same number of torch threads. Each side runs in its own
-subprocess so that its peak RSS is its own:
+layers incl. embeddings, float32, the same device (``--device``, CPU by default), the same number
+of torch threads. Each side runs in its own subprocess so that its peak RSS is its own:
 
 * lexp: ``load_encoder`` + ``extract_words`` (length-sorted batches, one forward per batch under
   ``torch.inference_mode``), rows written into a float32 ``.npy`` memmap as a store would.
@@ -27,6 +27,7 @@ Usage::
     python benchmarks/bench_extraction.py                      # 1,000 sentences, 2 rounds
     python benchmarks/bench_extraction.py --bf16 --rounds 3 --batch-size 64
     python benchmarks/bench_extraction.py --skip-neurox        # lexp only
+    python benchmarks/bench_extraction.py --device cuda --max-tokens auto   # both tools on a GPU
 
 Writes JSON to ``--out`` (default ``bench_results/extraction.json``). This file is also both
 workers (``--worker lexp|neurox``); the NeuroX worker imports nothing from lexp.
@@ -104,7 +105,7 @@ def lexp_worker(args: argparse.Namespace) -> None:
     sentences = json.loads(Path(args.sentences_json).read_text(encoding="utf-8"))
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sentences])])
     t0 = time.perf_counter()
-    enc = load_encoder({"name": "bench", "name_or_path": args.model})
+    enc = load_encoder({"name": "bench", "name_or_path": args.model}, device=args.device)
     load_seconds = time.perf_counter() - t0
     width = enc.info["n_layers"] * enc.info["hidden"]
     # Rows go to a .npy file with pwrite (as NeuroX writes HDF5 through a buffer): a memmap would count
@@ -172,7 +173,7 @@ def neurox_worker(args: argparse.Namespace) -> None:
             args.model,
             args.input,
             args.output,
-            device="cpu",
+            device=args.device,
             aggregation="last",
             output_type="hdf5",
             decompose_layers=False,
@@ -287,7 +288,13 @@ def main() -> None:
         default=32,
         help="as conf extract.batch_size (measured fastest on 2 cores: 16 3.7K, 32 4.0K, 128 2.8K words/s)",
     )
-    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per forward (lexp)")
+    parser.add_argument(
+        "--max-tokens",
+        type=lambda v: v if v == "auto" else int(v),
+        default=None,
+        help="token budget per forward (lexp): an int, or auto (32768 on CUDA, batch-size sentences on CPU)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where both tools run the model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating lexp/NeuroX rounds")
     parser.add_argument("--bf16", action="store_true", help="also run lexp under bfloat16 autocast")
@@ -326,13 +333,14 @@ def main() -> None:
         tmp = Path(tmp_name)
         (tmp / "sentences.json").write_text(json.dumps(sentences), encoding="utf-8")
         (tmp / "sentences.txt").write_text("\n".join(" ".join(s) for s in sentences) + "\n", encoding="utf-8")
-        common = ["--model", args.model, "--threads", str(args.threads)]
+        common = ["--model", args.model, "--threads", str(args.threads), "--device", args.device]
         lexp_args = [
             *common,
             "--sentences-json",
             str(tmp / "sentences.json"),
             "--batch-size",
             str(args.batch_size),
+            *(["--max-tokens", str(args.max_tokens)] if args.max_tokens is not None else []),
         ]
         lexp_runs, neurox_runs, bf16_runs = [], [], []
         for r in range(args.rounds):
@@ -363,6 +371,7 @@ def main() -> None:
         "words": n_words,
         "model": args.model,
         "threads": args.threads,
+        "device": args.device,
         "batch_size": args.batch_size,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,

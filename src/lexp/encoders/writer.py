@@ -1,10 +1,10 @@
-"""Write an extraction into a store from a background thread, so the forward never waits for the disk.
+"""Write an extraction into a store from a background thread, so the forward does not wait for each write.
 
 `write_extraction` hands each forward batch's rows to a thread that calls
 `StoreWriter.write_rows` (the float16 cast, the finiteness check and the page-cache write happen
 there; numpy releases the GIL for them). The queue between them holds at most ``max_batches``
-batches, which bounds host memory: the extraction blocks when the disk falls behind, never the
-other way round. Rows are placed by their row offset, exactly as a synchronous loop would place
+batches, which bounds host memory: the forward waits only when the writer is more than that many
+batches behind (then the writer is the bottleneck and no buffering could help). Rows are placed by their row offset, exactly as a synchronous loop would place
 them, so the store's bytes do not depend on thread timing. An exception in the thread (a NaN row,
 a full disk) is raised again in the caller, with its type and message, at the next batch handed
 over or at the end.
