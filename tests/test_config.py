@@ -59,3 +59,19 @@ def test_every_logger_composes(logger: str) -> None:
 def test_sweep_overrides_compose() -> None:
     cfg = _compose(["analysis=general", "analysis.ct=[0.0,0.1,0.9]", "probe.epochs=3"])
     assert list(cfg.analysis.ct) == [0.0, 0.1, 0.9] and cfg.probe.epochs == 3
+
+
+def test_schema_table_documents_every_key() -> None:
+    """`python -m lexp.schema` prints every checked key with its allowed values."""
+    from lexp.schema import ANALYSIS_KEYS, SCHEMA, TASK_KEYS, describe
+
+    table = describe()
+    for key in SCHEMA:
+        assert f"`{key}`" in table
+    for keys, prefix in [
+        *((k, "analysis.") for k in ANALYSIS_KEYS.values()),
+        *((k, "task.") for k in TASK_KEYS.values()),
+    ]:
+        for key in keys:
+            assert f"`{prefix}{key}`" in table
+    assert "| `probe.epochs` | an integer >= 1 |" in table
