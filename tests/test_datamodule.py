@@ -322,6 +322,16 @@ def test_resident_settings_are_checked(stores: dict, monkeypatch) -> None:
     # auto on a GPU with too little memory streams (decided before anything is copied)
     dm = ActivationDataModule(stores["train"], resident="auto", device="cuda")
     assert dm.resident_split("train") is None
+    # a device that contradicts the Trainer's is an error, not data on the wrong device
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    dm.trainer = trainer
+    with pytest.raises(LexpInputError, match=r"device=cuda\) but the Trainer runs on cpu"):
+        dm.train_dataloader()
+    same = ActivationDataModule(stores["train"], device="cpu")
+    same.trainer = trainer
+    assert same.target_device() == torch.device("cpu")
 
 
 def test_resident_load_refuses_non_finite_activations(tmp_path: Path) -> None:

@@ -418,13 +418,16 @@ class ActivationDataModule(pl.LightningDataModule):
         """Where resident splits go: the attached Trainer's device, else ``device`` (default CPU)."""
         trainer = self.trainer
         if trainer is not None:
-            root = trainer.strategy.root_device
-            if self.device is not None and torch.device(root) != self.device:
+            root = torch.device(trainer.strategy.root_device)
+            mine = self.device
+            if mine is not None and (
+                mine.type != root.type or (None not in (mine.index, root.index) and mine.index != root.index)
+            ):
                 raise LexpInputError(
                     f"ActivationDataModule(device={self.device}) but the Trainer runs on {root}; give both "
                     "the run's device (lexp.device.trainer_device_kwargs), or leave device unset"
                 )
-            return torch.device(root)
+            return root
         return self.device or torch.device("cpu")
 
     def resident_split(self, split: str) -> _ResidentSplit | None:
