@@ -209,9 +209,9 @@ def test_tables_hold_the_numbers_of_the_results_files(sweep: Path, page: Any) ->
     parsed = _Parsed()
     parsed.feed(page.html)
     # the same tables as python -m lexp.tables, cell for cell
-    tables = load_tables([sweep], warn=lambda message: None)
+    tables = load_tables([sweep], warn=lambda message: None, paper=True)
     assert {t.key for t in tables} == {
-        "oracle", "general", "cka", "layers", "neurons", "pipeline",
+        "oracle", "general", "cka", "layers", "neurons", "pipeline", "paper_general", "paper_layers",
         "compare_oracle", "compare_general", "compare_cka", "compare_layers", "compare_neurons", "compare_pipeline",
     }  # fmt: skip
     assert set(parsed.tables) == {t.key for t in tables} | {"runs", "models", "data", "timings"}
@@ -235,6 +235,17 @@ def test_tables_hold_the_numbers_of_the_results_files(sweep: Path, page: Any) ->
             row = _row(parsed.tables["pipeline"], task=task, model=model)
             assert row["% reduction"] == f"{100 * pipeline['reduction']:.2f}"
             assert row["LS layers"] == str(pipeline["ls_n_layers"])
+    # Table 7 in the paper's layout: layer × task, the two models and their difference per task
+    paper = parsed.tables["paper_layers"]
+    assert paper["header"][0] == ["layer", "pos", "sem"]
+    for entry in _results(sweep, "sem", "minilm", "layers")["layers"]["table"]:
+        row = next(r for r in paper["rows"] if r[0] == str(entry["layer"]))
+        other = _results(sweep, "sem", "minilm_random", "layers")["layers"]["table"][entry["layer"]]
+        assert row[4:7] == [
+            f"{100 * entry['test']:.2f}",
+            f"{100 * other['test']:.2f}",
+            f"{100 * (other['test'] - entry['test']):+.2f}".replace("+0.00", "0.00"),
+        ]
     # the comparison: per task, one column per model and the difference
     compare = parsed.tables["compare_neurons"]
     assert compare["header"] == [
@@ -334,10 +345,17 @@ def test_page_renders_in_headless_chromium(sweep: Path, page: Any, tmp_path: Pat
     natural = sorted(i["naturalWidth"] for i in seen["images"] if i["alt"].endswith(".png"))
     assert natural == sorted(Image.open(p).size[0] for p in sweep.rglob("figures/*.png"))
     rendered = {t["key"]: t for t in seen["tables"]}
-    for table in load_tables([sweep], warn=lambda message: None):
+    for table in load_tables([sweep], warn=lambda message: None, paper=True):
         assert rendered[table.key]["rows"] == table.cells(), table.key
-        assert rendered[table.key]["box"][0] > 0 and rendered[table.key]["box"][1] > 0
-    assert rendered["compare_layers"]["header"][1][:3] == ["minilm", "minilm_random", "Δ"]
+        # Tables 6 and 7 in the paper's layout are shown; their long forms are folded below them
+        folded = table.key in ("general", "compare_general", "layers", "compare_layers")
+        assert rendered[table.key]["folded"] is folded, table.key
+        if not folded:
+            assert rendered[table.key]["box"][0] > 0 and rendered[table.key]["box"][1] > 0
+    assert rendered["paper_layers"]["header"] == [
+        ["layer", "pos", "sem"],
+        ["minilm", "minilm_random", "Δ", "minilm", "minilm_random", "Δ"],
+    ]
     assert seen["width"] <= 1280 + 1  # wide tables scroll inside their box, not the page
     shot = screenshot(out, tmp_path / "report.png", height=seen["height"])
     width, height = Image.open(shot).size

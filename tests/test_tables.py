@@ -724,3 +724,39 @@ def test_a_model_setting_makes_a_second_model(tmp_path: Path) -> None:
         "minilm[random_init=false]",
         "minilm[random_init=true]",
     ]
+
+
+def test_paper_layout_layer_by_task_with_models_side_by_side(tmp_path: Path) -> None:
+    _write(tmp_path, "pos", _run("pos", "layers", layers=_layers()))
+    _write(tmp_path, "sem", _run("sem", "layers", layers=_layers()))
+    one = {t.key: t for t in load_tables([tmp_path], paper=True)}["paper_layers"]
+    assert one.title.endswith("layer × task (test scores in %) · model minilm")
+    assert _header(one) == ["layer", "pos", "sem"]
+    assert one.cells() == [
+        ["oracle", "91.00", "91.00"],
+        ["0", "81.00", "81.00"],
+        ["1", "90.00", "90.00"],
+        ["2", "86.00", "86.00"],
+    ]
+    twin = _layers()
+    for row in twin["table"]:
+        row["test"] -= 0.2
+    _write(tmp_path, "pos_b", _run("pos", "layers", model="random", layers=twin))
+    tables = load_tables([tmp_path], paper=True)
+    assert [t.key for t in tables].index("paper_layers") + 1 == [t.key for t in tables].index("layers")
+    two = {t.key: t for t in tables}["paper_layers"]
+    assert _header(two) == [
+        "layer",
+        "pos · minilm",
+        "pos · random",
+        "pos · Δ",
+        "sem · minilm",
+        "sem · random",
+        "sem · Δ",
+    ]
+    assert two.cells()[1] == ["0", "81.00", "61.00", "-20.00", "81.00", "", ""]
+    general = _run(analysis="general", general=_general([(0.0, 12, 0.9, 0.91), (0.3, 6, 0.88, 0.8899)]))
+    _write(tmp_path, "g", general)
+    table6 = {t.key: t for t in load_tables([tmp_path / "g"], paper=True)}["paper_general"]
+    assert _header(table6) == ["ct", "pos · #neurons", "pos · test"]
+    assert table6.cells() == [["oracle", "12", "91.00"], ["0.00", "12", "91.00"], ["0.30", "6", "88.99"]]

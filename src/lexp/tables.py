@@ -1146,20 +1146,10 @@ def compare_table(
     if len(models) < 2 or (baseline is not None and models[0] != baseline):
         return None
     notes = []
-    used = split
-
-    def wanted(at: str) -> list[str]:
-        return [v.format(split=at) for v in spec.values if v.format(split=at) in kinds]
-
-    def has_scores(at: str) -> bool:
-        scored = [v.format(split=at) for v in spec.values if "{split}" in v]
-        return any(r.get(v) is not None for r in records for v in scored)
-
-    other = "dev" if split == "test" else "test"
-    if not has_scores(split) and has_scores(other):
-        used = other
-        notes.append(f"no run has {split} scores: {other} scores are compared")
-    values = wanted(used)
+    used = _scored_split(records, spec.values, split)
+    if used != split:
+        notes.append(f"no run has {split} scores: {used} scores are compared")
+    values = [v.format(split=used) for v in spec.values if v.format(split=used) in kinds]
     key_names = [n for n in ("task", "settings", "estimator") if n in kinds] + (
         [spec.sub] if spec.sub else []
     )
@@ -1222,6 +1212,77 @@ def compare_table(
     )
 
 
+def _scored_split(records: Sequence[Mapping[str, Any]], templates: Sequence[str], split: str) -> str:
+    """``split``, or the other split when no record has a score of ``split`` but some of the other."""
+    other = "dev" if split == "test" else "test"
+
+    def has(at: str) -> bool:
+        names = [t.format(split=at) for t in templates if "{split}" in t]
+        return any(r.get(n) is not None for r in records for n in names)
+
+    return other if not has(split) and has(other) else split
+
+
+# the paper's layout of the tables that have rows within a task: row = layer / ct, column = task
+PAPER = {"layers": CompareSpec("layer", ("{split}",)), "general": CompareSpec("ct", ("#neurons", "{split}"))}
+
+
+def paper_layout(table: Table, *, baseline: str | None = None, split: str = "test") -> Table | None:
+    """Table 7 (or 6) as the paper prints it: one row per layer (ct), one column per task; with
+    several models, one column per model within each task and ``Δ`` = model - baseline.
+
+    The same values as ``table`` (and as :func:`compare_table`), only laid out as a grid.
+    """
+    spec = PAPER.get(table.key)
+    if spec is None or spec.sub is None:
+        return None
+    records = table.records()
+    kinds = {c.name: c.kind for c in table.columns}
+    models = model_order({r["model"] for r in records}, baseline) if "model" in kinds else [""]
+    if baseline is not None and len(models) > 1 and models[0] != baseline:
+        return None
+    used = _scored_split(records, spec.values, split)
+    values = [v.format(split=used) for v in spec.values if v.format(split=used) in kinds]
+    groups = list(dict.fromkeys((r["task"], r.get("settings") or "") for r in records))
+    subs = sorted({r[spec.sub] for r in records}, key=_row_order)
+    cell = {(r["task"], r.get("settings") or "", r[spec.sub], r.get("model", "")): r for r in records}
+    columns = [Column(spec.sub, kinds[spec.sub])]
+    for task, settings in groups:
+        name = task + (f" ({settings})" if settings else "")
+        for value in values:
+            prefix = f"{name} · {value}" if len(values) > 1 else name
+            if len(models) == 1:
+                columns.append(Column(prefix if len(values) > 1 else name, kinds[value]))
+                continue
+            sep = " " if len(values) > 1 else " · "
+            columns += [Column(f"{prefix}{sep}{m}", kinds[value]) for m in models]
+            columns += [
+                Column(f"{prefix}{sep}Δ" + (f" {m}" if len(models) > 2 else ""), "d:" + kinds[value])
+                for m in models[1:]
+            ]
+    rows = []
+    for sub in subs:
+        row: list[Any] = [sub]
+        for task, settings in groups:
+            for value in values:
+                got = [(cell.get((task, settings, sub, m)) or {}).get(value) for m in models]
+                row += got
+                if len(models) > 1:
+                    row += [_difference(g, got[0]) for g in got[1:]]
+        rows.append(row)
+    head = table.title.split(":")[0]
+    delta = f"; Δ = {models[1] if len(models) == 2 else 'model'} - {models[0]}" if len(models) > 1 else ""
+    single = table.title.rfind(" · model ")  # a single-model table names its model at the end
+    model = table.title[single:] if len(models) == 1 and single >= 0 else ""
+    return Table(
+        "paper_" + table.key,
+        f"{head} in the paper's layout: {spec.sub} × task ({used} scores in %{delta}){model}",
+        columns,
+        rows,
+        [],
+    )
+
+
 def _difference(value: Any, reference: Any) -> float | None:
     numbers = [v for v in (value, reference) if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return float(value) - float(reference) if len(numbers) == 2 else None
@@ -1276,8 +1337,12 @@ def build_tables(
     compare: bool = True,
     baseline: str | None = None,
     split: str = "test",
+    paper: bool = False,
 ) -> list[Table]:
     """Every table that has data; each run lacking what a table needs gets one ``warn`` line.
+
+    With ``paper``, Tables 6 and 7 are also given in the paper's layout (:func:`paper_layout`,
+    key ``paper_<key>``), just before the table they come from.
 
     With ``compare`` (default), a table holding several models on the same tasks is followed by
     its model comparison (:func:`compare_table`, key ``compare_<key>``) against ``baseline``
@@ -1296,6 +1361,9 @@ def build_tables(
         table = build(runs, problems)
         if table is None:
             continue
+        laid_out = paper_layout(table, baseline=baseline, split=split) if paper else None
+        if laid_out is not None:
+            tables.append(laid_out)
         tables.append(table)
         compared = compare_table(table, kinds, baseline=baseline, split=split) if compare else None
         if compared is not None:
@@ -1311,12 +1379,15 @@ def load_tables(
     compare: bool = True,
     baseline: str | None = None,
     split: str = "test",
+    paper: bool = False,
 ) -> list[Table]:
     """find → load → build in one call (for notebooks); paths without any results.json are warned."""
     files, empty = find_results(paths)
     for path in empty:
         warn(f"{path}: no {RESULTS} found")
-    return build_tables(load_runs(files, warn), warn, compare=compare, baseline=baseline, split=split)
+    return build_tables(
+        load_runs(files, warn), warn, compare=compare, baseline=baseline, split=split, paper=paper
+    )
 
 
 # ----------------------------------------------------------------------------------------- printing
@@ -1394,6 +1465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--format", choices=sorted(FORMATS), default="markdown")
     parser.add_argument("--out", type=Path, default=None, help="write the tables here (default: stdout)")
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="also print Tables 6 and 7 in the paper's layout (ct / layer × task, models side by side)",
+    )
     add_compare_arguments(parser)
     args = parser.parse_args(argv)
     files, empty = find_results(args.paths)
@@ -1404,7 +1480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         tables = build_tables(
-            load_runs(files), compare=not args.no_compare, baseline=args.baseline, split=args.split
+            load_runs(files),
+            compare=not args.no_compare,
+            baseline=args.baseline,
+            split=args.split,
+            paper=args.paper,
         )
     except ValueError as exc:
         _stderr(f"error: --baseline: {exc}")

@@ -40,7 +40,7 @@ window.addEventListener("load", () => {{
       alt: im.alt, complete: im.complete, naturalWidth: im.naturalWidth,
       naturalHeight: im.naturalHeight, box: box(im) }})),
     tables: [...document.querySelectorAll("table[data-key]")].map((t) => ({{
-      key: t.dataset.key, box: box(t),
+      key: t.dataset.key, box: box(t), folded: t.closest("details:not([open])") !== null,
       header: [...t.tHead.rows].map((r) => [...r.cells].map((c) => c.textContent.trim())),
       rows: [...t.tBodies[0].rows].map((r) => [...r.cells].map((c) => c.textContent.trim())) }})),
     height: document.documentElement.scrollHeight,
@@ -95,7 +95,8 @@ def inspect_page(html_path: str | Path, *, width: int = 1280, timeout: float = 1
     """Load the page in headless Chromium and return what it rendered.
 
     ``images``: alt, complete, naturalWidth/Height and on-screen box of every ``<img>``; ``tables``:
-    key, box, header and body cell texts of every ``table[data-key]``; ``height``/``width`` of the page.
+    key, box, folded (inside a closed ``<details>``), header and body cell texts of every
+    ``table[data-key]``; ``height``/``width`` of the page.
     The page itself is not modified: a copy with the measuring script is loaded.
     """
     source = Path(html_path).read_text(encoding="utf-8")

@@ -204,7 +204,7 @@ def layer_curves(
     ax.set_ylabel(score_label)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 

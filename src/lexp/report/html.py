@@ -154,10 +154,10 @@ table.lexp td.neg{color:#b00020}table.lexp td.pos{color:#1b6e20}
 table.lexp tbody tr:nth-child(even){background:#fafafa}
 ul.notes{font-size:.9em;color:#555;margin:.2em 0 1em}
 .figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
-figure{margin:0;border:1px solid #e3e3e3;padding:6px;background:#fff;max-width:min(100%,620px)}
+figure{margin:0;border:1px solid #e3e3e3;padding:6px;background:#fff;max-width:min(100%,580px)}
 figure.wide{max-width:100%}
 figure img{display:block;max-width:100%;height:auto}figcaption{font-size:.85em;color:#444;margin-top:4px}
-.warn{color:#8a4b00}
+.warn{color:#8a4b00}details{margin:.3em 0 1em}summary{cursor:pointer;color:#444}
 """
 
 
@@ -267,12 +267,17 @@ class ReportBuilder:
             self.sections.append((sid, title, body))
 
     def table(self, key: str) -> str:
-        """A table and its model comparison, if the runs produced them."""
-        out = []
-        for k in (key, "compare_" + key):
-            if k in self.tables:
-                out.append(render_table(self.tables[k]))
-        return "".join(out)
+        """A table and its model comparison, if the runs produced them; for Tables 6 and 7 the
+        paper's layout (which holds the comparison too) with the long forms folded below it."""
+        long = "".join(render_table(self.tables[k]) for k in (key, "compare_" + key) if k in self.tables)
+        paper = self.tables.get("paper_" + key)
+        if paper is None or not long:
+            return long
+        return (
+            render_table(paper)
+            + f"<details><summary>{esc(self.tables[key].title.split(':')[0])}: every column, one row per "
+            f"task and model</summary>{long}</details>"
+        )
 
     def score_split(self, table: Table) -> str:
         """The report's split, or the other one when no row of ``table`` has a score of it."""
@@ -418,7 +423,7 @@ class ReportBuilder:
 
         figs = []
         groups = newest_runs([r for r in self.runs if r.analysis == "general"], SWEEP_SETTINGS)
-        for runs in sorted(groups.values(), key=lambda g: (tb._order(g[0].model, tb.MODEL_ORDER),)):
+        for runs in groups.values():  # task by task, the models side by side
             run = next((r for r in runs if tb.get(r.data, "general", "cka") is not None), runs[0])
             fig = self.run_png(run, "cka.png")
             cka = tb.get(run.data, "general", "cka")
@@ -762,7 +767,7 @@ def build_report(
     for path in empty:
         note(f"{path}: no {tb.RESULTS} found")
     runs = tb.model_variants(tb.load_runs(files, note))
-    tables = tb.build_tables(runs, note, baseline=baseline, split=split)
+    tables = tb.build_tables(runs, note, baseline=baseline, split=split, paper=True)
     builder = ReportBuilder(runs, tables, split=split, warnings=warnings, warn=note, inputs=paths)
     text = builder.build()
     return Page(text, warnings, builder.n_figures, len(tables))
