@@ -300,3 +300,69 @@ def test_device_pass_refuses_non_finite_rows(device) -> None:
     x[200, 5] = np.nan
     with pytest.raises(LexpInputError, match="row 201"):
         streaming_moments(x, chunk_rows=64, device=device)
+
+
+# ------------------------------------------------------------------------ debiased-CKA sums
+def _row_norm_products(x: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Q[A, B] = Σ_t ‖x̄_t^A‖² ‖x̄_t^B‖² written out in float64."""
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    b = np.concatenate([[0], np.cumsum(sizes)])
+    r = np.stack([(xc[:, b[i] : b[i + 1]] ** 2).sum(1) for i in range(len(sizes))], axis=1)
+    return r.T @ r
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 50, 5000])
+def test_layer_sizes_add_the_row_norm_sums_and_change_nothing_else(chunk_rows: int) -> None:
+    """The extra sums equal their definition (offset 1e3: they are taken about a shift), and the
+    mean and co-moment are bit for bit those of the plain pass, on both passes."""
+    import torch
+
+    from lexp.redundancy.covariance import _array_chunks, _moments_on_device
+
+    x = _data(rows=300, cols=12) + np.float32(1e3)
+    sizes = [4, 3, 5]
+    expected = _row_norm_products(x, sizes)
+    plain = streaming_moments(x.copy(), chunk_rows=chunk_rows)
+    cpu = streaming_moments(x.copy(), chunk_rows=chunk_rows, layer_sizes=sizes)
+    dev = _moments_on_device(
+        _array_chunks(x.copy(), chunk_rows, None),
+        torch.device("cpu"),
+        "float32",
+        "x",
+        layer_sizes=tuple(sizes),
+    )
+    assert plain.layer_sizes is None and plain.row_norm_products is None
+    np.testing.assert_array_equal(cpu.comoment, plain.comoment)
+    np.testing.assert_array_equal(cpu.mean, plain.mean)
+    for m in (cpu, dev):
+        assert m.layer_sizes == (4, 3, 5)
+        np.testing.assert_allclose(m.row_norm_products, expected, rtol=2e-6)
+        np.testing.assert_array_equal(m.row_norm_products, m.row_norm_products.T)
+
+
+def test_layer_sizes_on_the_device(device) -> None:
+    x = _data(rows=200, cols=12) + np.float32(500)
+    m = streaming_moments(x, chunk_rows=64, device=device, layer_sizes=[6, 6])
+    np.testing.assert_allclose(m.row_norm_products, _row_norm_products(x, [6, 6]), rtol=2e-6)
+
+
+def test_save_load_keeps_the_row_norm_sums(tmp_path) -> None:
+    x = _data(rows=100, cols=12)
+    m = streaming_moments(x, layer_sizes=[6, 6])
+    save_moments(m, tmp_path / "mom")
+    back = load_moments(tmp_path / "mom", mmap=True)
+    assert back.layer_sizes == (6, 6)
+    np.testing.assert_array_equal(back.row_norm_products, m.row_norm_products)
+    # saving plain moments over them removes the stale sums
+    save_moments(streaming_moments(x), tmp_path / "mom")
+    assert load_moments(tmp_path / "mom").row_norm_products is None
+    save_moments(m, tmp_path / "mom")
+    (tmp_path / "mom" / "moments_layer_sizes.npy").unlink()
+    with pytest.raises(LexpInputError, match="moments_layer_sizes.npy missing"):
+        load_moments(tmp_path / "mom")
+    with pytest.raises(LexpInputError, match="go together"):
+        Moments(n=3, mean=np.zeros(2), comoment=np.zeros((2, 2)), layer_sizes=(2,))
+    with pytest.raises(LexpInputError, match="must sum to the 2 neurons"):
+        Moments(
+            n=3, mean=np.zeros(2), comoment=np.zeros((2, 2)), layer_sizes=(3,), row_norm_products=np.eye(1)
+        )

@@ -93,6 +93,12 @@ class Moments:
     n: int
     mean: np.ndarray
     comoment: np.ndarray
+    #: Widths of the consecutive column groups (layers) of :attr:`row_norm_products`, or None.
+    layer_sizes: tuple[int, ...] | None = None
+    #: (G, G) float64 ``Q[A, B] = Σ_t ‖x̄_t^A‖² ‖x̄_t^B‖²`` over the rows, x̄ centred on ``mean``
+    #: and cut into ``layer_sizes`` groups: the extra term of the debiased CKA
+    #: (:mod:`lexp.redundancy.cka`). Present when the pass was given ``layer_sizes``.
+    row_norm_products: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_feat = self.mean.shape[0] if self.mean.ndim == 1 else -1
@@ -101,6 +107,18 @@ class Moments:
                 f"Moments: mean must be (N,) and comoment (N, N), got {self.mean.shape} and "
                 f"{self.comoment.shape}; build moments with streaming_moments() or load_moments()"
             )
+        if (self.layer_sizes is None) != (self.row_norm_products is None):
+            raise LexpInputError(
+                "Moments: layer_sizes and row_norm_products go together; give both or neither"
+            )
+        if self.layer_sizes is not None:
+            g = len(self.layer_sizes)
+            if sum(self.layer_sizes) != n_feat or np.shape(self.row_norm_products) != (g, g):
+                raise LexpInputError(
+                    f"Moments: layer_sizes {list(self.layer_sizes)} must sum to the {n_feat} neurons and "
+                    f"row_norm_products be ({g}, {g}), got {np.shape(self.row_norm_products)}; recompute "
+                    "the moments with streaming_moments(..., layer_sizes=...)"
+                )
 
     @property
     def n_features(self) -> int:
@@ -273,6 +291,105 @@ def _gram_upper_into(acc: torch.Tensor, x: torch.Tensor, syrk_out: np.ndarray | 
         acc[i0:i1, i0:].add_(x[:, i0:i1].T @ x[:, i0:])
 
 
+def _check_layer_sizes(layer_sizes: Sequence[int] | None, name: str) -> tuple[int, ...] | None:
+    if layer_sizes is None:
+        return None
+    sizes = tuple(int(s) for s in layer_sizes)
+    if not sizes or min(sizes) < 1:
+        raise LexpInputError(
+            f"{name}: layer_sizes must be a non-empty list of column counts ≥ 1 (one per layer), got "
+            f"{list(layer_sizes)}; e.g. [store.hidden] * store.n_layers"
+        )
+    return sizes
+
+
+class _RowNorms:
+    """Sums of per-row squared layer norms, accumulated beside the co-moment (debiased CKA).
+
+    The debiased CKA (:mod:`lexp.redundancy.cka`) needs, per pair of layers A, B,
+    ``Q_AB = Σ_t q_t^A q_t^B`` with ``q_t^A = ‖x_t^A − m^A‖²`` (``m``: the mean over all rows).
+    ``m`` is unknown until the pass ends, so the rows are measured from a fixed shift ``a`` (the
+    centre subtracted from the first chunk): ``u_t = x_t − a``, ``μ = m − a`` (small: ``a`` is
+    already a mean). Per layer, ``q_t = r_t − 2 p_t + s`` with ``r_t = ‖u_t‖²``,
+    ``p_t = u_tᵀμ`` and ``s = ‖μ‖²``. Expanding the product and summing over the n rows::
+
+        Q_AB = Σ r^A r^B − 2 Σ r^A p^B − 2 Σ p^A r^B + 4 Σ p^A p^B
+               + s^B Σ r^A + s^A Σ r^B − 2 s^B Σ p^A − 2 s^A Σ p^B + n s^A s^B
+
+    and every sum is a small accumulator or a function of the co-moment ``C``:
+
+    - ``Σ r^A r^B = (RᵀR)_AB`` with ``R`` the n × G matrix of the ``r_t`` (G = number of layers);
+    - ``Σ r^A p^B = (RᵀU)_{A,B} μ^B``: the A row of ``RᵀU`` (G × N) over B's columns, dotted with μ^B;
+    - ``Σ u uᵀ = C + n μμᵀ``, so ``Σ p^A p^B = μ^Aᵀ C_AB μ^B + n s^A s^B``;
+    - ``Σ u = n μ``, so ``Σ p^A = n s^A``; ``Σ r^A = (Rᵀ1)_A``.
+
+    Collected: ``Q = RᵀR − 2(P + Pᵀ) + 4 MᵀCM + (Rᵀ1)sᵀ + s(Rᵀ1)ᵀ + n s sᵀ`` with
+    ``P_AB = Σ r^A p^B`` and ``M`` the N × G block matrix holding μ^A in layer A's rows.
+
+    Each chunk arrives centred on its own centre ``c``, as the co-moment product sees it; with
+    ``δ = c − a``, ``u = x + δ`` (float32, one reused buffer). Per chunk: one elementwise pass for
+    ``u`` and ``r``, a float64 (n_c × G)ᵀ(n_c × G) product and a float32 (G × n_c)(n_c × N) GEMM —
+    G/N of the co-moment product's FLOPs. Works on any torch device (both passes use it).
+    """
+
+    def __init__(self, sizes: tuple[int, ...], n_feat: int, device: torch.device, name: str) -> None:
+        if sum(sizes) != n_feat:
+            raise LexpInputError(
+                f"{name}: layer_sizes {list(sizes)} sum to {sum(sizes)}, but the rows have {n_feat} "
+                "columns; give one width per layer of the selected columns"
+            )
+        self.sizes = sizes
+        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.uniform = len(set(sizes)) == 1
+        g = len(sizes)
+        self.shift: torch.Tensor | None = None
+        self.rr = torch.zeros((g, g), dtype=torch.float64, device=device)
+        self.ru = torch.zeros((g, n_feat), dtype=torch.float64, device=device)
+        self.r1 = torch.zeros(g, dtype=torch.float64, device=device)
+        self.u: torch.Tensor | None = None  # reused float32 buffer for u = x + δ
+
+    def _norms(self, u: torch.Tensor) -> torch.Tensor:
+        """(n_c, G) float32: squared norm of each row's layer blocks."""
+        if self.uniform:
+            return torch.linalg.vector_norm(u.view(u.shape[0], len(self.sizes), -1), dim=2).square_()
+        return torch.stack(
+            [
+                torch.linalg.vector_norm(u[:, lo:hi], dim=1)
+                for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True)
+            ],
+            dim=1,
+        ).square_()
+
+    def add(self, x: torch.Tensor, centre: torch.Tensor) -> None:
+        """One chunk: ``x`` float32 rows minus ``centre`` (float64, the values subtracted)."""
+        if self.shift is None:
+            self.shift = centre.clone()
+        n_c = x.shape[0]
+        if self.u is None or self.u.shape[0] < n_c:
+            self.u = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        u = torch.add(x, (centre - self.shift).to(torch.float32), out=self.u[:n_c])
+        r = self._norms(u)
+        r64 = r.to(torch.float64)
+        self.rr.addmm_(r64.T, r64)
+        self.ru.add_(r.T.contiguous() @ u)  # (G × n_c)(n_c × N): memory-bound, ~1 read of u
+        self.r1.add_(r64.sum(dim=0))
+
+    def finish(self, comoment: torch.Tensor, mean: torch.Tensor, n: int) -> np.ndarray:
+        """``Q`` (G × G, float64) from the sums, the final co-moment and its centre ``mean``."""
+        assert self.shift is not None
+        g = len(self.sizes)
+        mu = mean - self.shift
+        m = torch.zeros((mu.shape[0], g), dtype=torch.float64, device=mu.device)
+        for k, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:], strict=True)):
+            m[lo:hi, k] = mu[lo:hi]
+        s = (m * m).sum(dim=0)
+        p = self.ru @ m  # P_AB = Σ r^A p^B
+        q = self.rr - 2.0 * (p + p.T) + 4.0 * (m.T @ (comoment @ m))
+        q += torch.outer(self.r1, s) + torch.outer(s, self.r1) + n * torch.outer(s, s)
+        q = (q + q.T) / 2
+        return q.cpu().numpy()
+
+
 def _mirror_upper(c: np.ndarray) -> None:
     """Copy the block upper triangle onto the lower one so ``c`` is exactly symmetric."""
     n = c.shape[0]
@@ -291,6 +408,7 @@ def streaming_moments(
     compute: Compute = "float32",
     progress: bool = False,
     device: torch.device | str | None = None,
+    layer_sizes: Sequence[int] | None = None,
 ) -> Moments:
     """Mean and co-moment of the selected neurons in ONE pass over the rows of ``source``.
 
@@ -303,12 +421,16 @@ def streaming_moments(
     ``device``: where the products run — None or the CPU: the path above (OpenBLAS ``ssyrk``);
     a CUDA device: :func:`_moments_on_device` (chunks copied to the GPU, float32 products with
     TF32 off, merged in float64 on the GPU). The result is host float64 either way.
+    ``layer_sizes``: widths of the consecutive layers of the (selected) columns, e.g.
+    ``[hidden] * n_layers``; when given, the pass also accumulates the per-row layer norms the
+    debiased CKA needs (:class:`_RowNorms`) and returns them as ``Moments.row_norm_products``.
     """
     if compute not in _COMPUTE:
         raise LexpInputError(f"streaming_moments: compute must be 'float32' or 'bfloat16', got {compute!r}")
     if chunk_rows < 1:
         raise LexpInputError(f"streaming_moments: chunk_rows must be ≥ 1, got {chunk_rows}")
     chunks, n_rows, name, owned = _iter_source(source, chunk_rows, columns)
+    sizes = _check_layer_sizes(layer_sizes, name)
     bar = None
     if progress:  # a manual bar: wrapping the iterator would keep the previous chunk alive
         from tqdm.auto import tqdm
@@ -317,7 +439,7 @@ def streaming_moments(
         bar = tqdm(total=total, desc="covariance", unit="chunk")
     if device is not None and torch.device(device).type != "cpu":
         try:
-            return _moments_on_device(chunks, torch.device(device), compute, name, bar)
+            return _moments_on_device(chunks, torch.device(device), compute, name, bar, layer_sizes=sizes)
         finally:
             if bar is not None:
                 bar.close()
@@ -328,6 +450,7 @@ def streaming_moments(
     bf16_buffer: torch.Tensor | None = None  # the bfloat16 chunk, reused across chunks
     centre_buffer: np.ndarray | None = None  # the centred chunk of a source we may not modify
     stage: torch.Tensor | None = None  # bfloat16: float32 sum of the chunk products (see below)
+    norms: _RowNorms | None = None  # debiased CKA sums (layer_sizes given)
     counts: list[int] = []
     means: list[np.ndarray] = []  # a_c + v_c: the centre of the deviations the product saw
     exact_means: list[np.ndarray] = []  # the float64 mean of the input rows (reported)
@@ -340,6 +463,8 @@ def streaming_moments(
         if acc_np is None:
             acc_np = np.zeros((chunk.shape[1], chunk.shape[1]), dtype=np.float64)
             acc = torch.from_numpy(acc_np)
+            if sizes is not None:
+                norms = _RowNorms(sizes, chunk.shape[1], torch.device("cpu"), name)
         elif chunk.shape[1] != acc_np.shape[0]:
             raise LexpInputError(
                 f"{name}: chunk at row {row0 + 1} has {chunk.shape[1]} columns, earlier ones "
@@ -362,6 +487,8 @@ def streaming_moments(
         v = centred.sum(axis=0, dtype=np.float64) / n_c
         x = torch.from_numpy(centred)
         del centred
+        if norms is not None:
+            norms.add(x, torch.from_numpy(shift.astype(np.float32).astype(np.float64)))
         if compute == "bfloat16":
             # into one reused buffer: a fresh bfloat16 block per chunk costs ~0.25 s of page faults
             if bf16_buffer is None or bf16_buffer.shape[0] < n_c:
@@ -406,7 +533,10 @@ def streaming_moments(
         blk.addmm_(within[:, i0:i1].T, within[:, i0:], alpha=-1.0)
     _mirror_upper(acc_np)
     exact_mean = (np.stack(exact_means) * cnt).sum(axis=0) / n
-    return Moments(n=n, mean=exact_mean, comoment=acc_np)
+    if norms is None:
+        return Moments(n=n, mean=exact_mean, comoment=acc_np)
+    q = norms.finish(acc, torch.from_numpy(mean), n)
+    return Moments(n=n, mean=exact_mean, comoment=acc_np, layer_sizes=sizes, row_norm_products=q)
 
 
 @contextlib.contextmanager
@@ -421,7 +551,13 @@ def _exact_float32() -> Iterator[None]:
 
 
 def _moments_on_device(
-    chunks: Iterator[np.ndarray], device: torch.device, compute: Compute, name: str, bar: Any = None
+    chunks: Iterator[np.ndarray],
+    device: torch.device,
+    compute: Compute,
+    name: str,
+    bar: Any = None,
+    *,
+    layer_sizes: tuple[int, ...] | None = None,
 ) -> Moments:
     """The streaming pass with torch on ``device`` (a GPU; it runs on the CPU too, which the tests use).
 
@@ -429,11 +565,13 @@ def _moments_on_device(
     product ``xᵀx`` (float32 with TF32 off, or bfloat16 with float32 accumulation) is added to a
     float64 ``C`` on the device, and the two low-rank merge terms are applied once at the end in
     float64. Host memory: one chunk (its copy to the device goes through a pinned buffer on CUDA);
-    device memory: ``C`` (N² float64) + one float32 product + one chunk.
+    device memory: ``C`` (N² float64) + one float32 product + one chunk. ``layer_sizes``: the
+    debiased CKA sums as on the CPU (:class:`_RowNorms`, on the device; one more chunk buffer).
     """
     acc: torch.Tensor | None = None
     prod: torch.Tensor | None = None
     pinned: torch.Tensor | None = None
+    norms: _RowNorms | None = None
     counts: list[int] = []
     shifts: list[torch.Tensor] = []  # float64 chunk means (reported mean)
     means: list[torch.Tensor] = []  # a_c + v_c: the centre of the deviations the product saw
@@ -449,6 +587,8 @@ def _moments_on_device(
             if acc is None:
                 acc = torch.zeros((n_feat, n_feat), dtype=torch.float64, device=device)
                 prod = torch.empty((n_feat, n_feat), dtype=torch.float32, device=device)
+                if layer_sizes is not None:
+                    norms = _RowNorms(layer_sizes, n_feat, device, name)
             elif n_feat != acc.shape[0]:
                 raise LexpInputError(
                     f"{name}: chunk at row {row0 + 1} has {n_feat} columns, earlier ones "
@@ -465,6 +605,8 @@ def _moments_on_device(
                 _raise_not_finite(chunk, row0, name)
             x.sub_(shift.to(torch.float32))
             v = x.sum(dim=0, dtype=torch.float64) / n_c
+            if norms is not None:
+                norms.add(x, shift.to(torch.float32).to(torch.float64))
             if low is not None:
                 x = x.to(low)
             torch.mm(x.T, x, out=prod) if low is None else prod.copy_(x.T @ x)
@@ -493,7 +635,16 @@ def _moments_on_device(
         upper = torch.triu(acc)
         acc = upper + torch.triu(upper, diagonal=1).T
         exact_mean = (torch.stack(shifts) * cnt).sum(dim=0) / row0
-        return Moments(n=row0, mean=exact_mean.cpu().numpy(), comoment=acc.cpu().numpy())
+        if norms is None:
+            return Moments(n=row0, mean=exact_mean.cpu().numpy(), comoment=acc.cpu().numpy())
+        q = norms.finish(acc, mean, row0)
+        return Moments(
+            n=row0,
+            mean=exact_mean.cpu().numpy(),
+            comoment=acc.cpu().numpy(),
+            layer_sizes=layer_sizes,
+            row_norm_products=q,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,6 +706,8 @@ def correlation(m: Moments, *, out: np.ndarray | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 _FILES = {"n": "moments_n.npy", "mean": "moments_mean.npy", "comoment": "moments_comoment.npy"}
+#: Optional files (the debiased CKA sums), written only when the moments have them.
+_OPTIONAL_FILES = {"layer_sizes": "moments_layer_sizes.npy", "row_norm_products": "moments_row_norms.npy"}
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -565,12 +718,24 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def save_moments(m: Moments, directory: Path | str) -> list[Path]:
-    """Write ``moments_{n,mean,comoment}.npy`` into ``directory`` (each written atomically)."""
+    """Write ``moments_{n,mean,comoment}.npy`` into ``directory`` (each written atomically), and
+    ``moments_{layer_sizes,row_norms}.npy`` when the moments hold the debiased CKA sums (stale
+    ones from an earlier save are removed otherwise)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for key, value in (("comoment", m.comoment), ("mean", m.mean), ("n", np.asarray(m.n, dtype=np.int64))):
-        path = directory / _FILES[key]
+    items = [("comoment", m.comoment), ("mean", m.mean)]
+    if m.layer_sizes is not None:
+        items += [
+            ("layer_sizes", np.asarray(m.layer_sizes, dtype=np.int64)),
+            ("row_norm_products", np.asarray(m.row_norm_products, dtype=np.float64)),
+        ]
+    else:
+        for fname in _OPTIONAL_FILES.values():
+            (directory / fname).unlink(missing_ok=True)
+    items.append(("n", np.asarray(m.n, dtype=np.int64)))
+    for key, value in items:
+        path = directory / (_FILES.get(key) or _OPTIONAL_FILES[key])
         _save_npy_atomic(path, value)
         paths.append(path)
     return paths
@@ -600,4 +765,27 @@ def load_moments(directory: Path | str, *, mmap: bool = False) -> Moments:
         )
     if mean.dtype != np.float64 or com.dtype != np.float64:
         raise LexpInputError(f"{directory}: moments must be float64, got {mean.dtype}/{com.dtype}; recompute")
-    return Moments(n=int(n), mean=mean, comoment=com)
+    present = {k: directory / f for k, f in _OPTIONAL_FILES.items() if (directory / f).is_file()}
+    if not present:
+        return Moments(n=int(n), mean=mean, comoment=com)
+    if len(present) != len(_OPTIONAL_FILES):
+        missing = sorted(set(_OPTIONAL_FILES.values()) - {p.name for p in present.values()})
+        raise LexpInputError(
+            f"{directory}: {', '.join(missing)} missing beside {', '.join(p.name for p in present.values())}; "
+            "delete the moments_*.npy files and recompute"
+        )
+    try:
+        sizes = np.load(present["layer_sizes"], allow_pickle=False)
+        q = np.load(present["row_norm_products"], allow_pickle=False)
+    except ValueError as exc:
+        raise LexpInputError(
+            f"{directory}: unreadable debiased-CKA sums ({exc}); delete them and recompute"
+        ) from exc
+    if sizes.ndim != 1 or not np.issubdtype(sizes.dtype, np.integer) or q.dtype != np.float64:
+        raise LexpInputError(
+            f"{directory}: moments_layer_sizes.npy must be 1-D integers and moments_row_norms.npy "
+            f"float64, got {sizes.dtype} {sizes.shape} / {q.dtype}; delete them and recompute"
+        )
+    return Moments(
+        n=int(n), mean=mean, comoment=com, layer_sizes=tuple(int(v) for v in sizes), row_norm_products=q
+    )
