@@ -26,7 +26,7 @@ from lexp.report.tracking import Tracker, make_tracker
 
 log = logging.getLogger("lexp")
 
-ANALYSES = ("oracle", "general", "layers", "neurons", "pipeline")
+ANALYSES = ("oracle", "general", "layers", "neurons", "pipeline", "compare")
 
 
 @dataclass
@@ -169,8 +169,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if hasattr(module, "prepare"):  # heads that can share the oracle's pass over the data
                 with stage(ctx, f"{cfg.analysis.name}_prepare"):
                     extra = module.prepare(ctx)
-        with stage(ctx, "probes" if extra else "oracle"):
-            heads = train_oracle(ctx, extra)
+        heads: dict[str, Any] = {}
+        if getattr(module, "TRAINS_PROBES", True):  # analysis=compare trains none
+            with stage(ctx, "probes" if extra else "oracle"):
+                heads = train_oracle(ctx, extra)
         if module is not None:
             with stage(ctx, cfg.analysis.name):
                 module.run(ctx, heads)
@@ -340,6 +342,44 @@ def build_stores(ctx: RunContext) -> None:
             "extraction": extraction,
         }
     )
+
+
+class _StoreFacts:
+    """What build_stores records about a second model's stores, kept apart from results.json."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        self.data.update(values)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def save(self) -> None:
+        pass
+
+
+def build_model_stores(
+    ctx: RunContext, model_cfg: Mapping[str, Any], splits: list[str] | None = None
+) -> RunContext:
+    """The stores of another model over ctx's task (analysis=compare), built or reused by
+    :func:`build_stores` itself — same fingerprints, extraction settings and limits as a run of that
+    model would use — on a sibling context whose ``cfg.model`` is ``model_cfg``. ``splits``: only
+    these (default: ``extract.splits``). Its ``report.data`` holds what build_stores recorded."""
+    import copy
+    from dataclasses import replace
+
+    from omegaconf import open_dict
+
+    cfg = copy.deepcopy(ctx.cfg)  # DictConfig.copy() would share extract with ctx.cfg
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create(dict(model_cfg))
+        if splits is not None:
+            cfg.extract.splits = list(splits)
+    other = replace(ctx, cfg=cfg, report=_StoreFacts(), stores={}, model_dir=None, model_info={}, oracle=None)
+    build_stores(other)
+    return other
 
 
 def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:

@@ -427,7 +427,9 @@ SCHEMA: dict[str, Rule] = {
     "logger.group": Str(null=True, example="null"),
     "logger.tags": List(Str(), nonempty=False, example="[]"),
     # analysis (every analysis)
-    "analysis.name": Choice("oracle", "general", "layers", "neurons", "pipeline", example="oracle"),
+    "analysis.name": Choice(
+        "oracle", "general", "layers", "neurons", "pipeline", "compare", example="oracle"
+    ),
 }
 
 #: ``analysis.<key>`` per analysis (``analysis.name``).
@@ -469,6 +471,23 @@ ANALYSIS_KEYS: dict[str, dict[str, Rule]] = {
         **_CLUSTERING,
         **_GRID,
     },
+}
+
+
+def _inherit(rule: Rule, key: str) -> Rule:
+    """``analysis.other.<key>`` of analysis=compare: null (= ``model.<key>``) or what model.<key> takes."""
+    return Rule(
+        f"null (= model.{key}) or {rule.allowed}",
+        lambda v: None if v is None else rule.check(v),
+        f"model B's {key}; null: model A's",
+        "null",
+    )
+
+
+ANALYSIS_KEYS["compare"] = {
+    "split": Choice("train", "dev", "test", doc="the split whose words both models see", example="train"),
+    **{k: v for k, v in _CLUSTERING.items() if k in ("compute", "chunk_rows", "max_rows")},
+    **{f"other.{k[6:]}": _inherit(r, k[6:]) for k, r in SCHEMA.items() if k.startswith("model.")},
 }
 
 #: ``task.<key>`` per reader (``task.reader``); the task loader checks files and combinations.
