@@ -108,3 +108,21 @@ def test_a_missing_gpu_is_one_clear_error_before_any_work(tmp_path: Path, data_r
         assert not (tmp_path / "cache").exists()  # nothing was read, extracted or cached
     with pytest.raises(LexpInputError, match="contradicts"):
         run(_cfg([f"cache_dir={tmp_path / 'cache'}", "device=cpu", "trainer=gpu"]), tmp_path / "run")
+
+
+def test_a_full_disk_stops_before_the_first_extraction(
+    tiny_model, tmp_path: Path, data_root: Path, monkeypatch
+) -> None:
+    """The stores still to build are summed and checked against the free space up front: the train
+    split is not extracted only for dev to fail on a full disk."""
+    import lexp.experiment as experiment
+    import lexp.store as store
+    from lexp.store import StoreSpaceError
+
+    loaded = []
+    monkeypatch.setattr(store, "_free_bytes", lambda directory: 10_000)
+    monkeypatch.setattr(experiment, "_load_encoder", lambda *a, **k: loaded.append(1))
+    cfg = _cfg(_overrides(tiny_model, torch.device("cpu"), tmp_path / "cache", data_root))
+    with pytest.raises(StoreSpaceError, match="bytes"):
+        run(cfg, tmp_path / "run")
+    assert not loaded and not list((tmp_path / "cache").rglob("manifest.json"))

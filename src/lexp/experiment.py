@@ -288,6 +288,7 @@ def build_stores(ctx: RunContext) -> None:
     reused: dict[str, bool] = {}
     paths: dict[str, str] = {}
     extraction: dict[str, Any] = {}
+    plan: list[tuple[str, str, dict[str, Any], Path]] = []
     for split in _split_names(ctx):
         settings = {
             "model": model_cfg,
@@ -306,7 +307,11 @@ def build_stores(ctx: RunContext) -> None:
             "precision": str(extract_cfg.get("precision", "32")),
         }
         fp = fingerprint(settings, ctx.task.files)
-        path = store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp)
+        plan.append(
+            (split, fp, settings, store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp))
+        )
+    _require_space_for(ctx, [(split, path) for split, _, _, path in plan if not path.exists()])
+    for split, fp, settings, path in plan:
 
         def build(target: Path, split: str = split, fp: str = fp, settings: dict = settings) -> None:
             nonlocal encoder
@@ -342,6 +347,28 @@ def build_stores(ctx: RunContext) -> None:
             "extraction": extraction,
         }
     )
+
+
+def _require_space_for(ctx: RunContext, missing: list[tuple[str, Path]]) -> None:
+    """Fail before the first extraction when the stores still to build do not fit on the disk
+    (each StoreWriter checks and reserves its own store again)."""
+    if not missing:
+        return
+    from transformers import AutoConfig
+
+    from lexp.store import require_free_space, store_nbytes
+
+    config = AutoConfig.from_pretrained(str(ctx.model_dir))
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not hidden or not layers:
+        return  # an unusual config: the per-store check still applies
+    total = 0
+    for split, _ in missing:
+        items = ctx.task.splits[split]
+        rows = sum(len(s.words) for s in items) if ctx.task.kind == "labelling" else len(items)
+        total += store_nbytes(rows, int(layers) + 1, int(hidden), str(ctx.cfg.store.dtype))
+    require_free_space(missing[0][1], total)
 
 
 class _StoreFacts:
@@ -384,14 +411,12 @@ def build_model_stores(
 
 def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
     """The encoder (pretrained, or fine-tuned for sentence tasks) on the run's device."""
-    from lexp.device import log_stage_device
     from lexp.encoders.loading import load_encoder
 
     cfg = dict(model_cfg)
     cfg["name_or_path"] = str(ctx.model_dir)
-    device = ctx.run_device()
-    encoder = load_encoder(cfg, device=device)
-    log_stage_device("extract", device, encoder.info["dtype"])
+    encoder = load_encoder(cfg, device=ctx.run_device())
+    ctx.record_device("extract", encoder.info["dtype"])
     return encoder
 
 
@@ -494,6 +519,7 @@ def train_heads(
     """Train one probe per neuron subset in a single pass over the data (see MultiHeadProbe)."""
     from lexp.probes import train_probes
 
+    ctx.record_device("probes", str(ctx.cfg.trainer.precision))
     with torch_threads(ctx.cfg.threads.probes):
         return train_probes(
             datamodule(ctx, columns),

@@ -360,7 +360,12 @@ SCHEMA: dict[str, Rule] = {
     "probe.init_seed": Int(null=True, doc="weight init; null: probe.seed", example="null"),
     "probe.select_on_dev": Bool(doc="keep the epoch with the best dev score", example="true"),
     "probe.regression": Bool(null=True, doc="null: from the task", example="null"),
-    "probe.resident": Bool(null=True, doc="keep the training rows in memory", example="null"),
+    "probe.resident": Rule(
+        "auto, true, false or null (= auto)",
+        lambda v: None if v is None or isinstance(v, bool) or v == "auto" else "not auto/true/false",
+        "hold the splits in the device's memory and cut batches there",
+        "auto",
+    ),
     # finetune (sentence tasks; FineTuneConfig checks the same again)
     "finetune.learning_rate": Float(0, lo_open=True, example=5e-5),
     "finetune.epochs": Int(1, example=3),

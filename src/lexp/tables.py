@@ -52,6 +52,7 @@ IGNORED_SETTINGS = (
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "extract.batch_size",
+    "extract.max_tokens",
     "finetune.eval_batch_size",
     "finetune.num_workers",
     "finetune.resume",

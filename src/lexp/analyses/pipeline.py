@@ -110,8 +110,8 @@ def timings(ctx: RunContext, result: Any) -> None:
     repeats = int(tcfg.repeats)
     model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
     model_cfg["name_or_path"] = str(ctx.model_dir)
-    encoder = load_encoder(model_cfg)
-    model = encoder.model.to(device)
+    encoder = load_encoder(model_cfg, device=device)
+    model = encoder.model
     ctx.record_device("timing", next(model.parameters()).dtype)
     batches = _timing_batches(ctx, encoder.tokenizer, int(tcfg.sentences), int(tcfg.batch_size))
     depth = timing.encoder_depth(model)
@@ -281,7 +281,7 @@ def _verify_extractor(ctx: RunContext, path: Path, final: Mapping[str, Any]) -> 
     """
     from lexp.extractor import ReducedExtractor
 
-    tagger = ReducedExtractor.load(path)
+    tagger = ReducedExtractor.load(path, device=ctx.run_device())
     labels, _ = ctx.task.encode_labels("test")
     test = ctx.task.splits["test"]
     if ctx.task.kind == "regression":
