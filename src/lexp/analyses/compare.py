@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from lexp.errors import LexpInputError
 from lexp.experiment import RunContext, build_model_stores, torch_threads
+from lexp.locks import PARTIAL, ensure_entry, remove_partials, replace_dir
 from lexp.report import figures
 
 log = logging.getLogger("lexp")
@@ -140,41 +141,45 @@ def cross_cka(ctx: RunContext, a: Any, b: Any) -> dict[str, Any]:
     fp = fingerprint(settings, [])
     cache = a.path.parent / f"{a.path.name}.compare-{fp[:12]}"
     names = ("cka", "cka_debiased")
-    if (cache / "manifest.json").exists() and all((cache / f"{k}.npy").exists() for k in names):
-        out = {k: np.load(cache / f"{k}.npy", allow_pickle=False) for k in names}
-        return out | {
-            "reused": True,
-            "path": cache,
-            "rows": json.loads((cache / "manifest.json").read_text())["rows"],
-        }
-    source = PairedStores(a, b, max_rows)
-    device = ctx.run_device()
-    ctx.record_device("compare_covariance", str(cfg.compute))
-    start = time.perf_counter()
-    with torch_threads(ctx.cfg.threads.clustering):
-        moments = streaming_moments(
-            source,
-            chunk_rows=int(cfg.chunk_rows),
-            compute=str(cfg.compute),
-            progress=bool(ctx.cfg.progress),
-            device=device,
-            layer_sizes=source.layer_sizes,
-        )
-    pass_s = time.perf_counter() - start
-    out = {"cka": cka_blocks(moments), "cka_debiased": cka_blocks(moments, debiased=True)}
-    rows = int(moments.n)
-    del moments
-    tmp = cache.with_name(cache.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for key in names:
-        np.save(tmp / f"{key}.npy", out[key], allow_pickle=False)
-    manifest = {"fingerprint": fp, "settings": settings, "rows": rows, "computed_on": str(device)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if cache.exists():
-        shutil.rmtree(cache)
-    os.replace(tmp, cache)
-    return out | {"reused": False, "path": cache, "rows": rows, "pass_s": pass_s}
+    timing: dict[str, float] = {}
+
+    def ready(entry: Path) -> bool:
+        return (entry / "manifest.json").exists() and all((entry / f"{k}.npy").exists() for k in names)
+
+    def load(entry: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {k: np.load(entry / f"{k}.npy", allow_pickle=False) for k in names}
+        return out | {"path": entry, "rows": json.loads((entry / "manifest.json").read_text())["rows"]}
+
+    def build(entry: Path) -> None:
+        source = PairedStores(a, b, max_rows)
+        device = ctx.run_device()
+        ctx.record_device("compare_covariance", str(cfg.compute))
+        start = time.perf_counter()
+        with torch_threads(ctx.cfg.threads.clustering):
+            moments = streaming_moments(
+                source,
+                chunk_rows=int(cfg.chunk_rows),
+                compute=str(cfg.compute),
+                progress=bool(ctx.cfg.progress),
+                device=device,
+                layer_sizes=source.layer_sizes,
+            )
+        timing["pass_s"] = time.perf_counter() - start
+        out = {"cka": cka_blocks(moments), "cka_debiased": cka_blocks(moments, debiased=True)}
+        rows = int(moments.n)
+        del moments
+        remove_partials(entry)  # under the exclusive lock: every partial of this entry is stale
+        tmp = entry.with_name(entry.name + f"{PARTIAL}{os.getpid()}")
+        tmp.mkdir(parents=True)
+        for key in names:
+            np.save(tmp / f"{key}.npy", out[key], allow_pickle=False)
+        manifest = {"fingerprint": fp, "settings": settings, "rows": rows, "computed_on": str(device)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        replace_dir(tmp, entry)
+
+    # One job builds, concurrent jobs of a sweep wait and reuse (lexp.locks).
+    out, reused = ensure_entry(cache, ready=ready, build=build, load=load)
+    return out | {"reused": reused} | timing
 
 
 def run(ctx: RunContext, heads: dict[str, Any]) -> None:

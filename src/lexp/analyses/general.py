@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lexp.experiment import RunContext, public, torch_threads
+from lexp.locks import PARTIAL, ensure_entry, remove_partials, replace_dir
 from lexp.report import figures
 
 
@@ -35,6 +36,8 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
     """CKA matrix, correlation linkage (and float32 correlations for medoids), cached by fingerprint.
 
     The cache lives beside the store, so a sweep over ct (or a rerun) never recomputes the pass.
+    Concurrent jobs share it through :func:`lexp.locks.ensure_entry` (one builds, the others wait
+    and reuse; an incomplete older entry is replaced only under the exclusive lock).
     """
     from lexp.redundancy import cka as cka_mod
     from lexp.redundancy import clustering, covariance
@@ -52,66 +55,60 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
     }
     fp = fingerprint(settings, [])
     cache = store.path.parent / f"{store.path.name}.{tag}-{fp[:12]}"
-    files = {
-        "linkage": cache / "linkage.npy",
-        "cka": cache / "cka.npy",
-        "cka_debiased": cache / "cka_debiased.npy",
-        "corr": cache / "corr32.npy",
-    }
-    complete = cache / "manifest.json"
-    # a cache from before the debiased CKA is recomputed once (whole layers only)
-    has_cka = columns is not None or files["cka_debiased"].exists()
-    if complete.exists() and has_cka and (not need_corr or files["corr"].exists()):
-        out = {"linkage": clustering.load_linkage(files["linkage"]), "reused": True, "path": cache}
+
+    def ready(entry: Path) -> bool:
+        # a cache from before the debiased CKA is recomputed once (whole layers only)
+        has_cka = columns is not None or (entry / "cka_debiased.npy").exists()
+        needs = (entry / "manifest.json").exists() and has_cka
+        return needs and (not need_corr or (entry / "corr32.npy").exists())
+
+    def load(entry: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {"linkage": clustering.load_linkage(entry / "linkage.npy"), "path": entry}
         for key in ("cka", "cka_debiased"):
-            if files[key].exists():
-                out[key] = np.load(files[key], allow_pickle=False)
-        if need_corr:
-            out["corr"] = np.load(files["corr"], mmap_mode="r")
+            if (entry / f"{key}.npy").exists():
+                out[key] = np.load(entry / f"{key}.npy", allow_pickle=False)
+        if need_corr:  # a memory map stays valid even if a later job replaces the entry
+            out["corr"] = np.load(entry / "corr32.npy", mmap_mode="r")
         return out
 
-    source: Any = store if max_rows is None else store.activations[:max_rows]
-    device = ctx.run_device()
-    ctx.record_device("covariance", str(cfg.compute))
-    with torch_threads(ctx.cfg.threads.clustering):
-        moments = covariance.streaming_moments(
-            source,
-            chunk_rows=int(cfg.chunk_rows),
-            columns=None if columns is None else np.asarray(columns),
-            compute=str(cfg.compute),
-            progress=bool(ctx.cfg.progress),
-            device=device,
-            # the debiased CKA's per-row layer norms: ~6% of the pass at MiniLM size (bench_cka.py)
-            layer_sizes=[store.hidden] * store.n_layers if columns is None else None,
-        )
-    cka = cka_debiased = None
-    if columns is None:  # CKA needs whole layers
-        cka = cka_mod.cka_matrix(moments, store.n_layers, store.hidden)
-        cka_debiased = cka_mod.cka_matrix(moments, store.n_layers, store.hidden, debiased=True)
-    corr = covariance.correlation(moments, out=moments.comoment)  # in place: CKA is done, saves N×N float64
-    del moments
-    linkage = clustering.neuron_linkage(corr, signed=bool(cfg.signed))
-    tmp = cache.with_name(cache.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    clustering.save_linkage(linkage, tmp / "linkage.npy")
-    if cka is not None:
-        np.save(tmp / "cka.npy", cka, allow_pickle=False)
-        np.save(tmp / "cka_debiased.npy", cka_debiased, allow_pickle=False)
-    if need_corr:
-        np.save(tmp / "corr32.npy", corr.astype(np.float32), allow_pickle=False)
-    manifest = {"fingerprint": fp, "settings": settings, "computed_on": str(device)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if cache.exists():
-        shutil.rmtree(cache)
-    os.replace(tmp, cache)
-    out = {"linkage": linkage, "reused": False, "path": cache}
-    if cka is not None:
-        out["cka"] = cka
-        out["cka_debiased"] = cka_debiased
-    if need_corr:
-        out["corr"] = corr
-    return out
+    def build(entry: Path) -> None:
+        source: Any = store if max_rows is None else store.activations[:max_rows]
+        device = ctx.run_device()
+        ctx.record_device("covariance", str(cfg.compute))
+        with torch_threads(ctx.cfg.threads.clustering):
+            moments = covariance.streaming_moments(
+                source,
+                chunk_rows=int(cfg.chunk_rows),
+                columns=None if columns is None else np.asarray(columns),
+                compute=str(cfg.compute),
+                progress=bool(ctx.cfg.progress),
+                device=device,
+                # the debiased CKA's per-row layer norms: ~6% of the pass at MiniLM size (bench_cka.py)
+                layer_sizes=[store.hidden] * store.n_layers if columns is None else None,
+            )
+        cka = cka_debiased = None
+        if columns is None:  # CKA needs whole layers
+            cka = cka_mod.cka_matrix(moments, store.n_layers, store.hidden)
+            cka_debiased = cka_mod.cka_matrix(moments, store.n_layers, store.hidden, debiased=True)
+        corr = covariance.correlation(moments, out=moments.comoment)  # in place: saves N×N float64
+        del moments
+        linkage = clustering.neuron_linkage(corr, signed=bool(cfg.signed))
+        remove_partials(entry)  # under the exclusive lock: every partial of this entry is stale
+        tmp = entry.with_name(entry.name + f"{PARTIAL}{os.getpid()}")
+        tmp.mkdir(parents=True)
+        clustering.save_linkage(linkage, tmp / "linkage.npy")
+        if cka is not None:
+            np.save(tmp / "cka.npy", cka, allow_pickle=False)
+            np.save(tmp / "cka_debiased.npy", cka_debiased, allow_pickle=False)
+        if need_corr:
+            np.save(tmp / "corr32.npy", corr.astype(np.float32), allow_pickle=False)
+        manifest = {"fingerprint": fp, "settings": settings, "computed_on": str(device)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        replace_dir(tmp, entry)  # an older, incomplete entry goes only under the exclusive lock
+
+    # One job builds, concurrent jobs of a sweep wait and reuse; nothing is replaced while read.
+    out, reused = ensure_entry(cache, ready=ready, build=build, load=load)
+    return out | {"reused": reused}
 
 
 def prepare(ctx: RunContext) -> dict[str, np.ndarray]:

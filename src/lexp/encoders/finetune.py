@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import json
@@ -52,6 +51,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from lexp.encoders.loading import load_pretrained, model_digest
 from lexp.errors import LexpInputError, LexpModelError
+from lexp.locks import entry_lock
 from lexp.tasks.base import Example, TaskData
 
 log = logging.getLogger(__name__)
@@ -931,17 +931,13 @@ def _is_complete(out: Path, fp: str) -> bool:
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """An OS file lock (released if the process dies). DDP ranks > 0 skip it: rank 0 holds it."""
+    """The cache entry's exclusive lock (:func:`lexp.locks.entry_lock`, ``<out>.lock``; released by
+    the kernel if the process dies). DDP ranks > 0 of a re-executed script skip it: rank 0 holds it."""
     if not _is_rank_zero():
         yield
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with entry_lock(out):
+        yield
 
 
 def _is_rank_zero() -> bool:
