@@ -431,3 +431,58 @@ def test_build_stores_runs_on_the_device_and_reports_counts_on_every_run(
     assert bf16["stores_reused"] == {"train": False, "dev": False}  # precision is
     assert bf16["stores"]["train"] != first["stores"]["train"]
     assert bf16["extraction"]["train"]["precision"] == "bf16-mixed"
+
+
+@pytest.mark.parametrize("family", ["bert", "xlnet"])
+def test_float16_rows_cast_on_the_device_equal_a_host_cast(device, family, models, tmp_path):
+    """rows_dtype=float16 (what a float16 store asks for): the same bits as casting the float32 rows
+    on the host, so a float16 store holds the same bytes whichever side cast them; windows too."""
+    model, tokenizer = models[family]
+    on_device = _on(model, device)
+    f32 = _collect(extract_words(on_device, tokenizer, SENTENCES, batch_size=3, progress=False), 8)
+    ex = extract_words(on_device, tokenizer, SENTENCES, batch_size=3, rows_dtype="float16", progress=False)
+    f16 = _collect(ex, len(SENTENCES))
+    for i in range(len(SENTENCES)):
+        assert f16[i].dtype == np.float16
+        np.testing.assert_array_equal(f16[i].view(np.uint16), f32[i].astype(np.float16).view(np.uint16))
+    windows = extract_words(
+        on_device,
+        tokenizer,
+        SENTENCES,
+        batch_size=3,
+        max_length=16,
+        long_sentences="window",
+        rows_dtype="float16",
+    )
+    assert all(rows.dtype == np.float16 for _, rows in windows)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in SENTENCES])])
+
+    def host_cast(w):
+        for i, rows in f32.items():
+            w.write_rows(int(offsets[i]), rows)
+
+    def device_cast(w):
+        for i, rows in f16.items():
+            w.write_rows(int(offsets[i]), rows)
+
+    a = _store(tmp_path / "host", offsets, f32[0].shape[1], host_cast)
+    b = _store(tmp_path / "device", offsets, f32[0].shape[1], device_cast)
+    assert (a / "activations.npy").read_bytes() == (b / "activations.npy").read_bytes()
+    with pytest.raises(LexpInputError, match="rows_dtype"):
+        extract_words(on_device, tokenizer, SENTENCES, rows_dtype="bfloat16")
+
+
+def test_a_float16_store_refuses_inf_rows_and_names_the_range(tmp_path):
+    """A float16 row that is inf (an activation beyond ±65504 cast on the device) is refused."""
+    with StoreWriter(tmp_path / "s", n_rows=2, n_layers=2, hidden=3, manifest={}) as w:
+        w.write_rows(0, np.ones((1, 6), dtype=np.float16))
+        bad = np.ones((1, 6), dtype=np.float16)
+        bad[0, 4] = np.float16(np.inf)
+        with pytest.raises(LexpInputError, match="65504"):
+            w.write_rows(1, bad)
+        nan = np.full((1, 6), np.nan, dtype=np.float16)
+        with pytest.raises(LexpInputError, match="NaN or inf"):
+            w.write_rows(1, nan)
+        w.write_rows(1, np.ones((1, 6), dtype=np.float16))
+        w.finish(np.zeros(2, dtype=np.int64))
+    assert open_store(tmp_path / "s").n_rows == 2

@@ -455,6 +455,7 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
             batch_size=batch_size,
             max_tokens=max_tokens,
             precision=precision,
+            rows_dtype=str(cfg.store.dtype),  # cast on the device: half the copy, no host cast
             subword=str(cfg.extract.subword),
             long_sentences=str(cfg.extract.long_sentences),
             progress=bool(cfg.progress),
@@ -469,6 +470,7 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
             batch_size=batch_size,
             max_tokens=max_tokens,
             precision=precision,
+            rows_dtype=str(cfg.store.dtype),  # cast on the device: half the copy, no host cast
             max_length=int(cfg.finetune.max_seq_length),
             progress=bool(cfg.progress),
             sources=[e.source for e in items],

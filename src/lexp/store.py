@@ -720,6 +720,16 @@ def _row_ranges(mask: np.ndarray, limit: int = 5) -> str:
     return ", ".join(parts) + (", …" if len(starts) > limit else "")
 
 
+def _peak(rows: np.ndarray) -> float:
+    """max |x| (NaN if any value is NaN): torch's one-pass aminmax, ~3x faster than numpy's abs + max."""
+    if rows.dtype not in (np.float32, np.float64):
+        return float(np.max(np.abs(rows)))
+    import torch
+
+    low, high = torch.aminmax(torch.from_numpy(np.ascontiguousarray(rows)))
+    return float(max(-float(low), float(high))) if not (low.isnan() or high.isnan()) else float("nan")
+
+
 class StoreWriter:
     """Write a store into ``<path>.partial-<pid>/``; ``finish()`` renames it to ``path`` atomically.
 
@@ -775,7 +785,9 @@ class StoreWriter:
         self.partial = self.path.with_name(f"{self.path.name}{_PARTIAL}{os.getpid()}")
         #: disk space the store needs (checked and, for activations.npy, reserved on entering)
         self.nbytes = store_nbytes(self.n_rows, self.n_layers, self.hidden, str(dtype))
-        self._acts: np.memmap | None = None
+        self._acts: np.memmap | None = None  # header and offset only: rows go in with pwrite
+        self._fd: int | None = None
+        self._bit_buffers: tuple[np.ndarray, np.ndarray] | None = None  # see _float16_nonfinite
         self._written = np.zeros(self.n_rows, dtype=bool)
         self._finished = False
         self._lock = threading.Lock()
@@ -802,6 +814,7 @@ class StoreWriter:
                 self.partial / ACTIVATIONS, mode="w+", dtype=self.dtype, shape=(self.n_rows, self.n_neurons)
             )
             _reserve(self.partial / ACTIVATIONS, int(self._acts.offset))
+            self._fd = os.open(self.partial / ACTIVATIONS, os.O_WRONLY)
         except BaseException as exc:
             self._close()
             shutil.rmtree(self.partial, ignore_errors=True)
@@ -825,8 +838,11 @@ class StoreWriter:
             )
 
     def _close(self) -> None:
-        """Drop the writable mapping (numpy closes it when the last reference goes)."""
+        """Drop the writable mapping (numpy closes it when the last reference goes) and the row fd."""
         self._acts = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def write_rows(self, row_offset: int, array: np.ndarray) -> None:
         """Store ``array`` (rows × n_neurons, or one row) at rows ``row_offset …``, cast to the store dtype.
@@ -855,14 +871,14 @@ class StoreWriter:
         if rows.size and rows.dtype == np.float16:
             # float16 rows (cast on the extraction device): an all-ones exponent is inf or NaN. Bit
             # tests on the raw uint16 are ~10x faster than numpy's emulated float16 arithmetic.
-            if rows.flags.c_contiguous and ((rows.view(np.uint16) & 0x7C00) == 0x7C00).any():
+            if rows.flags.c_contiguous and self._float16_nonfinite(rows):
                 raise LexpInputError(
                     f"{self.path}: activation rows {start}..{stop - 1} contain NaN or inf as float16 — either "
                     "the model produced non-finite values, or an activation beyond the float16 range "
                     "(±65504) was rounded to inf; rerun with store.dtype=float32, or check the model"
                 )
         if rows.size and (rows.dtype != np.float16 or not rows.flags.c_contiguous):
-            peak = float(np.max(np.abs(rows)))
+            peak = _peak(rows)
             if not np.isfinite(peak):
                 raise LexpInputError(
                     f"{self.path}: activation rows {start}..{stop - 1} contain NaN or inf; the model produced "
@@ -880,8 +896,54 @@ class StoreWriter:
                 f"{self.path}: rows {_row_ranges(again)} were written twice; each row must be written once "
                 "(duplicate sentence index from the extractor?)"
             )
-        self._acts[start:stop] = rows
+        self._pwrite(start, rows)
         self._written[start:stop] = True
+
+    def _float16_nonfinite(self, rows: np.ndarray) -> bool:
+        """Whether float16 ``rows`` hold inf or NaN (all-ones exponent), tested on the raw bits in
+        blocks of 256 rows through two reused buffers: whole-batch temporaries (82 MB at BERT-base)
+        cost 0.03-0.4 s of page faults each; the blocks stay in cache."""
+        bits = rows.view(np.uint16).reshape(rows.shape[0], -1)
+        block = 256
+        if self._bit_buffers is None:
+            self._bit_buffers = (
+                np.empty((block, bits.shape[1]), dtype=np.uint16),
+                np.empty((block, bits.shape[1]), dtype=bool),
+            )
+        masked, hit = self._bit_buffers
+        for r0 in range(0, bits.shape[0], block):
+            part = bits[r0 : r0 + block]
+            m, h = masked[: len(part)], hit[: len(part)]
+            np.bitwise_and(part, 0x7C00, out=m)
+            if np.equal(m, 0x7C00, out=h).any():
+                return True
+        return False
+
+    def _pwrite(self, start: int, rows: np.ndarray) -> None:
+        """Rows ``start…`` written with ``pwrite`` at their place in the .npy file, in the store dtype.
+
+        Why not the memory map: assigning into fresh pages of a mapping page-faults once per 4 KiB,
+        measured 0.13 s per 4,096 × 9,984 float16 rows here against 0.013 s for one ``pwrite`` of
+        the same bytes; the cast float32 → float16 goes through torch (several times faster than
+        numpy's, and the same IEEE round-to-nearest-even bits).
+        """
+        if rows.dtype != self.dtype:
+            if rows.dtype == np.float32 and self.dtype == np.float16:
+                import torch
+
+                rows = torch.from_numpy(np.ascontiguousarray(rows)).to(torch.float16).numpy()
+            else:
+                rows = rows.astype(self.dtype)
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        position = int(self._acts.offset) + start * self.n_neurons * self.dtype.itemsize
+        try:
+            while data:
+                n = os.pwrite(self._fd, data, position)
+                data, position = data[n:], position + n
+        except OSError as exc:
+            if _is_space_error(exc):
+                raise self._space_error(exc) from exc
+            raise
 
     def finish(
         self,

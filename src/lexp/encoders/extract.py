@@ -183,6 +183,12 @@ def _inference(model: torch.nn.Module, precision: str) -> Iterator[None]:
         model.train(was_training)
 
 
+def _rows_dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "float16"):
+        raise LexpInputError(f"rows_dtype={name!r} is not one of ('float32', 'float16') (a store's dtype)")
+    return torch.float16 if name == "float16" else torch.float32
+
+
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise LexpInputError(
@@ -491,6 +497,7 @@ def extract_words(
     max_length: int | None = None,
     max_tokens: int | str | None = None,
     precision: str = "32",
+    rows_dtype: str = "float32",
 ) -> Extraction:
     """One activation row per word: yields ``(sentence index, float32 (n_words, n_layers*hidden))``.
 
@@ -513,7 +520,11 @@ def extract_words(
             ``batch_size`` on the CPU). Batching changes no row beyond float rounding (~1e-6).
         precision: ``"32"`` (float32, default; on CUDA without TF32) or ``"bf16-mixed"`` (bfloat16
             autocast: fast on GPUs and AVX-512-BF16 CPUs, ~1e-2 absolute error); rows are float32
-            either way.
+            either way, unless ``rows_dtype``.
+        rows_dtype: ``"float32"`` (default) or ``"float16"``: rows cast on the model's device before
+            the copy to the host — half the transfer, and a float16 store then takes them as they
+            are (the same IEEE round-to-nearest as casting on the host; values beyond ±65504 become
+            inf, which the store refuses).
 
     Rows are yielded in processing order (longest first); place them by index. Words that tokenise
     to zero subwords (control or zero-width characters) are encoded as the unknown token and counted
@@ -530,6 +541,7 @@ def extract_words(
     if max_tokens == "auto":
         batch_size, max_tokens = batch_plan(device, batch_size, max_tokens)
     _check_precision(precision)
+    out_dtype = _rows_dtype(rows_dtype)
     _check_fast(tokenizer)
     _check_sources(sources, len(sentences), "sentences")
     words = [list(s) for s in sentences]
@@ -612,7 +624,7 @@ def extract_words(
                     continue
                 buf, left_over = pending.get(p.sentence, (None, n_pieces_of[p.sentence]))
                 if buf is None:
-                    buf = np.empty((len(words[p.sentence]), rows.shape[1]), dtype=np.float32)
+                    buf = np.empty((len(words[p.sentence]), rows.shape[1]), dtype=rows.dtype)
                 buf[p.rows] = block
                 if left_over == 1:
                     pending.pop(p.sentence, None)
@@ -625,7 +637,8 @@ def extract_words(
         clock = time.perf_counter()
         try:
             if empties:
-                yield [(i, np.zeros((0, n_layers * hidden), dtype=np.float32)) for i in empties]
+                empty = np.zeros((0, n_layers * hidden), dtype=str(out_dtype).replace("torch.", ""))
+                yield [(i, empty) for i in empties]
             for part in _batches([len(p.ids) for p in pieces], batch_size, max_tokens):
                 batch = pieces[part]
                 rows = _run_word_batch(
@@ -637,7 +650,7 @@ def extract_words(
                         f"(num_hidden_layers + 1) * hidden_size = {n_layers * hidden}; lexp supports "
                         "encoders whose hidden_states are the embeddings plus one output per layer."
                     )
-                in_flight.append((batch, *copier.start(rows)))
+                in_flight.append((batch, *copier.start(rows.to(out_dtype))))
                 if len(in_flight) > lag:
                     yield collect(*in_flight.popleft())
                     st.seconds = time.perf_counter() - clock
@@ -803,6 +816,7 @@ def extract_cls(
     sources: Sequence[str] | None = None,
     max_tokens: int | str | None = None,
     precision: str = "32",
+    rows_dtype: str = "float32",
 ) -> Extraction:
     """The classification-token representation of each example: yields ``(index, float32 (n_layers*hidden,))``.
 
@@ -812,13 +826,14 @@ def extract_cls(
     longer than ``max_length`` tokens are truncated (longest sequence first); their number is in
     ``.stats.n_truncated`` and logged. The token is located from the tokenizer (`cls_position`):
     BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources``,
-    ``max_tokens`` and ``precision`` are as in `extract_words`.
+    ``max_tokens``, ``precision`` and ``rows_dtype`` are as in `extract_words`.
     """
     _check_batching(batch_size, max_tokens)
     device = _device(model)
     if max_tokens == "auto":
         batch_size, max_tokens = batch_plan(device, batch_size, max_tokens)
     _check_precision(precision)
+    out_dtype = _rows_dtype(rows_dtype)
     _check_fast(tokenizer)
     _check_sources(sources, len(examples), "examples")
     model_limit = model_max_tokens(model, tokenizer)
@@ -918,7 +933,7 @@ def extract_cls(
                 with _inference(model, precision):
                     hidden_states = model(**moved, **forward_kwargs).hidden_states
                     rows = _gather(hidden_states, index_d)
-                in_flight.append((chunk, *copier.start(rows)))
+                in_flight.append((chunk, *copier.start(rows.to(out_dtype))))
                 if len(in_flight) > lag:
                     yield collect(*in_flight.popleft())
                     st.seconds = time.perf_counter() - clock
