@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,9 @@ class StoreBatches(Dataset):
     reopen the store themselves.
     """
 
-    def __init__(self, store: Store, columns: np.ndarray | None, regression: bool) -> None:
+    def __init__(
+        self, store: Store, columns: np.ndarray | None, regression: bool, extra: np.ndarray | None = None
+    ) -> None:
         self.path = store.path
         self.columns = columns
         self.regression = regression
@@ -162,6 +164,8 @@ class StoreBatches(Dataset):
                     f"{store.path}: labels are {labels.dtype}, not class ids; this is a regression store "
                     "(set regression=True)"
                 )
+            if extra is not None:  # (rows, T): column 0 the store's labels, then the extra vectors
+                labels = np.column_stack([labels, extra])
             self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -272,6 +276,11 @@ class ActivationDataModule(pl.LightningDataModule):
     are the same as with ``read_steps=1`` while the reading and Lightning's per-batch work are paid
     once per read.
 
+    ``extra_labels`` (``{split: (rows,) or (rows, E) int array}``, every split given) adds label
+    vectors for the same rows — the control task of ``task.control`` — and ``y`` becomes
+    ``(B, 1 + E)``, column 0 the store's labels (``n_targets`` = 1 + E). Stores hold no words, so
+    the caller derives them from the task in store order (sentence order, word by word).
+
     ``resident`` (``"auto"`` | ``True`` | ``False``, see the module docstring) holds the train, dev
     and test splits on the device — the Trainer's (``trainer.strategy.root_device``) once one is
     attached, else ``device`` (default: the CPU) — each loaded when its loader is first asked for
@@ -298,6 +307,7 @@ class ActivationDataModule(pl.LightningDataModule):
         resident: bool | str = "auto",
         device: torch.device | str | None = None,
         resident_fraction: float = RESIDENT_FRACTION,
+        extra_labels: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         stores = {"train": train, "dev": dev, "test": test}
@@ -328,8 +338,12 @@ class ActivationDataModule(pl.LightningDataModule):
         if predict_split not in SPLITS:
             raise LexpInputError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
         self.predict_split = predict_split
+        extra = self._extra_labels(extra_labels)
+        #: label vectors per row: 1 (the store's labels) + the extra ones (e.g. the control task)
+        self.n_targets = 1 + (0 if extra is None else next(iter(extra.values())).shape[1])
         self._datasets = {
-            name: StoreBatches(store, self.columns, self.regression) for name, store in self.stores.items()
+            name: StoreBatches(store, self.columns, self.regression, None if extra is None else extra[name])
+            for name, store in self.stores.items()
         }
         self.resident = parse_resident(resident)
         self.device = None if device is None else torch.device(device)
@@ -340,6 +354,49 @@ class ActivationDataModule(pl.LightningDataModule):
         self._resident: dict[str, _ResidentSplit] = {}
         #: per split, how the last loader made cuts it: (rows per batch, shuffled)
         self._layout: dict[str, tuple[int, bool]] = {}
+
+    def _extra_labels(self, extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """Extra label vectors per split (``{split: (rows,) or (rows, E)}`` class ids), checked: one
+        per store row of every split given, the same number E in each, train ids in the classes."""
+        if extra is None:
+            return None
+        if self.regression:
+            raise LexpInputError(
+                "ActivationDataModule: extra_labels (e.g. the control task) are class ids; a regression "
+                "task has none (task.control is for word-level tasks)"
+            )
+        out: dict[str, np.ndarray] = {}
+        widths = set()
+        for split, store in self.stores.items():
+            if split not in extra:
+                raise LexpInputError(
+                    f"ActivationDataModule: extra_labels has no {split!r} entry ({store.path}); give one "
+                    f"label vector per row of every split ({sorted(self.stores)})"
+                )
+            values = np.asarray(extra[split])
+            values = values.reshape(-1, 1) if values.ndim == 1 else values
+            if (
+                values.ndim != 2
+                or values.shape[0] != store.n_rows
+                or not np.issubdtype(values.dtype, np.integer)
+            ):
+                raise LexpInputError(
+                    f"{store.path}: extra_labels[{split!r}] has shape {values.shape} and dtype {values.dtype}; "
+                    f"the {split} store has {store.n_rows} rows: give integer class ids, one per row "
+                    "(in store order: the task's words sentence by sentence)"
+                )
+            if split == "train" and values.size and (values.min() < 0 or values.max() >= self.n_classes):
+                raise LexpInputError(
+                    f"{store.path}: extra train labels must be class ids in [0, {self.n_classes}), got "
+                    f"{int(values.min())}..{int(values.max())}"
+                )
+            widths.add(values.shape[1])
+            out[split] = values.astype(np.int64, copy=False)
+        if len(widths) != 1:
+            raise LexpInputError(
+                f"ActivationDataModule: extra_labels differ in width across splits: {widths}"
+            )
+        return out
 
     @property
     def n_features(self) -> int:
@@ -514,7 +571,8 @@ class ActivationDataModule(pl.LightningDataModule):
             what = "non-finite regression targets"
         else:
             n = self.n_classes
-            bad = np.flatnonzero((labels.numpy() < 0) | (labels.numpy() >= n))
+            ids = labels.numpy().reshape(len(labels), -1)  # (rows, label vectors)
+            bad = np.flatnonzero(((ids < 0) | (ids >= n)).any(axis=1))
             what = f"label ids outside the {n} train classes"
         if bad.size:
             raise LexpInputError(

@@ -44,6 +44,8 @@ class RunContext:
     oracle: dict[str, Any] | None = None
     #: the run's one compute device (lexp.device.resolve_run_device), set before any stage
     device: Any = None
+    #: task.control=true: the control task's class ids per split (store row order), else None
+    control_labels: dict[str, np.ndarray] | None = None
 
     @property
     def regression(self) -> bool:
@@ -205,6 +207,13 @@ def read_task(ctx: RunContext) -> None:
         task.splits[split] = task.splits[split][:n]
         task.notes[f"limit_{split}"] = n
     ctx.task = task
+    if ctx.cfg.task.get("control", False):  # Hewitt & Liang's control task, seeded by the run seed
+        ctx.control_labels = {s: task.control_labels(s, int(ctx.cfg.seed)) for s in task.splits}
+        ctx.report["control_task"] = {
+            "seed": int(ctx.cfg.seed),
+            "rule": "one label per word type, drawn from the train label distribution by hash(seed, type)",
+            "word_types": {s: len({w for x in task.splits[s] for w in x.words}) for s in task.splits},
+        }
     counts: dict[str, Any] = {}
     for split, items in task.splits.items():
         if task.kind == "labelling":
@@ -236,12 +245,22 @@ def read_task(ctx: RunContext) -> None:
 
 
 # ------------------------------------------------------------------------------------------ extract
-def local_model_dir(model_cfg: Mapping[str, Any]) -> Path:
-    """The folder holding the model's files: a local dir, or the hub id's snapshot in the local cache.
+def local_model_dir(model_cfg: Mapping[str, Any], cache_root: str | Path | None = None) -> Path:
+    """The folder holding the model's files: a local dir, or the hub id's snapshot in the local cache
+    (``model.random_init``: its random-weights twin, saved once under ``cache_root``).
 
     When neither exists, loading the encoder raises the one clear error that says what was tried.
     """
-    from lexp.encoders.loading import _hub_snapshot, load_encoder, resolve_name_or_path
+    from lexp.encoders.loading import (
+        _hub_snapshot,
+        init_seed,
+        load_encoder,
+        materialize_random_init,
+        resolve_name_or_path,
+    )
+
+    if init_seed(model_cfg) is not None:
+        return materialize_random_init(model_cfg, cache_root if cache_root is not None else ".cache/lexp")
 
     target = resolve_name_or_path(model_cfg.get("name_or_path"))
     if Path(target).is_dir():
@@ -276,13 +295,16 @@ def build_stores(ctx: RunContext) -> None:
         with torch_threads(cfg.threads.get("finetune")):
             model_dir = finetuned_model_dir(ctx)
     else:
-        model_dir = local_model_dir(model_cfg)  # type: ignore[arg-type]
+        model_dir = local_model_dir(model_cfg, cfg.cache_dir)  # type: ignore[arg-type]
     ctx.model_dir = Path(model_dir)
     from lexp.encoders.loading import model_digest
 
     digest = model_digest(ctx.model_dir)
     extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
-    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    from lexp.encoders.loading import store_model_settings
+    from lexp.tasks import store_settings
+
+    task_cfg = store_settings(cfg.task)  # task.control: other heads, the same store
     cache_root = Path(cfg.cache_dir)
     encoder = None
     reused: dict[str, bool] = {}
@@ -291,7 +313,7 @@ def build_stores(ctx: RunContext) -> None:
     plan: list[tuple[str, str, dict[str, Any], Path]] = []
     for split in _split_names(ctx):
         settings = {
-            "model": model_cfg,
+            "model": store_model_settings(model_cfg),  # type: ignore[arg-type]
             "model_digest": digest,
             "task": task_cfg,
             "limit": (cfg.get("limit") or {}).get(split),
@@ -415,6 +437,7 @@ def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
 
     cfg = dict(model_cfg)
     cfg["name_or_path"] = str(ctx.model_dir)
+    cfg["random_init"] = False  # ctx.model_dir holds the run's weights (random_init: already random)
     encoder = load_encoder(cfg, device=ctx.run_device())
     ctx.record_device("extract", encoder.info["dtype"])
     return encoder
@@ -512,6 +535,7 @@ def datamodule(ctx: RunContext, columns: np.ndarray | None = None) -> Any:
         read_steps=int(ctx.cfg.probe.get("read_steps", PROBE_DEFAULTS["read_steps"])),
         resident=ctx.cfg.probe.get("resident", PROBE_DEFAULTS["resident"]),
         device=ctx.run_device(),
+        extra_labels=ctx.control_labels,  # task.control: the control task as label vector 1
     )
 
 
@@ -529,6 +553,7 @@ def train_heads(
             probe_cfg=ctx.probe_cfg(),
             trainer_kwargs=ctx.trainer_kwargs(),
             logger=ctx.tracker.lightning_logger(),
+            control=ctx.control_labels is not None,  # a control-task head beside every head
         )
 
 
@@ -538,12 +563,20 @@ def train_subsets(ctx: RunContext, subsets: Mapping[str, np.ndarray]) -> dict[st
     Each result's ``weights`` columns follow the order of its subset, and ``columns`` holds the
     subset itself (store column indices).
     """
-    union = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in subsets.values()]))
-    local = {name: np.searchsorted(union, np.asarray(cols, dtype=np.int64)) for name, cols in subsets.items()}
+    from dataclasses import replace
+
+    from lexp.probes import HeadSpec, as_spec
+
+    specs = {name: as_spec(value) for name, value in subsets.items()}  # a HeadSpec: its seed/target
+    union = np.unique(np.concatenate([np.asarray(s.columns, dtype=np.int64) for s in specs.values()]))
+    local: dict[str, Any] = {}
+    for name, spec in specs.items():
+        cols = np.searchsorted(union, np.asarray(spec.columns, dtype=np.int64))
+        local[name] = replace(spec, columns=cols) if isinstance(subsets[name], HeadSpec) else cols
     everything = len(union) == ctx.model_info["n_neurons"]
     results = train_heads(ctx, local, None if everything else union)
-    for name, cols in subsets.items():
-        results[name]["columns"] = np.asarray(cols, dtype=np.int64)
+    for name, spec in specs.items():
+        results[name]["columns"] = np.asarray(spec.columns, dtype=np.int64)
     return results
 
 
@@ -574,7 +607,8 @@ def train_oracle(ctx: RunContext, extra: Mapping[str, np.ndarray] | None = None)
 
 def public(result: Mapping[str, Any]) -> dict[str, Any]:
     """A probe result without its weight arrays (those are too big for results.json)."""
-    return {k: v for k, v in result.items() if k not in {"weights", "bias", "columns"}}
+    arrays = {"weights", "bias", "columns", "seed_weights", "seed_bias"}
+    return {k: v for k, v in result.items() if k not in arrays}
 
 
 def _flat_summary(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -348,6 +348,8 @@ SCHEMA: dict[str, Rule] = {
         doc="encoder weights; float16 on a GPU only",
         example="float32",
     ),
+    "model.random_init": Bool(doc="same architecture, seeded random weights (baseline)", example="false"),
+    "model.init_seed": Int(doc="seed of random_init's weights; conf: the run seed", example=42),
     # probe
     "probe.name": Str(example="elasticnet"),
     "probe.epochs": Int(1, doc="passes over the training data", example=10),
@@ -358,6 +360,9 @@ SCHEMA: dict[str, Rule] = {
     "probe.l2": Float(0, doc="ElasticNet L2 weight", example=1e-5),
     "probe.seed": Int(doc="batch order", example=42),
     "probe.init_seed": Int(null=True, doc="weight init; null: probe.seed", example="null"),
+    "probe.seeds": List(
+        Int(), null=True, doc="init seeds trained as extra heads of one pass; mean ± std", example="[1,2,3]"
+    ),
     "probe.select_on_dev": Bool(doc="keep the epoch with the best dev score", example="true"),
     "probe.regression": Bool(null=True, doc="null: from the task", example="null"),
     "probe.resident": Rule(
@@ -510,6 +515,7 @@ TASK_KEYS: dict[str, dict[str, Rule]] = {
         "reader": Choice("columns", "glue", example="columns"),
         "kind": Choice("labelling", "classification", "regression", null=True, example="labelling"),
         "data_dir": Str(null=True, example="/path/to/data"),
+        "control": Bool(doc="also train control-task heads (word-level tasks); selectivity", example="false"),
     },
     "columns": {
         "word_column": Int(0, doc="0-based", example=0),

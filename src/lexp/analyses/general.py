@@ -155,8 +155,9 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         }
         head = heads.get(f"ct_{ct:g}")
         if head is not None:
-            row["dev"] = float(head["dev"][metric])
-            row["test"] = float(head["test"][metric]) if "test" in head else None
+            from lexp.analyses.layers import score_fields  # dev, test (+ _std over seeds, control)
+
+            row.update(score_fields(head, metric))
             row["probe"] = public(head)
         rows.append(row)
         ctx.tracker.log_metrics(

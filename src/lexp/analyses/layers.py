@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,34 @@ def incremental_scores(heads: dict[str, Any], n_layers: int, split: str, metric:
     ]
 
 
+def score_fields(
+    result: Mapping[str, Any], metric: str, *, dev: str = "dev", test: str = "test", prefix: str = ""
+) -> dict[str, Any]:
+    """A probe result's scores as results.json rows hold them: ``dev``/``test`` (named by ``dev``
+    and ``test``), each with ``<key>_std`` beside it when the probe ran under several seeds
+    (``probe.seeds``: the score is the mean), and with a control task (``task.control``)
+    ``<prefix>control_dev|test`` and ``<prefix>selectivity_dev|test`` (score − control score,
+    Hewitt & Liang 2019), with their ``_std``. The names lexp.tables and lexp.report read."""
+    out: dict[str, Any] = {}
+    for split, key in (("dev", dev), ("test", test)):
+        scores = result.get(split) or {}
+        out[key] = float(scores[metric]) if metric in scores else None
+        _std(out, key, scores, metric)
+        for block in ("control", "selectivity"):
+            values = (result.get(block) or {}).get(split)
+            if values and metric in values:
+                name = f"{prefix}{block}_{split}"
+                out[name] = float(values[metric])
+                _std(out, name, values, metric)
+    return out
+
+
+def _std(out: dict[str, Any], key: str, scores: Mapping[str, Any], metric: str) -> None:
+    std = scores.get(f"{metric}_std")
+    if std is not None:
+        out[f"{key}_std"] = float(std)
+
+
 def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
     return layer_heads(ctx.stores["train"], bool(ctx.cfg.analysis.incremental))
 
@@ -35,35 +64,53 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
     metric = ctx.metric
     n_layers = ctx.stores["train"].n_layers
     threshold = float(cfg.redundancy_threshold)
-    oracle_dev = float(ctx.oracle["dev"][metric])
-    oracle_test = float(ctx.oracle["test"][metric]) if "test" in ctx.oracle else None
+    oracle = score_fields(ctx.oracle, metric, dev="oracle_dev", test="oracle_test", prefix="oracle_")
+    oracle_dev = float(oracle["oracle_dev"])
     rows = []
     for layer in range(n_layers):
         head = heads[f"layer_{layer}"]
+        fields = score_fields(head, metric)
         row = {
             "layer": layer,
-            "dev": float(head["dev"][metric]),
-            "test": float(head["test"][metric]) if "test" in head else None,
+            **{k: fields.pop(k) for k in ("dev", "dev_std", "test", "test_std") if k in fields},
+            # on the mean over seeds (probe.seeds); per seed in redundant_per_seed
             "redundant": bool(head["dev"][metric] >= threshold * oracle_dev),
         }
+        if "per_seed" in head and "per_seed" in ctx.oracle:
+            row["redundant_per_seed"] = [
+                bool(s["dev"][metric] >= threshold * o["dev"][metric])
+                for s, o in zip(head["per_seed"], ctx.oracle["per_seed"], strict=True)
+            ]
         if cfg.incremental:
             inc = heads[f"layers_0_{layer}"] if layer < n_layers - 1 else heads["oracle"]
-            row["incremental_dev"] = float(inc["dev"][metric])
-            row["incremental_test"] = float(inc["test"][metric]) if "test" in inc else None
+            row.update(
+                {
+                    k: v
+                    for k, v in score_fields(
+                        inc, metric, dev="incremental_dev", test="incremental_test"
+                    ).items()
+                    if k.startswith("incremental_")
+                }
+            )
+        row.update(fields)  # control_dev|test, selectivity_dev|test (task.control)
         rows.append(row)
     ctx.report["layers"] = {
         "metric": metric,
-        "oracle_dev": oracle_dev,
-        "oracle_test": oracle_test,
+        **oracle,
         "threshold": threshold,
         "threshold_score_dev": threshold * oracle_dev,
         "table": rows,
         "redundant_layers": [r["layer"] for r in rows if r["redundant"]],
         "heads": {name: public(h) for name, h in heads.items()},
     }
+    if "seeds" in ctx.oracle:
+        ctx.report["layers"]["seeds"] = list(ctx.oracle["seeds"])
     columns = ["layer", "dev", "test", "redundant"] + (
         ["incremental_dev", "incremental_test"] if cfg.incremental else []
     )
+    columns += [
+        c for c in ("control_dev", "control_test", "selectivity_dev", "selectivity_test") if c in rows[0]
+    ]
     ctx.tracker.log_table("layers/table7", columns, [[r.get(c) for c in columns] for r in rows])
     for r in rows:
         ctx.tracker.log_metrics({f"layers/dev/{metric}": r["dev"], "layers/layer": r["layer"]})
@@ -79,7 +126,13 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
     ctx.tracker.log_image("layers/figure4", path)
     ctx.report["summary_lines"] = [
         f"layer {r['layer']:>2}: dev {r['dev']:.4f}"
+        + (f" ± {r['dev_std']:.4f}" if "dev_std" in r else "")
         + (f"  0..{r['layer']}: {r['incremental_dev']:.4f}" if cfg.incremental else "")
+        + (
+            f"  control {r['control_dev']:.4f}  selectivity {r['selectivity_dev']:.4f}"
+            if "control_dev" in r
+            else ""
+        )
         + ("  redundant" if r["redundant"] else "")
         for r in rows
     ]

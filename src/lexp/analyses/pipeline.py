@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lexp.analyses.general import clustering_cache
 from lexp.analyses.layers import layer_heads
-from lexp.analyses.neurons import Outcome, evaluator, grid_from_cfg
+from lexp.analyses.neurons import Outcome, grid_from_cfg, seed_block, seed_evaluator, seeds_of
 from lexp.experiment import RunContext
 from lexp.report import figures
 
@@ -42,21 +42,34 @@ def cluster_columns(ctx: RunContext, columns: np.ndarray, ct: float) -> np.ndarr
     return np.asarray(columns)[reps]
 
 
+#: numbers of a CCFS result reported as mean ± std over probe seeds (decisions also per seed)
+_SEED_NUMBERS = [
+    "oracle_dev", "oracle_test", "ls_target", "ls_layer", "ls_n_layers", "ls_n_neurons", "ls_dev", "ls_test",
+    "cc_dev", "cc_test", "fs_target", "ccfs_n_neurons", "ccfs_dev", "ccfs_test", "reduction",
+]  # fmt: skip
+
+
 def run(ctx: RunContext, heads: dict[str, Any]) -> None:
-    from lexp.redundancy.selection import ccfs
+    from lexp.redundancy.selection import ccfs_many
 
     cfg = ctx.cfg.analysis
     metric = ctx.metric
     n_layers = ctx.model_info["n_layers"]
-    incremental = [Outcome(heads[f"layers_0_{k}"], metric) for k in range(n_layers - 1)]
-    incremental.append(Outcome(ctx.oracle, metric))
+    seeds = seeds_of(ctx)
+    # one LS + CCFS per probe seed (its own oracle, prefixes, CC probe, ranking and minimal set);
+    # every probe of every seed in one pass per step
+    incrementals = {
+        i: [Outcome.of_seed(heads[f"layers_0_{k}"], i, metric) for k in range(n_layers - 1)]
+        + [Outcome.of_seed(ctx.oracle, i, metric)]
+        for i in range(len(seeds))
+    }
     start = time.perf_counter()
-    result = ccfs(
-        oracle=Outcome(ctx.oracle, metric),
-        incremental=incremental,
+    by_seed = ccfs_many(
+        oracles={i: Outcome.of_seed(ctx.oracle, i, metric) for i in range(len(seeds))},
+        incrementals=incrementals,
         hidden=int(ctx.model_info["hidden"]),
         cluster=lambda cols, ct: cluster_columns(ctx, cols, ct),
-        train=evaluator(ctx),
+        train=seed_evaluator(ctx, seeds),
         ct=float(cfg.ct),
         ls_delta=float(cfg.ls_delta),
         fs_delta=float(cfg.fs_delta),
@@ -64,7 +77,19 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         steps=int(cfg.ranking_steps),
         batch=int(cfg.batch),
     )
+    result = by_seed[0]  # the first seed's decisions build the extractor and the timings
     row = result.to_dict()
+    if len(seeds) > 1:
+        per_seed = [{"seed": seed, **by_seed[i].to_dict()} for i, seed in enumerate(seeds)]
+        row.update(seed_block(per_seed, _SEED_NUMBERS))
+        row["ls_reached"] = all(p["ls_reached"] for p in per_seed)
+        row["fs_reached"] = all(p["fs_reached"] for p in per_seed)
+        row["seeds"] = seeds
+        row["per_seed"] = [
+            {k: v for k, v in p.items() if k not in ("cc_columns", "ccfs_columns", "fs_evaluated")}
+            for p in per_seed
+        ]
+        row["extractor_seed"] = seeds[0]
     row["metric"] = metric
     row["seconds"] = time.perf_counter() - start
     ctx.report["pipeline"] = row
@@ -76,6 +101,15 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         f"CC (ct={result.ct}): {result.cc_n_neurons} neurons  dev {result.cc_dev:.4f}",
         f"CCFS: {result.ccfs_n_neurons} neurons ({100 * result.reduction:.1f}% reduction)  dev {result.ccfs_dev:.4f} test {result.ccfs_test:.4f}",
     ]
+    if len(seeds) > 1:
+        ctx.report["summary_lines"] = (
+            [f"seed {seeds[0]} (the extractor's):"]
+            + ctx.report["summary_lines"]
+            + [
+                "LS layers per seed: " + " ".join(str(v) for v in row["ls_n_layers_per_seed"]),
+                "CCFS neurons per seed: " + " ".join(str(v) for v in row["ccfs_n_neurons_per_seed"]),
+            ]
+        )
     final = _final_probe(ctx, result)
     if cfg.timing.enabled:
         timings(ctx, result)
@@ -86,8 +120,11 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
 def _final_probe(ctx: RunContext, result: Any) -> dict[str, Any]:
     """The probe trained on the final CCFS neurons (weights, bias, columns) — retrained if needed."""
     from lexp.experiment import train_subsets
+    from lexp.probes import HeadSpec
 
-    found = train_subsets(ctx, {"ccfs": result.ccfs_columns})["ccfs"]
+    # the first probe seed's (probe.seeds), as its decisions chose the columns; no control head
+    spec = HeadSpec(np.asarray(result.ccfs_columns), seed=seeds_of(ctx)[0])
+    found = train_subsets(ctx, {"ccfs": spec})["ccfs"]
     return found
 
 
@@ -110,6 +147,7 @@ def timings(ctx: RunContext, result: Any) -> None:
     repeats = int(tcfg.repeats)
     model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
     model_cfg["name_or_path"] = str(ctx.model_dir)
+    model_cfg["random_init"] = False  # ctx.model_dir holds the run's weights (random ones included)
     encoder = load_encoder(model_cfg, device=device)
     model = encoder.model
     ctx.record_device("timing", next(model.parameters()).dtype)
@@ -240,6 +278,7 @@ def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
 
     model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
     model_cfg["name_or_path"] = str(ctx.model_dir)
+    model_cfg["random_init"] = False  # ctx.model_dir holds the run's weights (random ones included)
     encoder = load_encoder(model_cfg)
     truncated = truncate_encoder(encoder.model, int(result.ls_layer))
     path = save_reduced_extractor(

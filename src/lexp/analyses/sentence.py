@@ -15,9 +15,14 @@ def finetuned_model_dir(ctx: RunContext) -> Path:
 
     with_timing = ctx.report.data.setdefault("finetune", {})
     ctx.record_device("finetune", str(ctx.cfg.trainer.precision))
+    model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
+    if model_cfg.get("random_init"):  # fine-tune from the random-weights twin (lexp.encoders.loading)
+        from lexp.experiment import local_model_dir
+
+        model_cfg["name_or_path"] = str(local_model_dir(model_cfg, ctx.cfg.cache_dir))
     path = finetune(
         ctx.task,
-        OmegaConf.to_container(ctx.cfg.model, resolve=True),
+        model_cfg,
         OmegaConf.to_container(ctx.cfg.finetune, resolve=True),
         cache_root=Path(ctx.cfg.cache_dir),
         trainer_kwargs=ctx.trainer_kwargs(),

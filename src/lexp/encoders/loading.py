@@ -26,7 +26,11 @@ from lexp.errors import LexpModelError
 
 __all__ = [
     "Encoder",
+    "init_seed",
     "load_encoder",
+    "materialize_random_init",
+    "random_twin",
+    "store_model_settings",
     "load_pretrained",
     "resolve_name_or_path",
     "model_max_tokens",
@@ -376,7 +380,10 @@ def load_encoder(model_cfg: Mapping[str, Any], *, device: torch.device | str | N
 
     Fields: ``name`` (slug for cache paths), ``name_or_path`` (local dir, hub id, or
     ``minilm``/null for the bundled offline model), ``revision`` (hub only), ``dtype``
-    (``float32`` default, ``bfloat16``, or ``float16`` on a GPU only). ``device``: where the
+    (``float32`` default, ``bfloat16``, or ``float16`` on a GPU only), ``random_init`` (true: the
+    same architecture and tokenizer with random weights drawn from ``init_seed``, see
+    :func:`random_twin`; a folder made by :func:`materialize_random_init` for that seed is loaded
+    as it is). ``device``: where the
     weights go (``lexp.device.resolve_device`` spellings, e.g. a run's ``ctx.run_device()``;
     None: the CPU). Raises one `LexpModelError` saying what was tried and how to fix it when the
     weights cannot be found.
@@ -404,6 +411,10 @@ def load_encoder(model_cfg: Mapping[str, Any], *, device: torch.device | str | N
         tok_target = target
         folder = _hub_snapshot(target, revision)
 
+    seed = init_seed(model_cfg)
+    marker = _random_marker(folder) if folder else None
+    if seed is not None and (marker is None or marker.get("seed") != seed):
+        model = random_twin(model, seed)
     model.eval()
     if target_device.type != "cpu":
         model.to(target_device)
@@ -434,8 +445,121 @@ def load_encoder(model_cfg: Mapping[str, Any], *, device: torch.device | str | N
         "padding_side": tokenizer.padding_side,
         "tokenizer": type(tokenizer).__name__,
         "fingerprint_basis": {"files": _fingerprint_files(folder) if folder else []},
+        # random weights (model.random_init): the seed they were drawn from, else None
+        "random_init_seed": seed if seed is not None else (marker or {}).get("seed"),
     }
     return Encoder(model=model, tokenizer=tokenizer, info=info)
+
+
+# ------------------------------------------------------------------ random-weights baseline model
+#: Written beside the weights of a materialised random-weights model (see materialize_random_init).
+RANDOM_MARKER = "lexp_random_init.json"
+
+
+def init_seed(model_cfg: Mapping[str, Any]) -> int | None:
+    """The seed of ``model.random_init`` (``model.init_seed``; conf/model gives the run seed), or
+    None when the model keeps its pretrained weights."""
+    flag = model_cfg.get("random_init", False)
+    if flag is None or flag is False:
+        return None
+    if flag is not True:
+        raise LexpModelError(f"model.random_init={flag!r} must be true or false")
+    seed = model_cfg.get("init_seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise LexpModelError(
+            f"model.random_init=true needs an integer model.init_seed (the seed of the random weights), "
+            f"got {seed!r}. Fix: model.init_seed=42 (conf/model/*.yaml default it to the run seed)"
+        )
+    return int(seed)
+
+
+def random_twin(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The same architecture (``model.config``) with fresh weights drawn by transformers' own
+    initialisation (``_init_weights``: normal(0, initializer_range), LayerNorm 1/0, zero biases)
+    from ``seed`` alone — the random-weights baseline of probing studies. The global torch RNG is
+    left as it was (``fork_rng``); the result is deterministic for a seed and torch version."""
+    from transformers import AutoModel
+
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(int(seed))
+        twin = AutoModel.from_config(model.config)
+    return twin.to(dtype)
+
+
+def _random_marker(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / RANDOM_MARKER
+    if not path.is_file():
+        return None
+    import json
+
+    return json.loads(path.read_text())
+
+
+def store_model_settings(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The model config as caches fingerprint it: ``random_init``/``init_seed`` only when the
+    weights are random (so stores of pretrained models keep the fingerprints they had before these
+    keys existed, and a random model's seed is always part of its fingerprint)."""
+    out = dict(model_cfg)
+    seed = init_seed(model_cfg)
+    out.pop("random_init", None)
+    out.pop("init_seed", None)
+    if seed is not None:
+        out["random_init"], out["init_seed"] = True, seed
+    return out
+
+
+def materialize_random_init(model_cfg: Mapping[str, Any], cache_root: str | Path) -> Path:
+    """The folder of ``model_cfg``'s random-weights twin (built once, then reused): the tokenizer and
+    config of ``model.name_or_path`` with weights from :func:`random_twin`, saved under
+    ``<cache>/random_init/<name>/<source digest>-seed<seed>/`` with a marker file. A plain model
+    folder, so every consumer — extraction, fine-tuning (which then starts from random weights),
+    the timing and the saved extractor — loads it like any other, and its digest keys the caches."""
+    import json
+    import shutil
+
+    seed = init_seed(model_cfg)
+    if seed is None:
+        raise LexpModelError("materialize_random_init: model.random_init is not true")
+    source = dict(model_cfg)
+    source["random_init"] = False
+    encoder = load_encoder(source)  # the pretrained model: its config, tokenizer and path
+    folder = encoder.info.get("path")
+    digest = (
+        model_digest(folder)
+        if folder
+        else hashlib.sha256(str(model_cfg.get("name_or_path")).encode()).hexdigest()
+    )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(model_cfg.get("name") or "model")).strip("-") or "model"
+    out = Path(cache_root) / "random_init" / name / f"{digest[:12]}-seed{seed}"
+    marker = _random_marker(out) if out.is_dir() else None
+    if marker is not None and marker.get("seed") == seed and marker.get("source_digest") == digest:
+        return out
+    if out.is_dir():  # an incomplete or foreign folder under our name: rebuild it
+        shutil.rmtree(out)
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    twin = random_twin(encoder.model, seed)
+    with _quiet_transformers():
+        twin.save_pretrained(tmp)
+        encoder.tokenizer.save_pretrained(tmp)
+    (tmp / RANDOM_MARKER).write_text(
+        json.dumps(
+            {"seed": seed, "source": str(folder or model_cfg.get("name_or_path")), "source_digest": digest},
+            indent=2,
+        )
+    )
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process put it there first: theirs is the same model
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _random_marker(out) is None:
+            raise
+    log.info(
+        "random-weights twin of %s (seed %d) saved to %s", folder or model_cfg.get("name_or_path"), seed, out
+    )
+    return out
 
 
 def _hub_snapshot(name: str, revision: str | None) -> Path | None:

@@ -27,6 +27,8 @@ Where things are (a reader's map):
 ==================  ==========================================================================
 ``loss.py``         the maths: ElasticNet penalty, data loss, a head's initialisation, column checks
 ``fused.py``        :class:`FusedHeads`: H heads as blocks of shared columns, hand-written gradients
+``heads.py``        :class:`HeadSpec` (a head's columns, seed, target) and :class:`Variants` (seeds
+                    and control-task heads in the one pass; mean ± std and selectivity)
 ``optim.py``        :class:`LeanAdam` (torch's fused Adam) and :class:`ElasticNetAdam` (+ penalty)
 ``metrics.py``      :class:`ConfusionCounts` of many heads at once, :func:`classification_scores`
 ``modules.py``      the LightningModules and the one device-neutral training step they share
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 from lexp.probes.fused import FusedHeads
 from lexp.probes.fused import _blocks as _blocks
+from lexp.probes.heads import CONTROL_TARGET, HeadSpec, Variants, as_spec, mean_std
 from lexp.probes.loss import _check_columns as _check_columns
 from lexp.probes.loss import _data_loss as _data_loss
 from lexp.probes.loss import elasticnet_penalty, init_head_
@@ -62,6 +65,11 @@ from lexp.probes.train import _trainer as _trainer
 
 __all__ = [
     "ALL_COLUMNS",
+    "CONTROL_TARGET",
+    "HeadSpec",
+    "Variants",
+    "as_spec",
+    "mean_std",
     "ConfusionCounts",
     "ElasticNetProbe",
     "FusedHeads",

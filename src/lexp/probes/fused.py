@@ -9,7 +9,8 @@ the weights are on the CPU; on CUDA the same maths runs as torch operations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,16 +70,31 @@ class FusedHeads(nn.Module):
         self,
         subsets: list[np.ndarray],
         n_outputs: int,
-        seed: int,
+        seed: int | Sequence[int],
         max_blocks: int | None = None,
         *,
         kernels: bool | None = None,
+        targets: Sequence[int] | None = None,
     ):
         super().__init__()
         #: compiled kernels (lexp.kernels) for the element-wise work: None = when available
         self._kernels = kernels
         self.n_heads, self.n_outputs = len(subsets), int(n_outputs)
         self.widths = [int(c.size) for c in subsets]
+        seeds = [int(seed)] * self.n_heads if isinstance(seed, int | np.integer) else [int(s) for s in seed]
+        head_targets = [0] * self.n_heads if targets is None else [int(t) for t in targets]
+        if (
+            len(seeds) != self.n_heads
+            or len(head_targets) != self.n_heads
+            or min(head_targets, default=0) < 0
+        ):
+            raise LexpInputError(
+                f"FusedHeads: {self.n_heads} heads need one seed and one target (>= 0) each, got "
+                f"{len(seeds)} seeds and targets {head_targets}"
+            )
+        #: the label vector each head learns (0: the task's; see HeadSpec) and how many there are
+        self.targets = head_targets
+        self.n_targets = max(head_targets, default=0) + 1
         k = self.n_outputs
         blocks = _blocks(subsets, max_blocks if max_blocks is not None else max(2 * len(subsets), 16))
         blocks.sort(key=lambda block: block[0].size)  # stable: equal widths stay in column order
@@ -157,13 +173,22 @@ class FusedHeads(nn.Module):
         )
         #: per head, the first stacked product row of each of its K-row slots: read only by the CPU
         #: kernel (lexp.kernels), through pointers, so it stays a CPU table
-        self._slot_table = compiled.head_slots(
-            [[self._product_rows[b].start + slot * k for b, slot in slots] for slots in self._slots], row, k
-        )
+        slot_rows = [[self._product_rows[b].start + slot * k for b, slot in slots] for slots in self._slots]
+        self._slot_table = compiled.head_slots(slot_rows, row, k)
+        self.register_buffer("_head_target", torch.tensor(head_targets, dtype=torch.int64), persistent=False)
+        #: heads that learn another label vector than the task's: per target, its heads, their rows of
+        #: the stacked products and their kernel slot table (the kernel takes one label vector a call)
+        self._target_groups: list[tuple[int, Tensor, Tensor, Any]] = []
+        if self.n_targets > 1:
+            for t in sorted(set(head_targets)):
+                heads = np.flatnonzero(np.asarray(head_targets) == t)
+                rows = np.concatenate([np.arange(r, r + k) for h in heads for r in slot_rows[h]])
+                table = compiled.head_slots([slot_rows[h] for h in heads], row, k)
+                self._target_groups.append((t, torch.from_numpy(heads), torch.from_numpy(rows), table))
         self._bind()
         for h, cols in enumerate(subsets):
             weight, bias = torch.empty(k, cols.size), torch.empty(k)
-            init_head_(weight, bias, seed)
+            init_head_(weight, bias, seeds[h])
             self.set_head(h, weight, bias)
 
     # ---- devices
@@ -327,6 +352,9 @@ class FusedHeads(nn.Module):
         alone; see the tests). ``penalty=False``: the data loss and its gradient only — for
         :class:`ElasticNetAdam`, which adds the penalty's gradient inside its update."""
         n = x.shape[0]
+        self._check_targets(y)
+        if y.ndim == 2 and self.n_targets == 1:  # extra label vectors that no head of this pass learns
+            y = y[:, 0]
         xs = self._inputs(x, dtype)
         products = self._products(xs, dtype)  # (Σ m_b·K, B), float32
         if not regression and self.use_kernels():
@@ -336,11 +364,15 @@ class FusedHeads(nn.Module):
                 raise LexpInputError(
                     f"FusedHeads: class ids must be in [0, {self.n_outputs}), got {int(low)}..{int(high)}"
                 )
-            dp, data, bias_grad = compiled.xent_heads(products, self.bias.detach(), y, self._slot_table)
+            if y.ndim == 1:
+                dp, data, bias_grad = compiled.xent_heads(products, self.bias.detach(), y, self._slot_table)
+            else:
+                dp, data, bias_grad = self._xent_by_target(products, y)
             alpha = 1.0  # the kernel's gradient includes the 1/n of the mean
         else:
             z = self._sum_heads(products)
             # dz is the output gradient times n: the 1/n of the mean goes into the products' alpha.
+            y = self.labels_per_head(y)  # (B,) shared by every head, or (H, B)
             if regression:
                 diff = z[:, 0, :] - y.to(z.dtype)  # (H, B)
                 data = diff.pow(2).mean(dim=1)
@@ -349,7 +381,7 @@ class FusedHeads(nn.Module):
                 logp = torch.log_softmax(z, dim=1)
                 # flat index of (h, y_b, b) in (H, K, B): every head's target entries
                 rows = torch.arange(n, device=z.device)
-                target = (self._head_base(n) + (y.view(1, n) * n + rows)).view(-1)
+                target = (self._head_base(n) + (y.reshape(-1, n) * n + rows)).view(-1)
                 data = torch.take(logp, target).view(self.n_heads, n).mean(dim=1).neg_()
                 dz = logp.exp_()  # softmax; minus one at the targets:
                 dz.view(-1).index_add_(0, target, torch.full((target.numel(),), -1.0, device=z.device))
@@ -392,6 +424,45 @@ class FusedHeads(nn.Module):
                 grad.mul_(beta).add_(low, alpha=alpha)
         self.weight.grad = grad
         return value
+
+    # ---- several label vectors (HeadSpec.target): y is (B, T), column t = label vector t
+    def _check_targets(self, y: Tensor) -> None:
+        """``y`` is (B,) when every head learns the task's labels, else (B, T) with T > max target."""
+        if y.ndim == 1 and self.n_targets == 1:
+            return
+        if y.ndim != 2 or y.shape[1] < self.n_targets:
+            raise LexpInputError(
+                f"FusedHeads: heads learn {self.n_targets} label vectors (targets {sorted(set(self.targets))}), "
+                f"so the labels must be (rows, >= {self.n_targets}); got shape {tuple(y.shape)}. Give the "
+                "datamodule the extra label vectors (ActivationDataModule(extra_labels=...))"
+            )
+
+    def labels_per_head(self, y: Tensor) -> Tensor:
+        """Each head's labels: ``y`` itself when it is one vector (B,), else ``(H, B)`` — row ``h`` is
+        column ``targets[h]`` of ``y`` (B, T)."""
+        if y.ndim == 1:
+            return y
+        if self.n_targets == 1:
+            return y[:, 0]
+        return y.t().index_select(0, self._head_target.to(y.device))
+
+    def _xent_by_target(self, products: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The compiled cross-entropy kernel once per label vector (it takes one per call), on
+        that vector's heads; the gradients are gathered into one ``(R, B)`` buffer. Costs one
+        ``(R_t, B)`` copy per extra vector — small beside the block products (``C`` times more)."""
+        dp = data = bias_grad = None
+        bias = self.bias.detach()
+        for t, heads, rows, table in self._target_groups:
+            g_dp, g_loss, g_bias = compiled.xent_heads(
+                products, bias.index_select(0, heads), y[:, t].contiguous(), table
+            )
+            if dp is None:
+                dp, data, bias_grad = g_dp, torch.empty(self.n_heads), torch.empty_like(bias)
+            else:
+                dp.index_copy_(0, rows, g_dp.index_select(0, rows))
+            data.index_copy_(0, heads, g_loss)
+            bias_grad.index_copy_(0, heads, g_bias)
+        return dp, data, bias_grad
 
     # ---- the penalty, by segment (one head's weights in one block)
     def segments(self) -> tuple[Tensor, Tensor, Tensor]:

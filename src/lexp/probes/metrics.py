@@ -56,10 +56,11 @@ class ConfusionCounts(Metric):
         )
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """``preds`` (H, B) predicted class ids; ``target`` (B,) gold ids (unseen labels allowed)."""
+        """``preds`` (H, B) predicted class ids; ``target`` gold ids (unseen labels allowed): (B,)
+        shared by every head, or (H, B), one row per head (heads learning different label vectors)."""
         gold = target.long().clamp(max=self.size - 1)
         heads = torch.arange(self.n_heads, device=self.counts.device).unsqueeze(1) * self.size**2
-        index = heads + gold.unsqueeze(0) * self.size + preds.long()
+        index = heads + (gold.unsqueeze(0) if gold.ndim == 1 else gold) * self.size + preds.long()
         self.counts += torch.bincount(index.flatten(), minlength=self.counts.numel())
 
     def compute(self) -> Tensor:

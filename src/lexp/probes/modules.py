@@ -26,6 +26,7 @@ from lexp.datamodules import ResidentBatch
 from lexp.device import autocast_dtype
 from lexp.errors import LexpInputError
 from lexp.probes.fused import FusedHeads
+from lexp.probes.heads import HeadSpec, as_spec
 from lexp.probes.loss import (
     _as_float32,
     _check_columns,
@@ -132,11 +133,12 @@ class _ProbeModule(pl.LightningModule):
 
     def _update_metrics(self, outputs: Tensor, y: Tensor) -> None:
         """``outputs`` (H, K, B) of every head on one batch."""
+        y = self._labels_per_head(y)  # (B,), or (H, B) when heads learn different label vectors
         if not self.regression:
             self.metrics["confusion"].update(outputs.argmax(dim=1), y)
             return
         pred = outputs[:, 0, :].t().float()  # (B, H)
-        target = y.float().unsqueeze(1).expand_as(pred)
+        target = y.float().t() if y.ndim == 2 else y.float().unsqueeze(1).expand_as(pred)
         if pred.shape[1] == 1:  # torchmetrics wants 1-D inputs for a single output
             pred, target = pred[:, 0], target[:, 0]
         for metric in self.metrics.values():
@@ -179,6 +181,15 @@ class _ProbeModule(pl.LightningModule):
         )
 
     # ---- subclass interface
+    def _labels_per_head(self, y: Tensor) -> Tensor:
+        """The labels each head is scored against: ``y`` (B,) for all (the default), or (H, B)."""
+        if y.ndim != 1:
+            raise LexpInputError(
+                f"{type(self).__name__}: labels of shape {tuple(y.shape)}; this probe learns one label "
+                "vector (B,). Several label vectors (the control task) need a MultiHeadProbe"
+            )
+        return y
+
     def _outputs(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -465,7 +476,7 @@ class MultiHeadProbe(_ProbeModule):
 
     def __init__(
         self,
-        subsets: Mapping[str, np.ndarray],
+        subsets: Mapping[str, np.ndarray | HeadSpec],
         n_features: int,
         n_classes: int,
         *,
@@ -476,15 +487,29 @@ class MultiHeadProbe(_ProbeModule):
         regression: bool = False,
         select_on_dev: bool = True,
         batch_size: int | None = None,
+        n_targets: int = 1,
     ):
         if not subsets:
             raise LexpInputError(
                 "MultiHeadProbe: no subsets given; pass {name: column indices}, e.g. {'oracle': ...}"
             )
-        checked = {_check_head_name(n): _check_columns(n, c, n_features) for n, c in subsets.items()}
-        # Identical subsets train identically: keep the first name, alias the others to it.
-        canonical: dict[bytes, str] = {}
-        aliases = {name: canonical.setdefault(cols.tobytes(), name) for name, cols in checked.items()}
+        specs = {_check_head_name(n): as_spec(v) for n, v in subsets.items()}
+        checked = {n: _check_columns(n, spec.columns, n_features) for n, spec in specs.items()}
+        #: per head, its init seed and the label vector it learns (HeadSpec; defaults: seed, 0)
+        self_seeds = {n: int(seed) if spec.seed is None else int(spec.seed) for n, spec in specs.items()}
+        targets = {n: int(spec.target) for n, spec in specs.items()}
+        bad = {n: t for n, t in targets.items() if t >= n_targets}
+        if bad:
+            raise LexpInputError(
+                f"MultiHeadProbe: heads {sorted(bad)} learn label vector(s) {sorted(set(bad.values()))}, but the "
+                f"data has {n_targets} (0 = the task's labels); give the datamodule the extra label vectors"
+            )
+        # Identical heads (columns, seed, target) train identically: keep the first name, alias the others.
+        canonical: dict[tuple[bytes, int, int], str] = {}
+        aliases = {
+            name: canonical.setdefault((cols.tobytes(), self_seeds[name], targets[name]), name)
+            for name, cols in checked.items()
+        }
         heads = [name for name in checked if aliases[name] == name]
         super().__init__(
             heads,
@@ -499,7 +524,13 @@ class MultiHeadProbe(_ProbeModule):
         self.hparams["heads"] = list(checked)
         self.l1, self.l2 = float(l1), float(l2)
         self.subsets = checked
-        self.fused = FusedHeads([checked[n] for n in heads], self.n_outputs, seed)
+        self.head_seeds, self.head_targets = self_seeds, targets
+        self.fused = FusedHeads(
+            [checked[n] for n in heads],
+            self.n_outputs,
+            [self_seeds[n] for n in heads],
+            targets=[targets[n] for n in heads],
+        )
         self._index = {name: h for h, name in enumerate(heads)}
 
     def forward(self, x: Tensor) -> Tensor:
@@ -531,6 +562,9 @@ class MultiHeadProbe(_ProbeModule):
 
     def _outputs(self, x: Tensor) -> Tensor:
         return self(x)  # (H, K, B)
+
+    def _labels_per_head(self, y: Tensor) -> Tensor:
+        return self.fused.labels_per_head(y)
 
     def _read_head(self, name: str) -> tuple[Tensor, Tensor]:
         return self.fused.head(self._index[name])

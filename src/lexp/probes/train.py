@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from lexp.datamodules import parse_resident
 from lexp.device import synchronize
 from lexp.errors import LexpInputError
+from lexp.probes.heads import CONTROL_TARGET, HeadSpec, Variants
 from lexp.probes.loss import _check_columns
 from lexp.probes.modules import ALL_COLUMNS, ElasticNetProbe, MultiHeadProbe, _ProbeModule
 
@@ -45,6 +46,7 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "regression": None,
     "read_steps": 16,
     "resident": None,  # auto: on a GPU when a split fits (lexp.datamodules.parse_resident)
+    "seeds": None,  # init seeds trained as extra heads of the one pass (lexp.probes.heads.Variants)
 }
 _CONFIG_KEYS = {*PROBE_DEFAULTS, "name"}
 
@@ -76,6 +78,18 @@ def _settings(probe_cfg: Mapping[str, Any]) -> dict[str, Any]:
     cfg["resident"] = parse_resident(cfg["resident"], "probe config: resident")
     if cfg["init_seed"] is None:
         cfg["init_seed"] = cfg["seed"]
+    seeds = cfg["seeds"]
+    if seeds is not None:
+        if (
+            isinstance(seeds, (str, bytes))
+            or not isinstance(seeds, Sequence)
+            or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in seeds)
+        ):
+            raise LexpInputError(
+                f"probe config: seeds = {seeds!r} must be null or a non-empty list of integers, e.g. [1,2,3,4,5]"
+            )
+        cfg["seeds"] = tuple(int(s) for s in seeds)
     return cfg
 
 
@@ -164,12 +178,13 @@ def _has_split(datamodule: pl.LightningDataModule, split: str) -> bool:
 
 def train_probes(
     datamodule: pl.LightningDataModule,
-    subsets: Mapping[str, np.ndarray] | None,
+    subsets: Mapping[str, np.ndarray | HeadSpec] | None,
     *,
     probe_cfg: Mapping[str, Any],
     trainer_kwargs: Mapping[str, Any] | None = None,
     logger: Any = None,
     reference: bool = False,
+    control: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Train one probe per subset (all in one pass) and evaluate the selected epoch on dev and test.
 
@@ -187,6 +202,15 @@ def train_probes(
     ``weights`` (K × C float32) and ``bias`` (K,) of the selected epoch, ``columns`` (C,),
     ``train_seconds`` (wall time of the shared training pass, dev evaluation included) and
     ``heads_in_pass``.
+
+    Variants as extra heads of the same pass (:class:`lexp.probes.heads.Variants`): ``probe_cfg``
+    ``seeds`` (a list of init seeds; the batch order stays ``seed``'s) trains every subset once per
+    seed, and ``control=True`` trains each also against the datamodule's label vector 1, the
+    control task (``ActivationDataModule(extra_labels=...)``). The result per subset is then the
+    first seed's, with ``dev``/``test`` the mean over seeds and ``<metric>_std`` beside each, and
+    ``per_seed``, ``seed_weights``, ``seed_bias``, ``control`` and ``selectivity`` (see
+    :meth:`Variants.collect`). A subset given as a :class:`HeadSpec` with a ``seed`` is trained
+    under that seed only.
     """
     cfg = _settings(probe_cfg)
     regression = cfg["regression"]
@@ -211,11 +235,28 @@ def train_probes(
         )
     if reference and subsets is not None:
         raise LexpInputError("train_probes: reference=True trains one ElasticNetProbe; pass subsets=None")
+    n_targets = int(getattr(datamodule, "n_targets", 1))
+    variants = Variants(cfg["seeds"] or (), bool(control))
+    if control and n_targets <= CONTROL_TARGET:
+        raise LexpInputError(
+            "train_probes: control=True, but the datamodule has no control labels; build it with "
+            "ActivationDataModule(extra_labels={split: control labels}) (lexp: task.control=true)"
+        )
+    if reference and (variants.active or n_targets > 1):
+        raise LexpInputError(
+            "train_probes: reference=True trains one ElasticNetProbe on one label vector and one seed; "
+            "drop probe.seeds / control (the fused heads are tested equal to it)"
+        )
+    columns = {ALL_COLUMNS: np.arange(n_features)} if subsets is None else dict(subsets)
+    heads = (
+        variants.expand(columns)
+        if variants.active or any(isinstance(v, HeadSpec) for v in columns.values())
+        else columns
+    )
     if reference:
         module: _ProbeModule = ElasticNetProbe(n_features, n_classes, **common)
     else:
-        columns = {ALL_COLUMNS: np.arange(n_features)} if subsets is None else subsets
-        module = MultiHeadProbe(columns, n_features, n_classes, **common)
+        module = MultiHeadProbe(heads, n_features, n_classes, n_targets=n_targets, **common)
 
     with _quiet_lightning(), _restore_determinism():
         trainer = _trainer(cfg["epochs"], trainer_kwargs, logger)
@@ -230,7 +271,9 @@ def train_probes(
     for result in results.values():
         result["train_seconds"] = train_seconds
         result["heads_in_pass"] = len(module.head_names)
-    return results
+    if heads is columns or reference:
+        return results
+    return variants.collect(results, columns)
 
 
 def predict(

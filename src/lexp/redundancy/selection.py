@@ -30,8 +30,10 @@ __all__ = [
     "ProbeOutcome",
     "ProbeScores",
     "ccfs",
+    "ccfs_many",
     "layer_selector",
     "minimal_set",
+    "minimal_sets",
     "neuron_grid",
     "oracle_minimal_set",
     "redundant_layers",
@@ -240,38 +242,87 @@ def minimal_set(
     such ``n`` — the larger candidates of that batch cost nothing extra and are kept in
     ``evaluated``.
     """
-    order = _as_columns("minimal_set ordering", ordering)
-    target = _finite("target", target)
-    sizes = np.unique(np.asarray(grid, dtype=np.int64))
-    if sizes.size == 0 or sizes[0] < 1 or sizes[-1] > order.size:
-        raise LexpInputError(
-            f"minimal_set: grid sizes must lie in [1, {order.size}] (the ordering's length), "
-            f"got {np.asarray(grid).tolist()}; build it with neuron_grid({order.size})"
-        )
+    found = minimal_sets(
+        {0: ordering}, grid, lambda candidates: {0: evaluate(candidates[0])}, {0: target}, batch=batch
+    )
+    return found[0]
+
+
+def minimal_sets(
+    orderings: Mapping[Any, Sequence[int] | np.ndarray],
+    grid: Callable[[int], Sequence[int]] | Sequence[int] | np.ndarray,
+    evaluate: Callable[[dict[Any, dict[str, np.ndarray]]], Mapping[Any, Mapping[str, Any]]],
+    targets: Mapping[Any, float],
+    *,
+    batch: int = 8,
+) -> dict[Any, MinimalSetResult]:
+    """:func:`minimal_set` for several searches at once (e.g. one per probe seed, each with its own
+    ranking and target), in lock-step: every round hands ``evaluate`` the next ``batch`` candidates
+    of every search still running, as ``{key: {"top<n>": columns}}``, so the shell trains them all
+    in one pass; it returns ``{key: {name: score or ProbeScores}}``. Each search stops as
+    :func:`minimal_set` does, and its result is what it would be alone. ``grid``: sizes, or a
+    callable of the ordering's length."""
     if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
         raise LexpInputError(f"minimal_set: batch = {batch!r} must be a positive integer")
-
-    evaluated: list[tuple[int, float]] = []
-    outcomes: dict[int, Any] = {}
-    for lo in range(0, sizes.size, int(batch)):
-        chunk = [int(n) for n in sizes[lo : lo + int(batch)]]
-        names = {f"top{n}": n for n in chunk}
-        returned = evaluate({name: order[:n].copy() for name, n in names.items()})
-        missing = sorted(set(names) - set(returned))
-        if missing:
-            raise LexpInputError(f"minimal_set: evaluate returned no score for {missing}")
-        reached = []
-        for name, n in names.items():
-            score = _dev_score(name, returned[name])
-            evaluated.append((n, score))
-            outcomes[n] = returned[name]
-            if score >= target:
-                reached.append((n, score))
-        if reached:
-            n, score = reached[0]
-            return MinimalSetResult(n, order[:n].copy(), score, True, target, evaluated, outcomes[n])
-    n, score = max(evaluated, key=lambda ns: (ns[1], -ns[0]))  # best score; smallest n on ties
-    return MinimalSetResult(n, order[:n].copy(), score, False, target, evaluated, outcomes[n])
+    if set(orderings) != set(targets):
+        raise LexpInputError(f"minimal_sets: orderings {sorted(map(str, orderings))} and targets differ")
+    state: dict[Any, dict[str, Any]] = {}
+    for key, ordering in orderings.items():
+        order = _as_columns("minimal_set ordering", ordering)
+        raw = grid(order.size) if callable(grid) else grid
+        sizes = np.unique(np.asarray(raw, dtype=np.int64))
+        if sizes.size == 0 or sizes[0] < 1 or sizes[-1] > order.size:
+            raise LexpInputError(
+                f"minimal_set: grid sizes must lie in [1, {order.size}] (the ordering's length), "
+                f"got {np.asarray(raw).tolist()}; build it with neuron_grid({order.size})"
+            )
+        state[key] = {
+            "order": order,
+            "target": _finite("target", targets[key]),
+            "sizes": sizes,
+            "next": 0,
+            "evaluated": [],
+            "outcomes": {},
+        }
+    results: dict[Any, MinimalSetResult] = {}
+    while len(results) < len(state):
+        round_names: dict[Any, dict[str, int]] = {}
+        for key, st in state.items():
+            if key in results:
+                continue
+            chunk = [int(n) for n in st["sizes"][st["next"] : st["next"] + int(batch)]]
+            st["next"] += len(chunk)
+            round_names[key] = {f"top{n}": n for n in chunk}
+        returned = evaluate(
+            {
+                key: {name: state[key]["order"][:n].copy() for name, n in names.items()}
+                for key, names in round_names.items()
+            }
+        )
+        for key, names in round_names.items():
+            st, got = state[key], returned.get(key, {})
+            missing = sorted(set(names) - set(got))
+            if missing:
+                raise LexpInputError(f"minimal_set: evaluate returned no score for {missing}")
+            reached = []
+            for name, n in names.items():
+                score = _dev_score(name, got[name])
+                st["evaluated"].append((n, score))
+                st["outcomes"][n] = got[name]
+                if score >= st["target"]:
+                    reached.append((n, score))
+            order, target, evaluated = st["order"], st["target"], st["evaluated"]
+            if reached:
+                n, score = reached[0]
+                results[key] = MinimalSetResult(
+                    n, order[:n].copy(), score, True, target, evaluated, st["outcomes"][n]
+                )
+            elif st["next"] >= st["sizes"].size:
+                n, score = max(evaluated, key=lambda ns: (ns[1], -ns[0]))  # best score; smallest n on ties
+                results[key] = MinimalSetResult(
+                    n, order[:n].copy(), score, False, target, evaluated, st["outcomes"][n]
+                )
+    return {key: results[key] for key in orderings}
 
 
 def _probe(name: str, outcome: Any, n_columns: int | None = None) -> ProbeScores:
@@ -379,63 +430,118 @@ def ccfs(
        weights rank the survivors (LCA, :func:`rank_neurons`).
     4. FS: :func:`minimal_set` over that ranking with ``grid(len(survivors))``.
     """
+    return ccfs_many(
+        oracles={0: oracle},
+        incrementals={0: incremental},
+        hidden=hidden,
+        cluster=cluster,
+        train=lambda subsets: {0: train(subsets[0])},
+        ct=ct,
+        ls_delta=ls_delta,
+        fs_delta=fs_delta,
+        grid=grid,
+        steps=steps,
+        batch=batch,
+    )[0]
+
+
+def ccfs_many(
+    *,
+    oracles: Mapping[Any, ProbeScores],
+    incrementals: Mapping[Any, Sequence[ProbeScores]],
+    hidden: int,
+    cluster: ClusterColumns,
+    train: Callable[[dict[Any, dict[str, np.ndarray]]], Mapping[Any, Mapping[str, ProbeScores]]],
+    ct: float = 0.3,
+    ls_delta: float = 0.01,
+    fs_delta: float = 0.01,
+    grid: Callable[[int], Sequence[int]] | Sequence[int] = neuron_grid,
+    steps: int = 1000,
+    batch: int = 8,
+) -> dict[Any, CCFSResult]:
+    """:func:`ccfs` for several sets of probes at once (e.g. one per probe seed: each its own
+    oracle and incremental probes, so its own LS layer, CC probe, ranking and minimal set), with
+    every training step of all of them in one call of ``train`` (``{key: {name: columns}}`` ->
+    ``{key: {name: ProbeScores}}``; one pass in the shell). The clustering depends only on the
+    layers kept, so it runs once per distinct LS layer. Each result is what :func:`ccfs` gives
+    for that key alone."""
     if isinstance(hidden, bool) or not isinstance(hidden, int | np.integer) or hidden < 1:
         raise LexpInputError(
             f"ccfs: hidden = {hidden!r} must be the positive layer width (neurons per layer)"
         )
-    oracle = _probe("oracle probe", oracle)
-    layers = [_probe(f"probe on layers 0..{k}", r) for k, r in enumerate(incremental)]
-    if not layers:
-        raise LexpInputError("ccfs: incremental is empty; pass the probes on layers 0..k for every k")
-    n_total = len(layers) * int(hidden)
-
-    ls_target = relative_target(oracle.dev, delta=ls_delta)
-    k = layer_selector([r.dev for r in layers], ls_target)
-    ls_reached = k is not None
-    if k is None:
-        k = len(layers) - 1
-    ls_columns = np.arange((k + 1) * int(hidden), dtype=np.int64)
-
-    survivors = np.sort(_as_columns(f"cluster(layers 0..{k}, ct={ct})", cluster(ls_columns, ct)))
-    if survivors[-1] >= ls_columns.size:
-        raise LexpInputError(
-            f"ccfs: the clustering returned column {int(survivors[-1])}, outside layers 0..{k} "
-            f"(columns 0..{ls_columns.size - 1}); it must return a subset of the columns it was given"
+    if set(oracles) != set(incrementals):
+        raise LexpInputError("ccfs: oracles and incrementals must have the same keys")
+    steps_ls: dict[Any, dict[str, Any]] = {}
+    clusters: dict[int, np.ndarray] = {}
+    for key in oracles:
+        oracle = _probe("oracle probe", oracles[key])
+        layers = [_probe(f"probe on layers 0..{k}", r) for k, r in enumerate(incrementals[key])]
+        if not layers:
+            raise LexpInputError("ccfs: incremental is empty; pass the probes on layers 0..k for every k")
+        ls_target = relative_target(oracle.dev, delta=ls_delta)
+        k = layer_selector([r.dev for r in layers], ls_target)
+        ls_reached = k is not None
+        if k is None:
+            k = len(layers) - 1
+        ls_columns = np.arange((k + 1) * int(hidden), dtype=np.int64)
+        if k not in clusters:
+            survivors = np.sort(_as_columns(f"cluster(layers 0..{k}, ct={ct})", cluster(ls_columns, ct)))
+            if survivors[-1] >= ls_columns.size:
+                raise LexpInputError(
+                    f"ccfs: the clustering returned column {int(survivors[-1])}, outside layers 0..{k} "
+                    f"(columns 0..{ls_columns.size - 1}); it must return a subset of the columns it was given"
+                )
+            clusters[k] = survivors
+        steps_ls[key] = {
+            "oracle": oracle,
+            "layers": layers,
+            "ls_target": ls_target,
+            "ls_reached": ls_reached,
+            "k": k,
+            "ls_columns": ls_columns,
+            "survivors": clusters[k],
+        }
+    trained = train({key: {"cc": st["survivors"]} for key, st in steps_ls.items()})
+    orderings, targets = {}, {}
+    for key, st in steps_ls.items():
+        if "cc" not in trained.get(key, {}):
+            raise LexpInputError("ccfs: the probe trainer returned no result for the subset named 'cc'")
+        cc = _probe("probe on the CC survivors", trained[key]["cc"], st["survivors"].size)
+        st["cc"] = cc
+        targets[key] = st["fs_target"] = relative_target(cc.dev, delta=fs_delta)
+        orderings[key] = st["survivors"][rank_neurons(cc.weights, steps=steps)]
+    found = minimal_sets(orderings, grid, train, targets, batch=batch)
+    n_total = 0
+    out: dict[Any, CCFSResult] = {}
+    for key, st in steps_ls.items():
+        fs, k, layers, oracle, cc = found[key], st["k"], st["layers"], st["oracle"], st["cc"]
+        n_total = len(layers) * int(hidden)
+        final = _probe(f"probe on the top {fs.n} survivors", fs.outcome)
+        out[key] = CCFSResult(
+            n_neurons_total=n_total,
+            oracle_dev=float(oracle.dev),
+            oracle_test=float(oracle.test),
+            ls_delta=float(ls_delta),
+            ls_target=st["ls_target"],
+            ls_reached=st["ls_reached"],
+            ls_layer=int(k),
+            ls_n_layers=int(k) + 1,
+            ls_n_neurons=int(st["ls_columns"].size),
+            ls_dev=float(layers[k].dev),
+            ls_test=float(layers[k].test),
+            ct=float(ct),
+            cc_n_neurons=int(st["survivors"].size),
+            cc_dev=float(cc.dev),
+            cc_test=float(cc.test),
+            fs_delta=float(fs_delta),
+            fs_target=st["fs_target"],
+            fs_reached=fs.reached,
+            ccfs_n_neurons=fs.n,
+            ccfs_dev=float(final.dev),
+            ccfs_test=float(final.test),
+            reduction=1.0 - fs.n / n_total,
+            cc_columns=st["survivors"],
+            ccfs_columns=fs.columns,
+            fs_evaluated=fs.evaluated,
         )
-    trained = train({"cc": survivors})
-    if "cc" not in trained:
-        raise LexpInputError("ccfs: the probe trainer returned no result for the subset named 'cc'")
-    cc = _probe("probe on the CC survivors", trained["cc"], survivors.size)
-    fs_target = relative_target(cc.dev, delta=fs_delta)
-    ordering = survivors[rank_neurons(cc.weights, steps=steps)]
-    sizes = grid(survivors.size) if callable(grid) else grid
-    fs = minimal_set(ordering, sizes, train, fs_target, batch=batch)
-    final = _probe(f"probe on the top {fs.n} survivors", fs.outcome)
-
-    return CCFSResult(
-        n_neurons_total=n_total,
-        oracle_dev=float(oracle.dev),
-        oracle_test=float(oracle.test),
-        ls_delta=float(ls_delta),
-        ls_target=ls_target,
-        ls_reached=ls_reached,
-        ls_layer=int(k),
-        ls_n_layers=int(k) + 1,
-        ls_n_neurons=int(ls_columns.size),
-        ls_dev=float(layers[k].dev),
-        ls_test=float(layers[k].test),
-        ct=float(ct),
-        cc_n_neurons=int(survivors.size),
-        cc_dev=float(cc.dev),
-        cc_test=float(cc.test),
-        fs_delta=float(fs_delta),
-        fs_target=fs_target,
-        fs_reached=fs.reached,
-        ccfs_n_neurons=fs.n,
-        ccfs_dev=float(final.dev),
-        ccfs_test=float(final.test),
-        reduction=1.0 - fs.n / n_total,
-        cc_columns=survivors,
-        ccfs_columns=fs.columns,
-        fs_evaluated=fs.evaluated,
-    )
+    return out

@@ -45,9 +45,13 @@ __all__ = [
     "read_columns",
     "read_glue",
     "seeded_split",
+    "store_settings",
 ]
 
-_COMMON_KEYS = {"name", "kind", "reader", "data_dir", "files"}
+_COMMON_KEYS = {"name", "kind", "reader", "data_dir", "files", "control"}
+#: Settings of the run, not of the data: they never change what a task's files give (the store
+#: fingerprint leaves them out, see :func:`store_settings`).
+RUN_KEYS = ("control",)
 _COLUMN_DEFAULTS: dict[str, Any] = {
     "word_column": None,
     "label_column": None,
@@ -78,11 +82,25 @@ def load_task(task_cfg: Mapping) -> TaskData:
     if not name or not isinstance(name, str):
         raise LexpInputError(f"task config: `name` must be a non-empty string, got {name!r}")
     reader = cfg.get("reader")
+    control = cfg.get("control", False)
+    if control is not None and not isinstance(control, bool):
+        raise LexpInputError(f"task {name}: `control` must be true or false, got {control!r}")
+    if control and reader != "columns":
+        raise LexpInputError(
+            f"task {name}: task.control=true (Hewitt & Liang's control task) relabels word types, so it "
+            "is defined for word-level tasks (reader: columns) only. Fix: task.control=false"
+        )
     if reader == "columns":
         return _load_labelling(_settings(cfg, _COLUMN_DEFAULTS))
     if reader == "glue":
         return _load_glue(_settings(cfg, _GLUE_DEFAULTS))
     raise LexpInputError(f"task {name}: `reader` must be 'columns' or 'glue', got {reader!r}")
+
+
+def store_settings(task_cfg: Mapping) -> dict[str, Any]:
+    """The task config as activation stores are fingerprinted: without :data:`RUN_KEYS` (a control
+    task trains other heads on the same activations; the store is the same)."""
+    return {k: v for k, v in _plain(task_cfg).items() if k not in RUN_KEYS}
 
 
 # ------------------------------------------------------------------------------------ shared helpers

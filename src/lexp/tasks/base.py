@@ -6,6 +6,7 @@ The types are plain, immutable where it matters, and carry their provenance (``s
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,25 @@ class TaskData:
             ids.append(class_id)
         return np.asarray(ids, dtype=np.int64), unseen
 
+    def control_labels(self, split: str, seed: int) -> np.ndarray:
+        """The control task of Hewitt & Liang (2019) for one split: class ids, one per word.
+
+        Every word *type* (the exact word string) gets one label, drawn from the empirical
+        distribution of the train labels (token counts), by :func:`control_label_ids`: a
+        deterministic function of ``(seed, type)``, so a type has the same label in every split,
+        types unseen in train follow the same rule, and nothing needs to be stored. Labelling
+        tasks only (a control task relabels word types).
+        """
+        if self.kind != "labelling":
+            raise ValueError(
+                f"task {self.name} is a {self.kind} task; control tasks relabel word types, so they are "
+                "defined for word-level (labelling) tasks only"
+            )
+        train_ids, _ = self.encode_labels("train")
+        counts = np.bincount(train_ids, minlength=len(self.labels))
+        words = [w for sentence in self.splits[split] for w in sentence.words]
+        return control_label_ids(words, counts, seed)
+
     def unseen_labels(self) -> dict[str, dict[str, int]]:
         """``{split: {label: count}}`` of labels that the train vocabulary lacks (empty for train)."""
         if self.kind == "regression":
@@ -111,3 +131,35 @@ class TaskData:
 def label_vocabulary(labels: Iterable[str]) -> list[str]:
     """The sorted set of labels: stable across runs and readable in reports."""
     return sorted(set(labels))
+
+
+def type_uniform(word: str, seed: int) -> float:
+    """A uniform draw in [0, 1) that depends only on ``(seed, word)``: the first 8 bytes of
+    BLAKE2b over both, as a 64-bit integer / 2**64 (53 bits kept, as for a float64)."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{word}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 11) / float(1 << 53)
+
+
+def control_label_ids(words: Iterable[str], counts: np.ndarray, seed: int) -> np.ndarray:
+    """Control-task class ids for a sequence of words (Hewitt & Liang 2019).
+
+    ``counts[k]`` is how often class ``k`` occurs in train; a word type's label is the class whose
+    cumulative share contains :func:`type_uniform` ``(word, seed)`` (inverse-CDF sampling from the
+    empirical train distribution). Each type is hashed once.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or counts.sum() <= 0 or np.any(counts < 0):
+        raise ValueError(
+            f"control labels need non-negative train label counts with a positive sum, got {counts}"
+        )
+    cdf = np.cumsum(counts) / counts.sum()
+    cdf[-1] = 1.0
+    cache: dict[str, int] = {}
+    ids = []
+    for word in words:
+        label = cache.get(word)
+        if label is None:
+            # searchsorted 'right': u in [cdf[k-1], cdf[k]) -> k; classes with no train token never drawn
+            label = cache[word] = int(np.searchsorted(cdf, type_uniform(word, seed), side="right"))
+        ids.append(label)
+    return np.asarray(ids, dtype=np.int64)
