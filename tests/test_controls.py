@@ -63,7 +63,10 @@ def test_task_control_labels_are_per_type_across_splits() -> None:
         name="toy",
         kind="labelling",
         splits={
-            "train": [_sentences(["the", "dog", "runs"], ["D", "N", "V"]), _sentences(["the", "cat"], ["D", "N"])],
+            "train": [
+                _sentences(["the", "dog", "runs"], ["D", "N", "V"]),
+                _sentences(["the", "cat"], ["D", "N"]),
+            ],
             "dev": [_sentences(["a", "dog", "the", "unseen"], ["D", "N", "D", "X"])],
         },
         labels=["D", "N", "V"],
@@ -146,11 +149,15 @@ def test_control_heads_equal_probes_trained_on_the_control_labels(tmp_path: Path
     relabelled = {s: _store(tmp_path / f"c_{s}", x, control[s]) for s, (x, _) in splits.items()}
     subsets = {"layer_0": np.arange(4), "layer_2": np.arange(8, 12), "oracle": np.arange(12)}
     cfg = {"epochs": 3, "lr": 1e-2, "seed": 0}
-    dm = ActivationDataModule(real["train"], real["dev"], real["test"], batch_size=32, seed=5, extra_labels=control)
+    dm = ActivationDataModule(
+        real["train"], real["dev"], real["test"], batch_size=32, seed=5, extra_labels=control
+    )
     assert dm.n_targets == 2
     both = train_probes(dm, subsets, probe_cfg=cfg, trainer_kwargs=QUIET, control=True)
     alone = train_probes(
-        ActivationDataModule(relabelled["train"], relabelled["dev"], relabelled["test"], batch_size=32, seed=5),
+        ActivationDataModule(
+            relabelled["train"], relabelled["dev"], relabelled["test"], batch_size=32, seed=5
+        ),
         subsets,
         probe_cfg=cfg,
         trainer_kwargs=QUIET,
@@ -177,7 +184,11 @@ def test_control_heads_equal_probes_trained_on_the_control_labels(tmp_path: Path
     assert both["oracle"]["selectivity"]["dev"]["accuracy"] > 0.5
     with pytest.raises(LexpInputError, match="no control labels"):
         train_probes(
-            ActivationDataModule(real["train"], real["dev"]), subsets, probe_cfg=cfg, trainer_kwargs=QUIET, control=True
+            ActivationDataModule(real["train"], real["dev"]),
+            subsets,
+            probe_cfg=cfg,
+            trainer_kwargs=QUIET,
+            control=True,
         )
 
 
@@ -208,7 +219,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(*tiny_bert(tmp, layers=2, seed=0), tmp / "model")
 
 
-def test_layers_and_neurons_report_control_accuracy_and_selectivity(tiny: Path, tmp_path: Path, data_root: Path) -> None:
+def test_layers_and_neurons_report_control_accuracy_and_selectivity(
+    tiny: Path, tmp_path: Path, data_root: Path
+) -> None:
     """task.control=true on real EWT with a tiny BERT: Table 7 gains control/selectivity per layer
     and for the oracle, the minimal set its selected neurons' selectivity, and lexp.tables shows them."""
     from lexp.tables import load_tables
