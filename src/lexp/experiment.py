@@ -151,6 +151,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     tracker = make_tracker(cfg.logger, run_dir, name=name, group=group, config=resolved)  # type: ignore[arg-type]
     ctx = RunContext(cfg=cfg, run_dir=run_dir, report=report, tracker=tracker)
+    exit_code = 1  # until the run completes: the tracker marks an interrupted run failed
     try:
         if cfg.analysis.name not in ANALYSES:
             raise LexpInputError(
@@ -182,11 +183,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["status"] = "complete"
         tracker.summary(_flat_summary(report.data))
         print_summary(ctx)
+        exit_code = 0
     except BaseException as exc:
         report["status"] = f"failed: {type(exc).__name__}: {exc}"
         raise
     finally:
-        tracker.finish()
+        tracker.finish(exit_code=exit_code)
     return report.data
 
 

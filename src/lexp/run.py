@@ -5,6 +5,12 @@ Settings are checked first (:func:`lexp.schema.check_config`), before torch is i
 before a model is loaded or a store is created: a bad value is one ``lexp: error:`` line and exit
 code 2 within seconds. An override Hydra cannot parse (``task.comment_prefix='#'`` after the shell
 took the quotes) gets the same kind of line, with the quoting that works.
+
+Sweeps (``-m``): a failing job never stops the others, under any launcher (basic, joblib,
+submitit): its results.json says ``status: failed: <message>`` and the sweep goes on;
+:class:`lexp.sweep.SweepCallback` prints a line per finished job and, at the end, the failed jobs
+with their one-line errors, then exits 1. ``hydra/launcher=joblib|submitit_local|submitit_slurm``
+are the pinned Hydra plugins (conf/hydra/launcher/ documents their settings).
 """
 
 from __future__ import annotations
@@ -45,27 +51,48 @@ def _fail(message: str) -> None:
 @hydra.main(version_base="1.3", config_path=str(_config_dir()), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from lexp.schema import check_config
 
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
     try:
         check_config(cfg)  # seconds, before torch (the device check, last, imports it)
     except LexpInputError as exc:
-        _fail(f"lexp: error: {exc}")
+        return _job_failed(cfg, run_dir, f"lexp: error: {exc}", multirun)
     from lexp.experiment import friendly_errors, run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_third_party()
     try:
         results = run(cfg, run_dir)
     except Exception as exc:  # known input/model problems get one clear line, not a traceback
         message = friendly_errors(exc)
         if message is None:
-            raise
-        _fail(message)
+            if not multirun:
+                raise
+            # a bug or an unexpected failure: the traceback goes to the job's log, the sweep goes on
+            logging.getLogger("lexp").exception("job %s failed", hc.job.get("num"))
+            message = f"{type(exc).__name__}: {exc}"
+        return _job_failed(cfg, run_dir, message, multirun)
     oracle = results.get("oracle") or {}
     metric = "pearson" if results.get("task_kind") == "regression" else "accuracy"
     return (oracle.get("dev") or {}).get(metric)  # the value a Hydra sweeper would optimise
+
+
+def _job_failed(cfg: DictConfig, run_dir: Path, message: str, multirun: bool) -> None:
+    """A single run stops with the message (exit 2). A multirun job records the failure in its
+    results.json and returns, so that the sweep goes on under every launcher: Hydra's sweepers
+    re-raise a job's exception after its batch, and lexp.sweep.SweepCallback lists the failures
+    at the end of the sweep (and exits 1) instead."""
+    if not multirun:
+        _fail(message)
+    from lexp.sweep import write_failure
+
+    write_failure(run_dir, cfg, message)
+    print(f"lexp: job failed ({run_dir.name}): {message.splitlines()[0]}", file=sys.stderr, flush=True)
+    return None
 
 
 def override_problem(argv: list[str]) -> str | None:
@@ -98,9 +125,43 @@ def override_problem(argv: list[str]) -> str | None:
     return None
 
 
+#: launcher config name -> (plugin module, pip requirement pinned in pyproject.toml)
+LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher==1.2.0"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher==1.2.0"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher==1.2.0"),
+    # lexp's own settings over the submitit plugin (conf/hydra/launcher/)
+    "local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher==1.2.0"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher==1.2.0"),
+}
+
+
+def launcher_problem(argv: list[str]) -> str | None:
+    """One ``lexp: error:`` line when ``hydra/launcher=<name>`` names a plugin that is not installed
+    (Hydra itself would fail later, with a long "could not load" report)."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, name = arg.partition("=")
+        if key.lstrip("+~") != "hydra/launcher" or name not in LAUNCHER_PLUGINS:
+            continue
+        module, requirement = LAUNCHER_PLUGINS[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # hydra_plugins itself is absent
+            found = False
+        if not found:
+            return (
+                f"lexp: error: hydra/launcher={name} needs the Hydra plugin {requirement.split('==')[0]}, "
+                f"which is not installed. Fix: pip install '{requirement}' (lexp pins it), or leave "
+                "hydra/launcher out for the basic launcher (jobs one after another)"
+            )
+    return None
+
+
 def main() -> None:
     """Console-script entry point (``lexp task=pos``)."""
-    problem = override_problem(sys.argv[1:])
+    problem = override_problem(sys.argv[1:]) or launcher_problem(sys.argv[1:])
     if problem is not None:
         _fail(problem)
     _main()

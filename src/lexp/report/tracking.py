@@ -35,8 +35,8 @@ class Tracker:
         """A Lightning logger writing to the same backend, or False."""
         return False
 
-    def finish(self) -> None:
-        """Flush and close."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Flush and close; ``exit_code`` != 0 marks the run failed where the backend knows it."""
 
 
 class CSVTracker(Tracker):
@@ -128,8 +128,8 @@ class WandbTracker(Tracker):
 
         return WandbLogger(experiment=self.run)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)  # non-zero: W&B shows the run as failed
 
 
 def make_tracker(
