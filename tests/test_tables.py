@@ -718,11 +718,15 @@ def test_a_model_setting_makes_a_second_model(tmp_path: Path) -> None:
         "#neurons · Δ",
     ]
     assert compare.cells()[0][4:7] == ["4", "9", "+5"]
-    twin["config"]["model"]["random_init"] = False  # now both runs set it: both names say so
-    _write(tmp_path, "a", twin)
+    plain = _run("pos", "neurons", neurons=_neurons(4))
+    plain["config"]["model"].update(random_init=False, init_seed=7)  # conf/model sets both keys
+    twin["config"]["model"]["init_seed"] = 42
+    _write(tmp_path, "a", plain)
+    _write(tmp_path, "b", twin)
+    # pretrained weights: random_init=false and its (unused) init_seed do not name a variant
     assert [r[1] for r in _tables(tmp_path)["neurons"].cells()] == [
-        "minilm[random_init=false]",
-        "minilm[random_init=true]",
+        "minilm",
+        "minilm[init_seed=42,random_init=true]",
     ]
 
 

@@ -170,10 +170,11 @@ def model_variants(runs: Sequence[Run]) -> list[Run]:
     configs = {}
     for run in runs:
         config = get(run.data, "config", "model")
+        flat = flatten(config) if isinstance(config, Mapping) else {}
+        if flat.get("random_init") is not True:  # pretrained weights: the init seed means nothing
+            flat = {k: v for k, v in flat.items() if k not in ("random_init", "init_seed")}
         configs[id(run)] = {
-            k: json.dumps(v, sort_keys=True)
-            for k, v in (flatten(config) if isinstance(config, Mapping) else {}).items()
-            if k not in ("name", "name_or_path")
+            k: json.dumps(v, sort_keys=True) for k, v in flat.items() if k not in ("name", "name_or_path")
         }
     by_name: dict[str, list[Run]] = {}
     for run in runs:
@@ -394,6 +395,12 @@ def _std_of(data: Any, keys: Sequence[str | int]) -> float | None:
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std):
         return None
     return float(std)
+
+
+def _scaled(value: float | int, factor: float) -> float:
+    """``factor × value``, keeping a :class:`Stat`'s spread (a fraction ± std printed as percent)."""
+    std = getattr(value, "std", None)
+    return factor * float(value) if std is None else Stat(factor * float(value), factor * std)
 
 
 def get_num(data: Any, *keys: str | int) -> float | int | None:
@@ -997,7 +1004,7 @@ def _pipeline_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
                 "ccfs_dev": need_num(data, "pipeline", "ccfs_dev"),
                 "ccfs_test": get_num(data, "pipeline", "ccfs_test"),
                 # the block stores a fraction (1 - kept / all); the table prints percent
-                "pct_reduction": 100.0 * need_num(data, "pipeline", "reduction"),
+                "pct_reduction": _scaled(need_num(data, "pipeline", "reduction"), 100.0),
                 "speedup": get_num(data, "pipeline_timing", "speedup_at_ls"),
                 "ls_reached": ls_reached if isinstance(ls_reached, bool) else None,
                 "fs_reached": fs_reached if isinstance(fs_reached, bool) else None,
