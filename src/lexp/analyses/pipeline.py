@@ -45,7 +45,7 @@ def cluster_columns(ctx: RunContext, columns: np.ndarray, ct: float) -> np.ndarr
 #: numbers of a CCFS result reported as mean ± std over probe seeds (decisions also per seed)
 _SEED_NUMBERS = [
     "oracle_dev", "oracle_test", "ls_target", "ls_layer", "ls_n_layers", "ls_n_neurons", "ls_dev", "ls_test",
-    "cc_dev", "cc_test", "fs_target", "ccfs_n_neurons", "ccfs_dev", "ccfs_test", "reduction",
+    "cc_n_neurons", "cc_dev", "cc_test", "fs_target", "ccfs_n_neurons", "ccfs_dev", "ccfs_test", "reduction",
 ]  # fmt: skip
 
 

@@ -58,7 +58,14 @@ class FusedHeads(nn.Module):
     and a kernel per head, cost more than the arithmetic.
 
     :meth:`head` / :meth:`set_head` convert between the blocks and each head's ``(K, C_h)`` weight in
-    the head's own column order; head ``h`` starts where :func:`init_head_` with ``seed`` starts it.
+    the head's own column order; head ``h`` starts where :func:`init_head_` with ``seed`` (or
+    ``seed[h]``, one per head: ``probe.seeds``) starts it.
+
+    Several label vectors (``targets[h]``: 0 = the task's labels, 1 = the control task ...): the
+    labels are then ``(B, T)`` and head ``h`` learns column ``targets[h]``. Heads on the same
+    columns share their blocks whatever they learn, so a control head costs rows of the block
+    products, not another pass. The compiled cross-entropy kernel takes one label vector per call:
+    it runs once per vector on that vector's heads (see :meth:`_xent_by_target`).
 
     Devices: the index tensors are non-persistent buffers (flat, with the per-block pieces as views
     re-made after every move, see :meth:`_apply`), and the caches are dropped on a move. Only the

@@ -469,6 +469,11 @@ class MultiHeadProbe(_ProbeModule):
     penalty) — a sum, so each head's gradients are its own, and Adam is elementwise, so head ``h``
     equals ``ElasticNetProbe(columns=subsets[h], seed=seed)`` trained on the same batches.
 
+    A subset may be a :class:`~lexp.probes.heads.HeadSpec`: its own init ``seed`` (``probe.seeds``)
+    and ``target``, the label vector it learns (``n_targets`` of them in the batches' ``y`` (B, T):
+    0 the task's labels, 1 the control task); such a head equals the single probe with that seed
+    trained on that label vector (tested). Heads alias only when columns, seed and target agree.
+
     The arithmetic is that of training the heads one after another; what one pass saves is reading
     the data once per epoch, one product per block instead of per head, one Adam kernel and no
     autograd or Lightning work per head.
