@@ -261,35 +261,39 @@ def _lexp_extract(
 
     from lexp.encoders.extract import extract_words
     from lexp.encoders.loading import load_encoder
+    from lexp.encoders.writer import write_extraction
     from lexp.store import StoreWriter
 
-    enc = load_encoder({"name": "bench", "name_or_path": args.model, "dtype": dtype})
-    model = enc.model.to(args.device)
+    enc = load_encoder({"name": "bench", "name_or_path": args.model, "dtype": dtype}, device=args.device)
     n_layers, hidden = enc.info["n_layers"], enc.info["hidden"]
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sentences])])
     budget = None if args.device == "cpu" else args.max_tokens
     batch = 32 if budget is None else 10**6
-    # warm-up (first passes over new shapes are slower, under bf16 especially): not timed
-    for _ in extract_words(
-        model, enc.tokenizer, sentences[:256], batch_size=batch, max_tokens=budget, progress=False
-    ):
+
+    def extraction(items: list[list[str]]):
+        return extract_words(
+            enc.model,
+            enc.tokenizer,
+            items,
+            batch_size=batch,
+            max_tokens=budget,
+            rows_dtype=store_dtype,
+            progress=False,
+        )
+
+    for _ in extraction(sentences[:256]):  # warm-up (first passes over new shapes are slower): not timed
         pass
     target = work / f"store-{dtype}-{len(sentences)}"
     shutil.rmtree(target, ignore_errors=True)
     _sync(args.device)
     t = time.perf_counter()
-    stream = extract_words(
-        model, enc.tokenizer, sentences, batch_size=batch, max_tokens=budget, progress=False
-    )
     with StoreWriter(
         target, n_rows=int(offsets[-1]), n_layers=n_layers, hidden=hidden, dtype=store_dtype, manifest={}
     ) as w:
-        for index, rows in stream:
-            w.write_rows(int(offsets[index]), rows)
+        write_extraction(extraction(sentences), w, offsets)  # the run's background writer
         w.finish(np.zeros(int(offsets[-1]), dtype=np.int64), offsets)
     _sync(args.device)
     seconds = time.perf_counter() - t
-    del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
