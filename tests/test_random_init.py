@@ -132,3 +132,32 @@ def test_runs_of_the_twin_have_their_own_stores_and_compare_with_the_model(
     assert block["model_a"]["store"] == base["stores"]["train"]
     assert block["models"][1].endswith("random_init=true]")
     assert max(block["diagonal"]) < 0.999  # the twin is another model
+
+
+def test_a_sentence_task_fine_tunes_the_twin(tiny: Path, tmp_path: Path, data_root: Path) -> None:
+    """random_init on a sentence task: fine-tuning starts from the random weights (the twin's folder)."""
+    out = run(
+        _cfg(
+            [
+                f"data_root={data_root}",
+                f"cache_dir={tmp_path / 'cache'}",
+                "task=sst2",
+                "model.name=tiny",
+                f"model.name_or_path={tiny}",
+                "model.random_init=true",
+                "model.init_seed=5",
+                "device=cpu",
+                "limit.train=32",
+                "limit.dev=16",
+                "extract.splits=[train,dev]",
+                "finetune.epochs=1",
+                "probe.epochs=1",
+                "progress=false",
+                "logger=none",
+            ]
+        ),
+        tmp_path / "run",
+    )
+    source = Path(out["finetune"]["settings"]["model"]["name_or_path"])
+    assert source.parent == tmp_path / "cache" / "random_init" / "tiny" and source.name.endswith("-seed5")
+    assert Path(out["model_dir"]).parent == tmp_path / "cache" / "finetuned" / "tiny"
