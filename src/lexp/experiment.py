@@ -56,11 +56,17 @@ class RunContext:
         """The headline metric every decision uses (the paper: accuracy; STS-B: Pearson)."""
         return "pearson" if self.regression else "accuracy"
 
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """The trainer config with accelerator/devices set from the run's device."""
+    def trainer_kwargs(self, *, one_process: bool = False) -> dict[str, Any]:
+        """The trainer config with accelerator/devices set from the run's device.
+
+        ``one_process``: the probes' Trainer: the run's one device and no distributed strategy
+        (``trainer.devices=2 trainer.strategy=ddp`` are for fine-tuning; probes run once).
+        """
         from lexp.device import trainer_device_kwargs
 
         kwargs: dict[str, Any] = OmegaConf.to_container(self.cfg.trainer, resolve=True)  # type: ignore[assignment]
+        if one_process:
+            kwargs = {**kwargs, "devices": 1, "strategy": "auto"}
         return {**kwargs, **trainer_device_kwargs(self.run_device(), kwargs)}
 
     def record_device(self, stage: str, dtype: Any = None) -> None:
@@ -553,7 +559,7 @@ def train_heads(
             datamodule(ctx, columns),
             dict(subsets) if subsets is not None else None,
             probe_cfg=ctx.probe_cfg(),
-            trainer_kwargs=ctx.trainer_kwargs(),
+            trainer_kwargs=ctx.trainer_kwargs(one_process=True),
             logger=ctx.tracker.lightning_logger(),
             control=ctx.control_labels is not None,  # a control-task head beside every head
         )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from lexp.experiment import RunContext
 
+log = logging.getLogger("lexp")
+
 
 def finetuned_model_dir(ctx: RunContext) -> Path:
     """Fine-tune the configured encoder on the task (or reuse the cached one) and return its folder."""
-    from lexp.encoders.finetune import finetune
+    from lexp.encoders.finetune import finetune, spawn_strategy
 
     with_timing = ctx.report.data.setdefault("finetune", {})
     ctx.record_device("finetune", str(ctx.cfg.trainer.precision))
@@ -20,12 +23,17 @@ def finetuned_model_dir(ctx: RunContext) -> Path:
         from lexp.experiment import local_model_dir
 
         model_cfg["name_or_path"] = str(local_model_dir(model_cfg, ctx.cfg.cache_dir))
+    # DDP ranks started by torch.multiprocessing run only the fit: the extraction and the probes
+    # run once, here (Lightning's ddp would re-execute this Hydra command in every rank)
+    trainer_kwargs, note = spawn_strategy(ctx.trainer_kwargs())
+    if note:
+        log.info(note)
     path = finetune(
         ctx.task,
         model_cfg,
         OmegaConf.to_container(ctx.cfg.finetune, resolve=True),
         cache_root=Path(ctx.cfg.cache_dir),
-        trainer_kwargs=ctx.trainer_kwargs(),
+        trainer_kwargs=trainer_kwargs,
     )
     manifest = Path(path) / "manifest.json"
     if manifest.exists():

@@ -17,6 +17,16 @@ resumes from its last epoch.
 
 Nothing here is device-specific: GPUs and DDP are Trainer settings
 (``trainer.accelerator=gpu trainer.devices=2 trainer.strategy=ddp``).
+
+DDP inside ``python -m lexp.run``: Lightning's ``ddp`` starts its other ranks by re-executing the
+command line, which under Hydra reruns the whole job (extraction, probes, results.json) in every
+rank, and in a multirun the whole sweep. :func:`spawn_strategy` therefore turns ``ddp`` into
+``ddp_spawn`` for lexp runs (``lexp.analyses.sentence``): the ranks are started with
+``torch.multiprocessing`` and run only ``trainer.fit``; the job's own process gets the trained
+weights back and alone saves them, evaluates dev/test (on one device, every example once: a
+DistributedSampler would pad), extracts the [CLS] store and trains the probes. Same weights, same
+fingerprint (devices count, the launch method does not). Scripts that call :func:`finetune`
+themselves can keep ``ddp``.
 """
 
 from __future__ import annotations
@@ -697,6 +707,71 @@ class _Throughput(Callback):
         self.seconds += time.perf_counter() - self._start
         self.examples += len(batch["labels"])
 
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Under ddp_spawn the ranks are other processes: the callback_metrics are what Lightning
+        # hands back to the launching process, so the counts travel there.
+        for key, value in self.counts(trainer).items():
+            trainer.callback_metrics[f"lexp_fit/{key}"] = torch.tensor(float(value), dtype=torch.float64)
+
+    def counts(self, trainer: pl.Trainer) -> dict[str, float]:
+        return {
+            "examples": self.examples,
+            "seconds": self.seconds,
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
+
+
+SPAWN_STRATEGIES = {
+    "ddp": "ddp_spawn",
+    "ddp_find_unused_parameters_true": "ddp_spawn_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false": "ddp_spawn_find_unused_parameters_false",
+}
+
+
+def spawn_strategy(trainer_kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """``trainer.strategy=ddp`` (and its find_unused_parameters forms) as ``ddp_spawn``, for a
+    Trainer inside a Hydra job; returns (kwargs, a note for the log, or None when unchanged)."""
+    kwargs = dict(trainer_kwargs)
+    strategy = kwargs.get("strategy")
+    if isinstance(strategy, str) and strategy in SPAWN_STRATEGIES:
+        kwargs["strategy"] = SPAWN_STRATEGIES[strategy]
+        return kwargs, (
+            f"trainer.strategy={strategy} runs as {kwargs['strategy']} for fine-tuning: the ranks run "
+            "only trainer.fit (Lightning's ddp would re-execute the whole lexp command in every rank)"
+        )
+    return kwargs, None
+
+
+@contextlib.contextmanager
+def _startable_method() -> Iterator[None]:
+    """A process start method that a fresh interpreter knows, while DDP ranks are spawned.
+
+    A joblib (loky) worker's default method is ``loky``, which a spawned rank cannot set up
+    (``cannot find context for 'loky'``) and whose failure leaves rank 0 waiting for it; so
+    ``spawn`` is the default for the duration of the fit, then the worker's own comes back.
+    """
+    import multiprocessing as mp
+
+    current = mp.get_start_method(allow_none=True)
+    if current in (None, "spawn", "fork", "forkserver"):
+        yield
+        return
+    mp.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        mp.set_start_method(current, force=True)
+
+
+def _spawned(trainer: pl.Trainer) -> bool:
+    """Whether fit ran in other processes (ddp_spawn, ddp_fork), this one only launching them."""
+    return trainer.world_size > 1 and getattr(trainer.strategy, "_start_method", None) in (
+        "spawn",
+        "fork",
+        "forkserver",
+    )
+
 
 def finetune(
     task_data: TaskData,
@@ -845,16 +920,29 @@ def _train_and_save(
     with warnings.catch_warnings():
         if resume_from:  # the checkpoint folder is meant to be non-empty when resuming
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+        with _startable_method():
+            trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - started
 
+    spawned = _spawned(trainer)
+    counts = throughput.counts(trainer)
+    if spawned:  # rank 0 counted; Lightning brought its callback_metrics back
+        for key in counts:
+            value = trainer.callback_metrics.get(f"lexp_fit/{key}")
+            counts[key] = float(value) if value is not None else counts[key]
+        counts["seconds"] *= trainer.world_size  # per device, as below: every rank saw as many
+        counts["examples"] *= trainer.world_size
     results: dict[str, dict[str, float]] = {}
     timing: dict[str, float] = {
         "fit_seconds": round(fit_seconds, 3),
-        "train_examples": throughput.examples,
-        "train_examples_per_s": round(throughput.examples / max(throughput.seconds, 1e-9), 2),
+        "train_examples": int(counts["examples"]),
+        "train_examples_per_s": round(counts["examples"] / max(counts["seconds"], 1e-9), 2),
     }
-    for split, run in (("dev", trainer.validate), ("test", trainer.test)):
+    evaluator = trainer
+    if spawned:  # dev/test here, on one device: no processes to start, every example counted once
+        single = {k: v for k, v in kwargs.items() if k not in ("strategy", "callbacks", "num_nodes")}
+        evaluator = pl.Trainer(**(single | {"devices": 1, "enable_checkpointing": False}))
+    for split, run in (("dev", evaluator.validate), ("test", evaluator.test)):
         if not task_data.splits.get(split):
             continue
         started = time.perf_counter()
@@ -870,7 +958,9 @@ def _train_and_save(
             shutil.rmtree(checkpoints, ignore_errors=True)
         manifest = _manifest(task_data, name_or_path, slug, config, settings, fp, module, trainer, data)
         manifest.update(metrics=results, timing=timing, resumed_from=resume_from)
+        manifest.update(epochs=int(counts["epochs"]), global_step=int(counts["global_step"]))
         manifest["world_size"] = trainer.world_size
+        manifest["strategy"] = type(trainer.strategy).__name__ + (" (spawned ranks)" if spawned else "")
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         os.replace(partial, out)
         log.info("fine-tuned %s on %s: %s -> %s", slug, task_data.name, results, out)
