@@ -5,7 +5,7 @@ export LEXP_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test run sweep bench bench-neurox lint format clean
+.PHONY: install test run sweep sweep-parallel preset paper bench bench-neurox lint format clean
 
 install:  ## CPU torch first (never the multi-GB CUDA wheels), then lexp with dev tools
 	$(PYTHON) -m pip install torch==2.13.0
@@ -20,6 +20,18 @@ run:  ## one task end to end with the default offline model
 
 sweep:  ## the four sequence-labelling tasks as a Hydra multirun into multirun/
 	$(PYTHON) -m lexp.run -m task=pos,sem,ccg,chunking
+
+JOBS ?= 2
+sweep-parallel:  ## the same sweep, JOBS jobs at a time (Hydra's joblib launcher)
+	$(PYTHON) -m lexp.run -m task=pos,sem,ccg,chunking hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS)
+
+PRESET ?= table6
+LAUNCHER ?= basic
+preset:  ## one paper preset (conf/experiment/): make preset PRESET=table7 LAUNCHER=joblib; then python -m lexp.tables multirun/<date>/<time>_<preset> --paper
+	$(PYTHON) -m lexp.run -m +experiment=$(PRESET) hydra/launcher=$(LAUNCHER)
+
+paper:  ## every table of the paper this machine's data allows (44 jobs, JOBS at a time; hours on a CPU)
+	$(PYTHON) -m lexp.run -m +experiment=paper hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS)
 
 bench-neurox:  ## the peer's separate environment (.venv-neurox)
 	bash benchmarks/setup_neurox.sh .venv-neurox
