@@ -160,6 +160,7 @@ def timings(ctx: RunContext, result: Any) -> None:
         n_sentences,
         repeats,
     )
+    clock = time.perf_counter()
     with torch_threads(ctx.cfg.threads.extract):
         records = timing.forward_speedups(
             model, batches, sorted(set(range(depth))), repeats=repeats, progress=progress
@@ -176,6 +177,7 @@ def timings(ctx: RunContext, result: Any) -> None:
         "ls_layers": result.ls_layer,
         "speedup_at_ls": float(selected["speedup"]),
         "sentences_timed": n_sentences,
+        "forward_wall_seconds": time.perf_counter() - clock,
     }
     features = [f for f in tcfg.classifier_features if f <= ctx.model_info["n_neurons"]]
     features = sorted(set(features) | {int(result.ccfs_n_neurons)})
@@ -189,6 +191,7 @@ def timings(ctx: RunContext, result: Any) -> None:
         repeats,
     )
     probe = ctx.cfg.probe
+    clock = time.perf_counter()
     with torch_threads(ctx.cfg.threads.probes):
         out["classifier"] = timing.classifier_timing(
             n_rows=int(tcfg.classifier_rows),
@@ -205,6 +208,7 @@ def timings(ctx: RunContext, result: Any) -> None:
             device=device,
             progress=progress,
         )
+    out["classifier_wall_seconds"] = time.perf_counter() - clock
     ctx.report["pipeline_timing"] = out
     ctx.tracker.log_metrics({"pipeline/speedup_at_ls": out["speedup_at_ls"]})
     path = figures.curve(
