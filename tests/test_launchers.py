@@ -90,6 +90,7 @@ def test_basic_launcher_runs_every_job_and_lists_the_failed_one(
     assert results[0]["status"] == results[2]["status"] == "complete"
     assert results[1]["status"].startswith(f"failed: {BAD_LR}")
     assert results[1]["task"] == "pos" and results[1]["model"] == "tiny"
+    assert results[1]["config"]["probe"]["lr"] == -5  # the failed job's settings, as run() records them
     # one progress line per job as it finishes, then the summary naming the swept value
     lines = _progress(proc.stderr)
     assert len(lines) == 3 and sum("FAILED" in line for line in lines) == 1
@@ -100,6 +101,13 @@ def test_basic_launcher_runs_every_job_and_lists_the_failed_one(
     assert "[lexp sweep] 3 jobs in" in proc.stderr and "2 complete, 1 failed" in proc.stderr
     assert f"  job 1 (probe.lr=-5): {BAD_LR}" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # lexp.tables reads the sweep: the failed job is named and left out, the model keeps its name
+    tables = subprocess.run(
+        [sys.executable, "-m", "lexp.tables", str(sweep_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert tables.returncode == 0 and "· model tiny\n" in tables.stdout
+    assert "probe.lr=0.01" in tables.stdout and "probe.lr=0.02" in tables.stdout
+    assert "1_pos_tiny_oracle/results.json: status 'failed: lexp: error:" in tables.stderr
     # no launcher configured: Hydra's basic launcher, in this process
     assert "BasicLauncher" in OmegaConf.load(sweep_dir / "multirun.yaml").hydra.launcher._target_
 

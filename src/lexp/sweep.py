@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 RESULTS = "results.json"
 
 #: seconds between two looks at the sweep directory
-POLL_S = 1.0
+POLL_S = 2.0
 
 __all__ = ["SweepCallback", "failure_record", "headline", "job_info", "progress_line", "write_failure"]
 
@@ -112,11 +112,20 @@ def failure_record(cfg: Any, message: str) -> dict[str, Any]:
         except Exception:
             return None
 
+    from omegaconf import OmegaConf
+
+    try:  # the job's settings, as run() records them (lexp.tables compares runs by them)
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # a config that does not resolve is what failed: keep it as written
+        config = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else None
+    if isinstance(config, dict):
+        config.pop("hydra", None)
     return {
         "status": f"failed: {message}",
         "task": name("task"),
         "model": name("model"),
         "analysis": name("analysis"),
+        "config": config,
         "timings_s": {},
         "figures": [],
     }
