@@ -96,8 +96,36 @@ def test_ddp_fine_tuning_in_a_multirun(tmp_path: Path, data_root: Path) -> None:
 )
 def test_spawn_strategy(given: str, expected: str) -> None:
     kwargs, note = spawn_strategy({"strategy": given, "devices": 2, "accelerator": "cpu"})
+    plugins = kwargs.pop("plugins", [])
     assert kwargs == {"strategy": expected, "devices": 2, "accelerator": "cpu"}
     assert (note is not None) == (given != expected)
+    assert [type(p).__name__ for p in plugins] == (["LightningEnvironment"] if note else [])
+
+
+def test_spawned_ranks_inside_a_slurm_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a one-task SLURM job (submitit), each spawned rank must get its own rank: Lightning's
+    SLURM environment would give both SLURM_PROCID=0 (two rank-0 processes, a hung fit)."""
+    import pytorch_lightning as pl
+
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "lexp-job",
+        "SLURM_NODELIST": "node1",
+        "SLURM_JOB_ID": "7",
+    }
+    slurm |= {"SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    given = {"strategy": "ddp", "devices": 2, "accelerator": "cpu", "logger": False}
+    plain = pl.Trainer(**{**given, "strategy": "ddp_spawn"}).strategy.cluster_environment
+    plain.set_global_rank(1)  # what the spawned rank 1 does
+    assert type(plain).__name__ == "SLURMEnvironment" and plain.global_rank() == 0  # ignored
+    kwargs, _ = spawn_strategy(given)
+    trainer = pl.Trainer(**kwargs)
+    env = trainer.strategy.cluster_environment
+    env.set_global_rank(1)
+    assert type(env).__name__ == "LightningEnvironment" and env.global_rank() == 1
+    assert trainer.world_size == 2 and trainer.strategy.launcher is not None
 
 
 def test_probes_get_one_process_whatever_the_fine_tuning_uses(tmp_path: Path) -> None:

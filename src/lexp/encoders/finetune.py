@@ -731,11 +731,19 @@ SPAWN_STRATEGIES = {
 
 def spawn_strategy(trainer_kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
     """``trainer.strategy=ddp`` (and its find_unused_parameters forms) as ``ddp_spawn``, for a
-    Trainer inside a Hydra job; returns (kwargs, a note for the log, or None when unchanged)."""
+    Trainer inside a Hydra job; returns (kwargs, a note for the log, or None when unchanged).
+
+    The ranks are this job's own processes, also inside a SLURM job (one task, submitit): Lightning
+    would otherwise take SLURM's variables to mean that srun started the ranks, and wait for them.
+    """
     kwargs = dict(trainer_kwargs)
     strategy = kwargs.get("strategy")
     if isinstance(strategy, str) and strategy in SPAWN_STRATEGIES:
+        from lightning_fabric.plugins.environments import LightningEnvironment
+
         kwargs["strategy"] = SPAWN_STRATEGIES[strategy]
+        plugins = kwargs.get("plugins") or []
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), LightningEnvironment()]
         return kwargs, (
             f"trainer.strategy={strategy} runs as {kwargs['strategy']} for fine-tuning: the ranks run "
             "only trainer.fit (Lightning's ddp would re-execute the whole lexp command in every rank)"
