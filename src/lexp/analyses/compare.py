@@ -55,7 +55,12 @@ def model_labels(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, str]:
     differ = [k for k in sorted(set(a) | set(b)) if k != "name" and a.get(k) != b.get(k)]
 
     def label(cfg: Mapping[str, Any]) -> str:
-        parts = [f"{k}={json.dumps(cfg[k]).strip(chr(34))}" for k in differ if k in cfg]
+        # a setting at its default (random_init=false) names nothing, as in lexp.tables
+        parts = [
+            f"{k}={json.dumps(cfg[k]).strip(chr(34))}"
+            for k in differ
+            if k in cfg and cfg[k] not in (None, False)
+        ]
         return f"{cfg['name']}[{','.join(parts)}]" if parts else str(cfg["name"])
 
     la, lb = label(a), label(b)
