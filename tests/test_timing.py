@@ -10,7 +10,6 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel, XLNetConfig, XLNetModel
 
 from lexp.errors import LexpInputError, LexpModelError
-from lexp.redundancy import timing
 from lexp.redundancy.timing import (
     classifier_timing,
     encoder_depth,
