@@ -23,7 +23,7 @@ from PIL import Image
 
 from lexp.report.browser import find_chromium, inspect_page, screenshot
 from lexp.report.html import build_report, main
-from lexp.tables import load_tables
+from lexp.report.tables import load_tables
 from test_tables import _general, _layers, _neurons, _pipeline, _run, _timing, _write
 
 MODELS = ("minilm", "minilm_random")

@@ -1,4 +1,9 @@
-"""lexp.tables: the paper's tables from hand-built results.json files with the runs' own schema."""
+"""lexp.tables: the paper's tables from hand-built results.json files with the runs' own schema.
+
+The helpers build schema version 1 files (no ``schema_version``, as every run wrote before it), so
+every test here also reads through the v1 -> v2 upgrade; tests/test_results_schema.py builds the
+same runs at v2 and checks that the tables are identical.
+"""
 
 from __future__ import annotations
 
@@ -532,6 +537,17 @@ def test_cli_subprocess(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_lexp_tables_is_the_module_in_lexp_report() -> None:
+    """The tables moved to lexp.report.tables; the old name is the same module object."""
+    import lexp.report.tables
+    import lexp.tables
+
+    assert lexp.tables is lexp.report.tables and load_tables is lexp.report.tables.load_tables
+    from lexp.tables import _order, need_num  # private names too (notebooks, lexp.report.html)
+
+    assert _order("pos", ("pos",)) == (0, "") and need_num({"a": 1}, "a") == 1
 
 
 # --------------------------------------------------------------------------------- model comparison

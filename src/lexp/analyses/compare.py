@@ -225,8 +225,8 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         "cka_b": full[la:, la:],
         "cka_a_debiased": full_d[:la, :la],
         "cka_b_debiased": full_d[la:, la:],
-        # for each layer of A, the most similar layer of B (biased CKA)
-        "best_match_b": [int(j) for j in np.argmax(cross, axis=1)],
+        # for each layer of A, the most similar layer of B (biased CKA; layer indices)
+        "best_b_layers": [int(j) for j in np.argmax(cross, axis=1)],
         "cache": str(result["path"]),
         "cache_reused": bool(result["reused"]),
     }
@@ -256,8 +256,8 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         )
     lines = [f"CKA {label_a} (rows) vs {label_b} (columns), {result['rows']} {split} rows:"]
     lines += [
-        f"  A layer {i}: best B layer {block['best_match_b'][i]} (CKA {cross[i].max():.3f}, "
-        f"debiased {cross_d[i, block['best_match_b'][i]]:.3f})"
+        f"  A layer {i}: best B layer {block['best_b_layers'][i]} (CKA {cross[i].max():.3f}, "
+        f"debiased {cross_d[i, block['best_b_layers'][i]]:.3f})"
         for i in range(la)
     ]
     ctx.report["summary_lines"] = lines

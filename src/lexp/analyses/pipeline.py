@@ -20,6 +20,7 @@ from lexp.analyses.layers import layer_heads
 from lexp.analyses.neurons import Outcome, grid_from_cfg, seed_block, seed_evaluator, seeds_of
 from lexp.experiment import RunContext
 from lexp.report import figures
+from lexp.report.results_schema import forward_record, pct_reduction
 
 
 def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
@@ -90,11 +91,21 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
             for p in per_seed
         ]
         row["extractor_seed"] = seeds[0]
+    for block in [row, *row.get("per_seed", [])]:  # results.json v2: shares of the model in %
+        pct_reduction(block)
     row["metric"] = metric
     row["seconds"] = time.perf_counter() - start
     ctx.report["pipeline"] = row
     ctx.tracker.log_metrics({f"pipeline/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
-    columns = ["task", "oracle_test", "ls_test", "ls_n_layers", "ccfs_test", "ccfs_n_neurons", "reduction"]
+    columns = [
+        "task",
+        "oracle_test",
+        "ls_test",
+        "ls_n_layers",
+        "ccfs_test",
+        "ccfs_n_neurons",
+        "pct_reduction",
+    ]
     ctx.tracker.log_table("pipeline/table9", columns, [[ctx.task.name] + [row[c] for c in columns[1:]]])
     ctx.report["summary_lines"] = [
         f"LS: layers 0..{result.ls_layer} ({result.ls_n_layers} of {n_layers})  dev {result.ls_dev:.4f} test {result.ls_test:.4f}",
@@ -173,8 +184,8 @@ def timings(ctx: RunContext, result: Any) -> None:
     )
     out: dict[str, Any] = {
         "device": str(device),
-        "forward": records,
-        "ls_layers": result.ls_layer,
+        "forward": [forward_record(dict(r)) for r in records],  # results.json v2 names
+        "ls_layer": result.ls_layer,
         "speedup_at_ls": float(selected["speedup"]),
         "sentences_timed": n_sentences,
         "forward_wall_seconds": time.perf_counter() - clock,

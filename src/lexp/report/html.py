@@ -1,14 +1,16 @@
 """One self-contained HTML page from any set of runs: ``python -m lexp.report multirun/ --out report.html``.
 
 The page is what a user opens when there is no W&B server, and what they attach to a paper: every
-table of :mod:`lexp.tables` (the same :class:`~lexp.tables.Table` objects, so the same numbers as
-``python -m lexp.tables``, with the model comparisons) and every figure the runs support, laid out
-like the paper: Figure 1 (CKA per model, cross-model CKA), Figure 2 (ct curves across tasks),
-Figure 3 (cluster make-up), Figure 4 (layer-wise scores per task, one line per model), Tables
-3/6/7/8/9/10, the minimal-set and timing figures, stage timings, and every other figure a run wrote.
-Figures a run already wrote (``figures/*.png``) are reused; the cross-run ones are drawn with
-matplotlib (Agg). Everything is embedded (PNG as base64 ``data:`` URIs, CSS inline): no server,
-no network, no script. Text from results.json is escaped.
+table of :mod:`lexp.report.tables` (the same :class:`~lexp.report.tables.Table` objects, so the same
+numbers as ``python -m lexp.tables``, with the model comparisons) and every figure the runs support,
+laid out like the paper: Figure 1 (CKA per model, cross-model CKA), Figure 2 (ct curves across
+tasks), Figure 3 (cluster make-up), Figure 4 (layer-wise scores per task, one line per model),
+Tables 3/6/7/8/9/10, the minimal-set and timing figures, stage timings, and every other figure a
+run wrote. Figures a run already wrote (``figures/*.png``) are reused; the cross-run ones are drawn
+with matplotlib (Agg). Everything is embedded (PNG as base64 ``data:`` URIs, CSS inline): no
+server, no network, no script. Text from results.json is escaped. The runs are read as the tables
+read them (:func:`lexp.report.tables.load_runs`, i.e. through
+:func:`lexp.report.results_schema.load_results`): the page sees only the current schema's names.
 
 In a notebook::
 
@@ -32,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import lexp
-from lexp import tables as tb
-from lexp.tables import Column, Run, Table
+from lexp.report import tables as tb
+from lexp.report.tables import Column, Run, Table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # settings that vary between the jobs of one ct sweep, but not the clustering (CKA, make-up)

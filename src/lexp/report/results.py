@@ -1,6 +1,9 @@
 """``results.json``: every number of a run, machine-readable, rewritten after each stage.
 
 Writing after every stage (atomically) means an interrupted run still leaves what it measured.
+The file starts with ``schema_version`` (:data:`lexp.report.results_schema.SCHEMA_VERSION`); its
+keys, units and naming rule are documented in :mod:`lexp.report.results_schema`, whose
+:func:`~lexp.report.results_schema.load_results` is how every consumer reads it back.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lexp.report.results_schema import SCHEMA_VERSION
 
 
 def to_jsonable(value: Any) -> Any:
@@ -33,13 +38,25 @@ def to_jsonable(value: Any) -> Any:
 
 
 class Report:
-    """Accumulates a run's results and keeps ``<run_dir>/results.json`` up to date."""
+    """Accumulates a run's results and keeps ``<run_dir>/results.json`` up to date.
+
+    The blocks it is given must follow the naming rule of :mod:`lexp.report.results_schema`
+    (written as schema version :data:`SCHEMA_VERSION`).
+    """
 
     def __init__(self, run_dir: Path, **header: Any) -> None:
+        if "schema_version" in header:
+            raise ValueError("Report sets schema_version itself; do not pass it in the header")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "results.json"
-        self.data: dict[str, Any] = {"status": "running", **header, "timings_s": {}, "figures": []}
+        self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            **header,
+            "timings_s": {},
+            "figures": [],
+        }
         self.save()
 
     def __setitem__(self, key: str, value: Any) -> None:
