@@ -120,7 +120,10 @@ def failure_record(cfg: Any, message: str) -> dict[str, Any]:
         config = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else None
     if isinstance(config, dict):
         config.pop("hydra", None)
+    from lexp.report.results_schema import SCHEMA_VERSION
+
     return {
+        "schema_version": SCHEMA_VERSION,
         "status": f"failed: {message}",
         "task": name("task"),
         "model": name("model"),
