@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,17 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords and "device" not in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _rank_zero_is_not_leaked() -> Iterator[None]:
+    """Lightning keeps the process rank in one global (``rank_zero_only.rank``); a test that sets it
+    (``LightningEnvironment.set_global_rank``) and leaves it nonzero makes every later fine-tune in
+    the pytest process skip its rank-0 save. Fail the leaking test itself, not a later victim."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    yield
+    rank = getattr(rank_zero_only, "rank", 0)
+    if rank != 0:
+        rank_zero_only.rank = 0
+        pytest.fail(f"this test left pytorch_lightning's rank_zero_only.rank = {rank}; restore it")

@@ -106,7 +106,11 @@ def test_spawned_ranks_inside_a_slurm_job(monkeypatch: pytest.MonkeyPatch) -> No
     """In a one-task SLURM job (submitit), each spawned rank must get its own rank: Lightning's
     SLURM environment would give both SLURM_PROCID=0 (two rank-0 processes, a hung fit)."""
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+    # LightningEnvironment.set_global_rank sets the process-wide rank_zero_only.rank: restore it
+    # after the test, or every later fine-tune in this pytest process believes it is rank 1.
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
     slurm = {
         "SLURM_NTASKS": "1",
         "SLURM_JOB_NAME": "lexp-job",
