@@ -259,3 +259,23 @@ def test_layers_and_neurons_report_control_accuracy_and_selectivity(
     assert neurons["probe"]["control"]["dev"]["accuracy"] == neurons["control_dev"]
     saved = json.loads((tmp_path / "neurons" / "results.json").read_text())
     assert saved["neurons"]["selectivity_test"] == pytest.approx(neurons["selectivity_test"])
+
+
+def test_figure_4_draws_the_control_scores_under_the_bars(tmp_path: Path, monkeypatch) -> None:
+    """With task.control the per-layer figure shows the control scores as a line (selectivity is the
+    gap to the bar); without it, no such line."""
+    from lexp.report import figures
+
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    scores, control = [0.80, 0.90, 0.85], [0.60, 0.50, 0.40]
+    figures.layer_scores(scores, None, 0.9, 0.99, tmp_path / "a.png", "t", control=control)
+    figures.layer_scores(scores, None, 0.9, 0.99, tmp_path / "b.png", "t")
+    with_control, without = (
+        [ln for ln in f.axes[0].lines if ln.get_label().startswith("control")] for f in drawn
+    )
+    assert len(with_control) == 1 and without == []
+    np.testing.assert_allclose(with_control[0].get_ydata(), [60.0, 50.0, 40.0])
+    assert drawn[0].axes[0].get_ylim()[0] <= 40.0  # the lowest control score is inside the axes
+    assert (tmp_path / "a.png").stat().st_size > 1000

@@ -121,6 +121,7 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         threshold,
         ctx.run_dir / "figures" / "layers.png",
         f"{ctx.task.name} · {ctx.cfg.model.name}: per-layer probes (Fig. 4)",
+        control=[r["control_dev"] for r in rows] if "control_dev" in rows[0] else None,
     )
     ctx.report.figure(path)
     ctx.tracker.log_image("layers/figure4", path)

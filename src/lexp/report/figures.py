@@ -89,8 +89,12 @@ def layer_scores(
     threshold: float,
     path: Path,
     title: str,
+    control: Sequence[float] | None = None,
 ) -> Path:
-    """Figure 4 / Table 7: per-layer (and incremental 0..k) probe scores against the oracle line."""
+    """Figure 4 / Table 7: per-layer (and incremental 0..k) probe scores against the oracle line.
+
+    ``control`` (``task.control``): the per-layer control-task scores, drawn as a line so that
+    selectivity is the visible gap between a bar and the line below it."""
     n = len(per_layer)
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(n)
@@ -100,10 +104,12 @@ def layer_scores(
     )
     if incremental is not None:
         ax.plot(x, np.asarray(incremental) * 100, "o-", color="tab:purple", label="layers 0..l")
+    if control is not None:
+        ax.plot(x, np.asarray(control) * 100, "x-", color="tab:orange", label="control task (layer l)")
     ax.axhline(oracle * 100, color="k", ls="--", lw=1, label="oracle")
     ax.axhline(threshold * oracle * 100, color="tab:red", ls=":", lw=1, label=f"{threshold:.0%} of oracle")
     ax.set_xticks(x, layer_names(n))
-    lo = min(min(per_layer), min(incremental) if incremental else 1.0)
+    lo = min(min(per_layer), min(incremental) if incremental else 1.0, min(control) if control else 1.0)
     ax.set_ylim(max(0, lo * 100 - 5), 100)
     ax.set_xlabel("layer")
     ax.set_ylabel("dev score (%)")
