@@ -56,7 +56,7 @@ def _sync(device: str) -> None:
     import torch
 
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))  # cuda:N, not the current device
 
 
 def _default_model() -> str:
@@ -470,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "device_name": torch.cuda.get_device_name(torch.device(args.device))
+        if args.device.startswith("cuda")
+        else "cpu",
         "model": args.model,
         "neurox_python": neurox,
         "workdir": str(work),

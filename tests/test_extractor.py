@@ -140,6 +140,20 @@ def test_load_puts_encoder_and_probe_on_the_device(device: torch.device, tmp_pat
     assert ReducedExtractor.load(path, device="cpu").tag(SENTENCES) == expected  # same on the CPU
 
 
+def test_the_extractor_rebuilds_rows_with_the_stores_batching_and_arithmetic(tmp_path: Path) -> None:
+    """The pipeline checks that its extractor reproduces the reported test score: the rows must come
+    from the same token budget and precision as the store (bf16-mixed moves them by ~1e-2)."""
+    settings = {"max_tokens": 7, "precision": "bf16-mixed"}
+    path, _ = save_tiny_extractor(tmp_path, settings=settings)
+    model, tokenizer = tiny_bert(tmp_path)  # the same seeded weights save_tiny_extractor truncated
+    rows = dict(extract_words(model, tokenizer, SENTENCES, progress=False, **settings))
+    plain = dict(extract_words(model, tokenizer, SENTENCES, progress=False))
+    columns = np.array([1, 5, 9, 30, 33, 40, 50, 63])
+    want = np.concatenate([rows[i][:, columns] for i in range(len(SENTENCES))])
+    assert np.abs(want - np.concatenate([plain[i][:, columns] for i in range(len(SENTENCES))])).max() > 1e-4
+    np.testing.assert_array_equal(ReducedExtractor.load(path).features(SENTENCES), want)
+
+
 def predict_cli(argv: list, capsys) -> tuple[int, str, str]:
     """``python -m lexp.predict argv`` in this process: (exit code, stdout, stderr)."""
     from lexp.predict import main

@@ -339,6 +339,27 @@ def test_fine_tuning_trainer_options_do_not_change_probes(caplog):
     assert "accumulate_grad_batches=4" in caplog.text
 
 
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-true", "16-true", "64-true"])
+def test_fine_tuning_precisions_leave_the_probes_in_float32(precision, caplog):
+    """trainer.precision is shared with fine-tuning: a precision the hand-written probe gradients
+    cannot take (GradScaler under 16-mixed, non-float32 weights under *-true) trains in 32-true."""
+    train, dev = _blobs(320, seed=1), _blobs(80, seed=2)
+    cfg = _cfg(epochs=2)
+    plain = train_probes(
+        ArrayDataModule(train, dev, n_classes=4), SUBSETS, probe_cfg=cfg, trainer_kwargs=QUIET
+    )
+    with caplog.at_level(logging.INFO, logger="lexp.probes"):
+        other = train_probes(
+            ArrayDataModule(train, dev, n_classes=4),
+            SUBSETS,
+            probe_cfg=cfg,
+            trainer_kwargs={**QUIET, "precision": precision},
+        )
+    for name in plain:
+        assert np.array_equal(plain[name]["weights"], other[name]["weights"]), name
+    assert f"trainer.precision={precision} is for fine-tuning" in caplog.text
+
+
 def test_lean_adam_equals_torch_adam():
     """LeanAdam is torch.optim.Adam (defaults) with less Python: same trajectory, same state layout."""
     torch.manual_seed(0)

@@ -13,8 +13,9 @@ device of the weights or data they meet); :func:`log_stage_device` logs it once 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "DEVICE_CHOICES",
     "autocast_dtype",
     "describe_device",
+    "exact_float32_matmul",
     "log_stage_device",
     "resolve_device",
     "resolve_run_device",
@@ -134,7 +136,7 @@ def describe_device(device: torch.device, dtype: torch.dtype | str | None = None
         out["name"] = props.name
         out["memory_gib"] = round(props.total_memory / 2**30, 1)
         out["cuda"] = torch.version.cuda
-        out["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        out["tf32_matmul"] = torch.backends.cuda.matmul.fp32_precision == "tf32"
     else:
         import platform
 
@@ -174,3 +176,23 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def exact_float32_matmul(enabled: bool = True) -> Iterator[None]:
+    """TF32 off for CUDA float32 matrix products inside the block, the caller's setting restored after.
+
+    Only torch's ``fp32_precision`` API is used: once anything (a notebook, transformers'
+    ``enable_tf32``) set the new API, torch refuses to read the legacy flags (``allow_tf32``,
+    ``torch.get_float32_matmul_precision()``) and raises. No effect on the CPU's float32 products.
+    """
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before

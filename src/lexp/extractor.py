@@ -197,6 +197,10 @@ class ReducedExtractor:
             long_sentences=long_sentences or self.settings.get("long_sentences", "error"),
             progress=False,
             sources=sources,
+            # The store's batching and arithmetic: other batch shapes change rows by float rounding,
+            # bf16-mixed by ~1e-2, either enough to flip a near-tie after the float16 cast.
+            max_tokens=self.settings.get("max_tokens"),
+            precision=str(self.settings.get("precision", "32")),
         ):
             ids.append(index)
             blocks.append(rows)

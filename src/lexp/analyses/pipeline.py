@@ -309,6 +309,8 @@ def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
         settings={
             "subword": str(ctx.cfg.extract.subword),
             "long_sentences": str(ctx.cfg.extract.long_sentences),
+            "max_tokens": ctx.cfg.extract.max_tokens,
+            "precision": str(ctx.cfg.extract.precision),
             "store_dtype": str(ctx.cfg.store.dtype),
             "max_length": int(ctx.cfg.finetune.max_seq_length),
             "task": ctx.task.name,
@@ -345,7 +347,11 @@ def _verify_extractor(ctx: RunContext, path: Path, final: Mapping[str, Any]) -> 
             "test_pearson_reported": final.get("test", {}).get("pearson"),
         }
     if ctx.task.kind == "labelling":
-        predicted = [t for tags in tagger.tag([list(s.words) for s in test]) for t in tags]
+        predicted = [
+            t
+            for tags in tagger.tag([list(s.words) for s in test], batch_size=int(ctx.cfg.extract.batch_size))
+            for t in tags
+        ]
     else:
         predicted = tagger.classify([(e.text_a, e.text_b) for e in test])
     index = {label: i for i, label in enumerate(ctx.task.labels)}

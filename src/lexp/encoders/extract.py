@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lexp.device import exact_float32_matmul
 from lexp.encoders.loading import model_max_tokens
 from lexp.errors import LexpInputError, LexpModelError
 
@@ -160,7 +161,8 @@ def _inference(model: torch.nn.Module, precision: str) -> Iterator[None]:
     on CPUs with AVX-512-BF16, at the cost of ~1e-2 absolute error in the activations.
     On CUDA, ``precision="32"`` really is float32: TF32 matrix products (``torch.set_float32_matmul_
     precision("high")``, which some scripts set globally) are switched off for the forward and the
-    setting is restored after it, so GPU rows equal CPU rows within 1e-4.
+    setting is restored after it (:func:`lexp.device.exact_float32_matmul`), so GPU rows equal CPU
+    rows within 1e-4.
     """
     was_training = model.training
     model.eval()
@@ -170,16 +172,11 @@ def _inference(model: torch.nn.Module, precision: str) -> Iterator[None]:
         if precision == "bf16-mixed"
         else contextlib.nullcontext()
     )
-    matmul = torch.get_float32_matmul_precision()
-    exact = device.type == "cuda" and precision == "32" and matmul != "highest"
     try:
-        if exact:
-            torch.set_float32_matmul_precision("highest")
-        with torch.inference_mode(), autocast:
-            yield
+        with exact_float32_matmul(device.type == "cuda" and precision == "32"):
+            with torch.inference_mode(), autocast:
+                yield
     finally:
-        if exact:
-            torch.set_float32_matmul_precision(matmul)
         model.train(was_training)
 
 

@@ -59,6 +59,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from lexp.device import synchronize
 from lexp.encoders.loading import load_pretrained, model_digest
 from lexp.errors import LexpInputError, LexpModelError
 from lexp.locks import entry_lock
@@ -699,11 +700,13 @@ class _Throughput(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int
     ) -> None:
+        synchronize(module.device)  # CUDA runs asynchronously: time the batch's kernels, not their launch
         self._start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, module: pl.LightningModule, out: Any, batch: Any, idx: int
     ) -> None:
+        synchronize(module.device)
         self.seconds += time.perf_counter() - self._start
         self.examples += len(batch["labels"])
 

@@ -131,6 +131,10 @@ _FINETUNE_ONLY: dict[str, Any] = {
 }
 
 
+#: The precisions a probe trains in; any other trainer.precision (a fine-tuning setting) means 32-true.
+_PROBE_PRECISIONS = ("32", "32-true", "bf16-mixed")
+
+
 def _trainer(epochs: int, trainer_kwargs: Mapping[str, Any] | None, logger: Any) -> pl.Trainer:
     kwargs = dict(trainer_kwargs or {})
     if "max_epochs" in kwargs:
@@ -148,6 +152,18 @@ def _trainer(epochs: int, trainer_kwargs: Mapping[str, Any] | None, logger: Any)
                 key,
                 value,
             )
+    # The probes' gradients are written by hand (FusedHeads) into float32 weights: under 16-mixed
+    # Lightning's GradScaler would unscale gradients it never scaled, and the *-true precisions turn
+    # the weights into bf16/fp16/fp64 that the float32 products cannot meet. bf16-mixed (bfloat16
+    # products, float32 weights and sums) is the probes' one mixed precision.
+    precision = str(kwargs.get("precision", "32-true"))
+    if precision not in _PROBE_PRECISIONS:
+        log.info(
+            "probes run in 32-true: trainer.precision=%s is for fine-tuning (the probes' mixed "
+            "precision is bf16-mixed)",
+            precision,
+        )
+        kwargs["precision"] = "32-true"
     callbacks = list(kwargs.pop("callbacks", None) or [])
     if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # Redrawing on every one of ~1,200 steps per epoch would cost more than the steps.

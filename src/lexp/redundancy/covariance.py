@@ -539,15 +539,11 @@ def streaming_moments(
     return Moments(n=n, mean=exact_mean, comoment=acc_np, layer_sizes=sizes, row_norm_products=q)
 
 
-@contextlib.contextmanager
-def _exact_float32() -> Iterator[None]:
+def _exact_float32() -> contextlib.AbstractContextManager[None]:
     """TF32 off for CUDA float32 products (10-bit mantissas would move correlations by ~1e-3)."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    from lexp.device import exact_float32_matmul
+
+    return exact_float32_matmul()
 
 
 def _moments_on_device(
