@@ -80,3 +80,18 @@ print(sorted(rows), rows[0].shape[0], describe_device(torch.device("cpu"))["type
 def test_describe_device_on_the_cpu() -> None:
     info = describe_device(torch.device("cpu"), torch.bfloat16)
     assert info["device"] == "cpu" and info["dtype"] == "bfloat16" and info["threads"] >= 1
+
+
+def test_one_named_gpu_and_several_trainer_devices_is_an_error_before_any_work() -> None:
+    """Lightning's devices=2 takes GPUs 0 and 1 whatever device=cuda:N says: refuse the mix (on any
+    machine: the check needs no GPU) and name CUDA_VISIBLE_DEVICES."""
+    from lexp.device import resolve_run_device, trainer_device_kwargs
+    from lexp.errors import LexpInputError
+
+    for devices in (2, [1, 2], -1):
+        with pytest.raises(LexpInputError, match="CUDA_VISIBLE_DEVICES"):
+            resolve_run_device("cuda:1", {"devices": devices})
+    assert resolve_run_device("cpu", {"devices": 2}) == torch.device("cpu")
+    assert trainer_device_kwargs(torch.device("cpu"), {"devices": 2}) == {"accelerator": "cpu", "devices": 2}
+    assert trainer_device_kwargs(torch.device("cpu"), {"devices": 1}) == {"accelerator": "cpu", "devices": 1}
+    assert trainer_device_kwargs(torch.device("cuda", 3)) == {"accelerator": "gpu", "devices": [3]}

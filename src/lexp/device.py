@@ -102,6 +102,12 @@ def resolve_run_device(device: Any, trainer: Mapping[str, Any] | None = None) ->
             "instead (trainer.accelerator then follows it)"
         )
     wanted = "auto" if device is None else str(device).strip().lower()
+    if wanted.startswith("cuda:") and _several(trainer):
+        raise LexpInputError(
+            f"device={device} names one GPU, but trainer.devices={(trainer or {}).get('devices')} asks Lightning "
+            "for several (DDP fine-tuning), which would take GPUs 0..k-1 whatever device says; set device=cuda "
+            "and choose the GPUs with CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1,2)"
+        )
     implied = _ACCELERATOR_TO_DEVICE[accelerator]
     if wanted == "auto":
         return resolve_device(implied)
@@ -114,6 +120,14 @@ def resolve_run_device(device: Any, trainer: Mapping[str, Any] | None = None) ->
     return resolved
 
 
+def _several(trainer: Mapping[str, Any] | None) -> bool:
+    """Whether ``trainer.devices`` asks for more than one device (DDP fine-tuning)."""
+    devices = (trainer or {}).get("devices", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices > 1 or devices == -1  # -1: every GPU
+    return isinstance(devices, (list, tuple)) and len(devices) > 1
+
+
 def trainer_device_kwargs(device: torch.device, trainer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Lightning ``accelerator``/``devices`` for the run's device.
 
@@ -121,8 +135,7 @@ def trainer_device_kwargs(device: torch.device, trainer: Mapping[str, Any] | Non
     accelerator; otherwise the Trainer gets exactly the run's device (``devices=[N]`` for ``cuda:N``).
     """
     devices = (trainer or {}).get("devices", 1)
-    several = isinstance(devices, int) and not isinstance(devices, bool) and devices > 1
-    several = several or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+    several = _several(trainer)
     if device.type == "cuda":
         return {"accelerator": "gpu", "devices": devices if several else [device.index or 0]}
     return {"accelerator": "cpu", "devices": devices if several else 1}
