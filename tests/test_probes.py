@@ -321,6 +321,23 @@ def test_fused_heads_fall_back_to_one_block_per_head_and_stay_exact():
     fused = FusedHeads(subsets, 4, seed=5, max_blocks=2)
     assert fused.n_blocks == 3
     _assert_each_head_has_its_own_gradient(fused, subsets, x, y, l1=1e-2, l2=1e-2, seed=5, n_features=12)
+    # Heads on the same columns (a control head, another seed; here also in another column order)
+    # share one block in the fallback, and each keeps its own gradient.
+    twins = [*subsets, SUBSETS["scattered"][::-1].copy(), SUBSETS["odd"]]
+    fused = FusedHeads(twins, 4, seed=5, max_blocks=2)
+    assert fused.n_blocks == 3
+    _assert_each_head_has_its_own_gradient(fused, twins, x, y, l1=1e-2, l2=1e-2, seed=5, n_features=12)
+
+
+def test_the_block_budget_counts_distinct_subsets_not_heads():
+    """Control heads on the same columns must not loosen the budget into many narrow blocks: the
+    plan with twins has as many blocks as without them."""
+    rng = np.random.default_rng(3)
+    orders = [rng.permutation(60) for _ in range(5)]  # five seeds' rankings: irregular overlaps
+    subsets = [order[:n] for order in orders for n in (10, 20, 30, 40)]
+    alone = FusedHeads(subsets, 4, seed=0)
+    with_control = FusedHeads([*subsets, *subsets], 4, seed=0, targets=[0] * 20 + [1] * 20)
+    assert with_control.n_blocks == alone.n_blocks
 
 
 def test_fine_tuning_trainer_options_do_not_change_probes(caplog):
