@@ -37,12 +37,13 @@ def _expected(model, tokenizer, k: int, columns: np.ndarray, W: np.ndarray, b: n
     return out
 
 
+@pytest.mark.parametrize("k", [0, 1])  # 0: embeddings only (LayerSelector can pick layer 0)
 @pytest.mark.parametrize("family", ["bert", "xlnet"])
-def test_round_trip_gives_identical_predictions(family: str, tmp_path: Path) -> None:
+def test_round_trip_gives_identical_predictions(family: str, k: int, tmp_path: Path) -> None:
     model, tokenizer = (tiny_bert if family == "bert" else tiny_xlnet)(tmp_path)
-    k = 1  # keep embeddings + the first transformer layer
     rng = np.random.default_rng(0)
-    columns = np.sort(rng.choice(64, size=20, replace=False))
+    hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+    columns = np.sort(rng.choice((k + 1) * hidden, size=20, replace=False))
     W = rng.standard_normal((len(LABELS), 20)).astype(np.float32)
     b = rng.standard_normal(len(LABELS)).astype(np.float32)
     path = save_reduced_extractor(
@@ -61,6 +62,38 @@ def test_round_trip_gives_identical_predictions(family: str, tmp_path: Path) -> 
     tagger = ReducedExtractor.load(path)
     assert len(tagger.model.encoder.layer if family == "bert" else tagger.model.layer) == k
     assert tagger.tag(SENTENCES) == _expected(model, tokenizer, k, columns, W, b)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("family", ["bert", "xlnet"])
+def test_a_sentence_extractor_classifies_like_the_full_model(family: str, k: int, tmp_path: Path) -> None:
+    """[CLS] extractors too, down to the embeddings alone (transformers 5's BERT then returns no
+    hidden_states at all: found when an rte pipeline's LayerSelector picked layer 0)."""
+    from lexp.encoders.extract import extract_cls
+
+    model, tokenizer = (tiny_bert if family == "bert" else tiny_xlnet)(tmp_path)
+    pairs = [("the quick brown fox", "a cat"), ("red houses and old dogs", None), ("a cat", "the fox")]
+    hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+    rng = np.random.default_rng(4)
+    columns = np.sort(rng.choice((k + 1) * hidden, size=10, replace=False))
+    W = rng.standard_normal((2, 10)).astype(np.float32)
+    b = rng.standard_normal(2).astype(np.float32)
+    rows = dict(extract_cls(model, tokenizer, pairs, progress=False))
+    feats = np.stack([rows[i] for i in range(len(pairs))])[:, columns]
+    expected = [["no", "yes"][j] for j in (feats @ W.T + b).argmax(1)]
+    path = save_reduced_extractor(
+        tmp_path / "extractor",
+        model=truncate_encoder(model, k),
+        tokenizer=tokenizer,
+        n_layers_kept=k + 1,
+        columns=columns,
+        weights=W,
+        bias=b,
+        labels=["no", "yes"],
+        kind="classification",
+        settings={"store_dtype": "float32"},
+    )
+    assert ReducedExtractor.load(path).classify(pairs) == expected
 
 
 def test_predict_cli_and_its_errors(tmp_path: Path) -> None:

@@ -270,6 +270,8 @@ class ReducedExtractor:
             batch_size=batch_size,
             max_length=int(self.settings.get("max_length", 128)),
             progress=False,
+            max_tokens=self.settings.get("max_tokens"),  # the store's batching and arithmetic
+            precision=str(self.settings.get("precision", "32")),
         ):
             if feats is None:
                 feats = np.zeros((len(pairs), row.shape[-1]), dtype=np.float32)

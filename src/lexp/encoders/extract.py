@@ -141,6 +141,14 @@ class Extraction(Iterator[tuple[int, np.ndarray]]):
 # --------------------------------------------------------------------------------------------
 
 
+def _hidden_states(output: Any) -> tuple[torch.Tensor, ...]:
+    """Every layer's states, embeddings first. transformers 5's BERT records them at the layers'
+    inputs, so an encoder truncated to its embeddings (a reduced extractor with LayerSelector layer
+    0) returns none: its one state is then ``last_hidden_state``."""
+    states = output.hidden_states
+    return tuple(states) if states else (output.last_hidden_state,)
+
+
 def _forward_options(model: torch.nn.Module) -> tuple[bool, dict[str, Any]]:
     """Whether to pass token_type_ids, and extra forward kwargs (XLNet: no mems)."""
     params = inspect.signature(model.forward).parameters
@@ -793,7 +801,7 @@ def _run_word_batch(
     gather = _to_device(gather, device)
     more = [(gather[f"rows{k}"], gather[f"tokens{k}"]) for k in range(1, n_more + 1)]
     with _inference(model, precision):
-        hidden_states = model(**inputs, **forward_kwargs).hidden_states
+        hidden_states = _hidden_states(model(**inputs, **forward_kwargs))
         return _gather(hidden_states, gather["index"], more, gather.get("lengths"))
 
 
@@ -928,7 +936,7 @@ def extract_cls(
                 moved = _to_device({**inputs, "_index": index}, device)
                 index_d = moved.pop("_index")
                 with _inference(model, precision):
-                    hidden_states = model(**moved, **forward_kwargs).hidden_states
+                    hidden_states = _hidden_states(model(**moved, **forward_kwargs))
                     rows = _gather(hidden_states, index_d)
                 in_flight.append((chunk, *copier.start(rows.to(out_dtype))))
                 if len(in_flight) > lag:
