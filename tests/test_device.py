@@ -66,15 +66,14 @@ from pathlib import Path
 torch.backends.fp32_precision = "tf32"
 from lexp.device import describe_device
 from lexp.encoders.extract import extract_words
-from lexp.redundancy.covariance import _exact_float32
+from lexp.redundancy.covariance import _array_chunks, _moments_on_device
 from tiny_models import tiny_bert
 model, tokenizer = tiny_bert(Path(tempfile.mkdtemp()))
 rows = dict(extract_words(model, tokenizer, [["a", "b"], ["c"]], progress=False))
-with _exact_float32():
-    pass
-print(sorted(rows), rows[0].shape[0], describe_device(torch.device("cpu"))["type"])
+moments = _moments_on_device(_array_chunks(np.ones((4, 3), np.float32), 2, None), torch.device("cpu"), "float32", "x")
+print(sorted(rows), rows[0].shape[0], describe_device(torch.device("cpu"))["type"], moments.n)
 """
-    assert _python(code) == "[0, 1] 2 cpu"
+    assert _python(code) == "[0, 1] 2 cpu 4"
 
 
 def test_describe_device_on_the_cpu() -> None:

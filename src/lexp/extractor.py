@@ -175,6 +175,15 @@ class ReducedExtractor:
     def _scores(self, rows: np.ndarray) -> torch.Tensor:
         return torch.addmm(self.bias, self._selected(rows), self.weight.T)
 
+    def _store_extraction(self) -> dict[str, Any]:
+        """The store's batching and arithmetic (``extract_words``/``extract_cls`` keywords): other
+        batch shapes change rows by float rounding, bf16-mixed by ~1e-2, either enough to flip a
+        near-tie after the float16 cast."""
+        return {
+            "max_tokens": self.settings.get("max_tokens"),
+            "precision": str(self.settings.get("precision", "32")),
+        }
+
     def _word_rows(
         self,
         sentences: Sequence[Sequence[str]],
@@ -197,10 +206,7 @@ class ReducedExtractor:
             long_sentences=long_sentences or self.settings.get("long_sentences", "error"),
             progress=False,
             sources=sources,
-            # The store's batching and arithmetic: other batch shapes change rows by float rounding,
-            # bf16-mixed by ~1e-2, either enough to flip a near-tie after the float16 cast.
-            max_tokens=self.settings.get("max_tokens"),
-            precision=str(self.settings.get("precision", "32")),
+            **self._store_extraction(),
         ):
             ids.append(index)
             blocks.append(rows)
@@ -270,8 +276,7 @@ class ReducedExtractor:
             batch_size=batch_size,
             max_length=int(self.settings.get("max_length", 128)),
             progress=False,
-            max_tokens=self.settings.get("max_tokens"),  # the store's batching and arithmetic
-            precision=str(self.settings.get("precision", "32")),
+            **self._store_extraction(),
         ):
             if feats is None:
                 feats = np.zeros((len(pairs), row.shape[-1]), dtype=np.float32)

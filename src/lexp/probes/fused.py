@@ -23,7 +23,7 @@ from lexp.probes.loss import _contiguous, init_head_
 __all__ = ["FusedHeads"]
 
 
-def _blocks(subsets: list[np.ndarray], max_blocks: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _blocks(subsets: list[np.ndarray], max_blocks: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Split the heads' columns into blocks ``(columns, heads)``: each column of a block is used by
     exactly the heads ``heads``.
 
@@ -35,16 +35,22 @@ def _blocks(subsets: list[np.ndarray], max_blocks: int) -> list[tuple[np.ndarray
     distinct subset is its own block instead, read by every head on exactly those columns (same
     arithmetic, one product per distinct subset: a control head or another seed's head on the same
     columns adds rows to its twin's product, not a product).
+
+    ``max_blocks`` defaults to twice the number of *distinct* subsets (at least 16): control heads
+    and seeds on the same columns add no columns, so they must not tip a plan into more, narrower
+    blocks (measured: 5 seeds x 16 candidates with control heads went from 71 s to 534 s that way).
     """
+    same: dict[bytes, list[int]] = {}  # heads by their (sorted) column subset
+    for h, cols in enumerate(subsets):
+        same.setdefault(np.sort(cols).tobytes(), []).append(h)
+    if max_blocks is None:
+        max_blocks = max(2 * len(same), 16)
     union = np.unique(np.concatenate(subsets))
     member = np.zeros((union.size, len(subsets)), dtype=bool)
     for h, cols in enumerate(subsets):
         member[np.searchsorted(union, cols), h] = True
     patterns, first, inverse = np.unique(member, axis=0, return_index=True, return_inverse=True)
     if len(patterns) > max_blocks:
-        same: dict[bytes, list[int]] = {}
-        for h, cols in enumerate(subsets):
-            same.setdefault(np.sort(cols).tobytes(), []).append(h)
         return [(np.sort(subsets[heads[0]]), np.array(heads)) for heads in same.values()]
     inverse = inverse.reshape(-1)
     return [(union[inverse == p], np.flatnonzero(patterns[p])) for p in np.argsort(first, kind="stable")]
@@ -108,11 +114,7 @@ class FusedHeads(nn.Module):
         self.targets = head_targets
         self.n_targets = max(head_targets, default=0) + 1
         k = self.n_outputs
-        # The block budget counts distinct column subsets, not heads: control heads (and seeds on
-        # the same columns) add no columns, so they must not tip a plan into more, narrower blocks
-        # (measured: 5 seeds x 16 candidates with control heads went from 71 s to 534 s that way).
-        distinct = len({np.sort(c).tobytes() for c in subsets})
-        blocks = _blocks(subsets, max_blocks if max_blocks is not None else max(2 * distinct, 16))
+        blocks = _blocks(subsets, max_blocks)
         blocks.sort(key=lambda block: block[0].size)  # stable: equal widths stay in column order
         #: per block: its columns (a slice, or a span of the flat column index), (rows, cols), its
         #: start in the flat weight and its rows in the stacked products; per (block, slot) the span

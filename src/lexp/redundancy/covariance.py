@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from scipy.linalg import blas
 
+from lexp.device import exact_float32_matmul
 from lexp.errors import LexpInputError
 
 __all__ = [
@@ -539,13 +540,6 @@ def streaming_moments(
     return Moments(n=n, mean=exact_mean, comoment=acc_np, layer_sizes=sizes, row_norm_products=q)
 
 
-def _exact_float32() -> contextlib.AbstractContextManager[None]:
-    """TF32 off for CUDA float32 products (10-bit mantissas would move correlations by ~1e-3)."""
-    from lexp.device import exact_float32_matmul
-
-    return exact_float32_matmul()
-
-
 def _moments_on_device(
     chunks: Iterator[np.ndarray],
     device: torch.device,
@@ -574,7 +568,8 @@ def _moments_on_device(
     offsets: list[torch.Tensor] = []  # v_c = m_c − a_c
     low = torch.bfloat16 if compute == "bfloat16" else None
     row0 = 0
-    with _exact_float32(), torch.inference_mode():
+    # TF32 off: 10-bit mantissas would move the correlations by ~1e-3
+    with exact_float32_matmul(), torch.inference_mode():
         for chunk in chunks:
             chunk = np.asarray(chunk, dtype=np.float32)
             if chunk.ndim != 2 or chunk.shape[0] == 0:
