@@ -297,6 +297,17 @@ def build_stores(ctx: RunContext) -> None:
 
     cfg = ctx.cfg
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if ctx.task.notes.get("reader") in ("table_sentences", "table_tokens"):  # before any fine-tuning
+        from lexp.tasks.tabular import check_model_lengths
+
+        base_dir = local_model_dir(model_cfg, cfg.cache_dir)  # type: ignore[arg-type]
+        check_model_lengths(
+            ctx.task,
+            base_dir,
+            max_seq_length=int(cfg.finetune.max_seq_length),
+            long_sentences=str(cfg.extract.long_sentences),
+            long_texts=str(cfg.task.get("long_texts", "error")),
+        )
     if ctx.task.kind != "labelling":
         from lexp.analyses.sentence import finetuned_model_dir
 

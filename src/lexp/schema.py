@@ -512,7 +512,7 @@ TASK_KEYS: dict[str, dict[str, Rule]] = {
             ),
             example="my_task",
         ),
-        "reader": Choice("columns", "glue", example="columns"),
+        "reader": Choice("columns", "glue", "table_sentences", "table_tokens", example="columns"),
         "kind": Choice("labelling", "classification", "regression", null=True, example="labelling"),
         "data_dir": Str(null=True, example="/path/to/data"),
         "control": Bool(doc="also train control-task heads (word-level tasks); selectivity", example="false"),
@@ -552,6 +552,29 @@ TASK_KEYS: dict[str, dict[str, Rule]] = {
         "max_train_examples": Int(1, null=True, example="null"),
         "max_test_examples": Int(1, null=True, example="null"),
     },
+}
+
+#: Tables (CSV/TSV/JSONL/Parquet/datasets folders or the HF cache; lexp.tasks.tabular).
+_TABLE_SOURCE: dict[str, Rule] = {
+    "format": Choice("auto", "csv", "tsv", "jsonl", "parquet", "arrow", "disk", example="auto"),
+    "hf_name": Str(null=True, doc="a dataset in the local HF datasets cache", example="conll2003"),
+    "hf_config": Str(null=True, example="null"),
+    "hf_cache_dir": Str(null=True, doc="null: HF_DATASETS_CACHE", example="null"),
+}
+TASK_KEYS["table_sentences"] = {
+    **_TABLE_SOURCE,
+    "text_column": Str(example="text"),
+    "text_pair_column": Str(null=True, example="null"),
+    "label_column": Str(example="label"),
+    **{k: TASK_KEYS["glue"][k] for k in ("protocol", "dev_fraction", "split_seed", "pool_fractions")},
+    **{k: TASK_KEYS["glue"][k] for k in ("max_train_examples", "max_test_examples")},
+    "long_texts": Choice("error", "truncate", doc="texts over finetune.max_seq_length", example="error"),
+}
+TASK_KEYS["table_tokens"] = {
+    **_TABLE_SOURCE,
+    "tokens_column": Str(example="tokens"),
+    "tags_column": Str(example="ner_tags"),
+    **{k: TASK_KEYS["columns"][k] for k in ("max_train_tokens", "dev_from_train")},
 }
 
 #: Groups whose unknown keys are expected (Lightning Trainer options, task files, W&B options).

@@ -85,7 +85,7 @@ def load_task(task_cfg: Mapping) -> TaskData:
     control = cfg.get("control", False)
     if control is not None and not isinstance(control, bool):
         raise LexpInputError(f"task {name}: `control` must be true or false, got {control!r}")
-    if control and reader != "columns":
+    if control and reader not in ("columns", "table_tokens"):
         raise LexpInputError(
             f"task {name}: task.control=true (Hewitt & Liang's control task) relabels word types, so it "
             "is defined for word-level tasks (reader: columns) only. Fix: task.control=false"
@@ -94,7 +94,15 @@ def load_task(task_cfg: Mapping) -> TaskData:
         return _load_labelling(_settings(cfg, _COLUMN_DEFAULTS))
     if reader == "glue":
         return _load_glue(_settings(cfg, _GLUE_DEFAULTS))
-    raise LexpInputError(f"task {name}: `reader` must be 'columns' or 'glue', got {reader!r}")
+    if reader in ("table_sentences", "table_tokens"):  # CSV/TSV/JSONL/Parquet/datasets (tabular.py)
+        from lexp.tasks import tabular
+
+        if reader == "table_sentences":
+            return tabular.load_table_sentences(_settings(cfg, tabular.SENTENCE_DEFAULTS))
+        return tabular.load_table_tokens(_settings(cfg, tabular.TOKEN_DEFAULTS))
+    raise LexpInputError(
+        f"task {name}: `reader` must be 'columns', 'glue', 'table_sentences' or 'table_tokens', got {reader!r}"
+    )
 
 
 def store_settings(task_cfg: Mapping) -> dict[str, Any]:
