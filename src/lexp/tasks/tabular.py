@@ -200,7 +200,8 @@ def _read_disk(path: Path, task: str, key: str) -> Table:
         ) from None
     ds = ds.flatten_indices() if ds._indices is not None else ds
     files = sorted(Path(f["filename"]) for f in ds.cache_files)
-    files += [p for p in (path / "dataset_info.json", path / "state.json") if p.is_file()]
+    # dataset_info.json holds the features (ClassLabel names); state.json only bookkeeping
+    files += [p for p in (path / "dataset_info.json",) if p.is_file()]
     return Table(str(path), path, "disk", ds.data.table, ds.features, files)
 
 
