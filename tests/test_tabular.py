@@ -47,12 +47,21 @@ def ewt(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "dev": _ewt(data_root, "dev", N_DEV),
         "test": _ewt(data_root, "test", N_TEST),
     }
-    names = sorted({t for split in sentences.values() for s in split for t in s.labels})
+    # The ClassLabel names: task=pos's vocabulary (its capped train), as a Hub copy would declare
+    pos = OmegaConf.to_container(_cfg([f"data_root={data_root}", "task=pos"]).task, resolve=True)
+    names = load_task(pos).labels  # type: ignore[arg-type]
+    assert {t for split in sentences.values() for s in split for t in s.labels} <= set(names)
     features = datasets.Features(
-        {"tokens": datasets.List(datasets.Value("string")), "xpos": datasets.List(datasets.ClassLabel(names=names))}
+        {
+            "tokens": datasets.List(datasets.Value("string")),
+            "xpos": datasets.List(datasets.ClassLabel(names=names)),
+        }
     )
     for split, items in sentences.items():
-        data = {"tokens": [list(s.words) for s in items], "xpos": [[names.index(t) for t in s.labels] for s in items]}
+        data = {
+            "tokens": [list(s.words) for s in items],
+            "xpos": [[names.index(t) for t in s.labels] for s in items],
+        }
         ds = datasets.Dataset.from_dict(data, features=features)
         ds.save_to_disk(str(out / split))
         ds.to_parquet(str(out / f"{split}.parquet"))
@@ -67,7 +76,10 @@ def sst(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     of train with ClassLabel ids; a TSV of train."""
     out = tmp_path_factory.mktemp("sst")
     examples = read_glue("sst2", data_root / "glue" / "SST-2" / "train.tsv", repairs=[])[:160]
-    rows = [{"sentence": e.text_a.strip(), "label": "positive" if e.label == "1" else "negative"} for e in examples]
+    rows = [
+        {"sentence": e.text_a.strip(), "label": "positive" if e.label == "1" else "negative"}
+        for e in examples
+    ]
     pd.DataFrame(rows[:96]).to_csv(out / "train.csv", index=False)
     pd.DataFrame(rows[:96]).to_csv(out / "train.tsv", index=False, sep="\t")
     pd.DataFrame(rows[96:128]).to_json(out / "dev.jsonl", orient="records", lines=True)
@@ -113,7 +125,9 @@ def test_every_format_reads_the_same_sentences(sst: dict) -> None:
             (e.text_a, e.label) for e in task.splits["train"]
         ]
     # split_train carves a seeded dev off train, as for GLUE
-    carved = load_task(_sentences_cfg(d, protocol="split_train", files={**_sentences_cfg(d)["files"], "dev": None}))
+    carved = load_task(
+        _sentences_cfg(d, protocol="split_train", files={**_sentences_cfg(d)["files"], "dev": None})
+    )
     assert len(carved.splits["dev"]) == 10 and len(carved.splits["train"]) == 86
     texts = {e.text_a for e in carved.splits["train"]}
     assert not texts & {e.text_a for e in carved.splits["dev"]}
@@ -129,11 +143,15 @@ def test_token_formats_agree_and_classlabel_ids_become_names(ewt: dict) -> None:
         for split, items in sentences.items():
             got = task.splits[split]
             assert [(s.words, s.labels) for s in got] == [(s.words, s.labels) for s in items]
-    assert disk.labels == sorted({t for s in sentences["train"] for t in s.labels})
+    # a ClassLabel column declares the classes: all its names, also those absent from this train slice
+    assert disk.labels == parquet.labels == ewt["names"] and len(disk.labels) == 49
+    assert jsonl.labels == sorted({t for s in sentences["train"] for t in s.labels}) != disk.labels
     # integer tags without ClassLabel names stay integers
     plain = d / "plain.jsonl"
     plain.write_text('{"tokens": ["a", "b"], "tags": [3, 1]}\n{"tokens": ["c"], "tags": [3]}\n')
-    task = load_task({"name": "ints", "reader": "table_tokens", "files": {"train": str(plain), "dev": str(plain)}})
+    task = load_task(
+        {"name": "ints", "reader": "table_tokens", "files": {"train": str(plain), "dev": str(plain)}}
+    )
     assert task.splits["train"][0].labels == ("3", "1") and task.labels == ["1", "3"]
 
 
@@ -172,7 +190,9 @@ def test_fingerprint_covers_data_files_and_column_choice(sst: dict, tmp_path: Pa
     pd.read_csv(d / "train.csv").assign(copy=lambda f: f["sentence"]).to_csv(both, index=False)
     one = {**cfg, "files": {"train": str(both), "dev": str(both)}}
     other = {**one, "text_column": "copy"}
-    assert [e.text_a for e in load_task(one).splits["dev"]] == [e.text_a for e in load_task(other).splits["dev"]]
+    assert [e.text_a for e in load_task(one).splits["dev"]] == [
+        e.text_a for e in load_task(other).splits["dev"]
+    ]
     assert fp(one) != fp(other)
     text = (d / "dev.jsonl").read_text()
     (d / "dev.jsonl").write_text(text.replace("negative", "positive", 1))
@@ -217,7 +237,9 @@ def test_missing_column_names_file_columns_and_fix(tmp_path: Path) -> None:
 def test_wrong_column_types(tmp_path: Path) -> None:
     _one_error(_sent(tmp_path, "text,label\n1,x\n2,y\n"), "holds int64 values, not text")
     _one_error(_sent(tmp_path, "text,label\na,0.5\nb,1.5\n"), "floating-point labels", "task.kind=regression")
-    _one_error(_sent(tmp_path, "text,label\na,x\nb,y\n", kind="regression"), "not numbers", "kind=classification")
+    _one_error(
+        _sent(tmp_path, "text,label\na,x\nb,y\n", kind="regression"), "not numbers", "kind=classification"
+    )
     _one_error(_tok(tmp_path, [{"tokens": "a b", "tags": ["O", "O"]}]), "not lists", "task.tokens_column")
     _one_error(_tok(tmp_path, [{"tokens": [1, 2], "tags": ["O", "O"]}]), "not words")
     ok = load_task(_sent(tmp_path, "text,label\na,0.5\nb,1.5\n", kind="regression"))
@@ -246,7 +268,9 @@ def test_mismatched_token_and_tag_lengths(tmp_path: Path) -> None:
 
 
 def test_classlabel_id_outside_its_names(tmp_path: Path) -> None:
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b"])})
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b"])}
+    )
     ds = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [0, 1]}, features=features)
     ds.save_to_disk(str(tmp_path / "ok"))
     ds.cast_column("label", datasets.Value("int64")).map(lambda r: {"label": -1}).cast(features).save_to_disk(
@@ -275,7 +299,9 @@ def test_too_long_for_the_model(tmp_path: Path, ewt: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_name_or_path("minilm"))
     long = " ".join(["word"] * 140)
     task = load_task(_sent(tmp_path, f"text,label\na,x\n{long},y\n"))
-    with pytest.raises(LexpInputError, match=r"1 train examples .* 128 .*t\.csv: row 2 \(142 tokens\).*fix it"):
+    with pytest.raises(
+        LexpInputError, match=r"1 train examples .* 128 .*t\.csv: row 2 \(142 tokens\).*fix it"
+    ):
         check_lengths(task, tokenizer, 128, fix="fix it")
     check_lengths(task, tokenizer, 142, fix="")  # exactly the limit is fine
     words = [{"tokens": ["ok"], "tags": ["O"]}, {"tokens": ["word"] * 600, "tags": ["O"] * 600}]
@@ -288,7 +314,7 @@ def test_run_refuses_a_long_text_before_fine_tuning(sst: dict, tmp_path: Path) -
     cfg = _cfg([f"cache_dir={tmp_path / 'cache'}", "task=custom_sentences", "task.text_column=sentence",
                 f"task.files.train={sst['dir'] / 'train.csv'}", f"task.files.dev={sst['dir'] / 'dev.jsonl'}",
                 "finetune.max_seq_length=16", *QUICK])  # fmt: skip
-    check_config(OmegaConf.to_container(cfg, resolve=True))
+    check_config(cfg, device=False)
     with pytest.raises(LexpInputError, match=r"finetune\.max_seq_length \(now 16"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "cache" / "finetuned").exists()  # nothing was fine-tuned
@@ -302,7 +328,7 @@ def test_custom_sentences_end_to_end(sst: dict, tmp_path: Path) -> None:
                  f"task.files.dev={d / 'dev.jsonl'}", f"task.files.test={d / 'test.parquet'}",
                  "finetune.epochs=1", "probe.epochs=20", "probe.lr=0.01", "probe.batch_size=16", *QUICK]  # fmt: skip
     cfg = _cfg(overrides)
-    check_config(OmegaConf.to_container(cfg, resolve=True))
+    check_config(cfg, device=False)
     out = run(cfg, tmp_path / "run")
     assert out["status"] == "complete" and out["task_kind"] == "classification"
     assert out["rows"] == {"train": 96, "dev": 32, "test": 32} and out["labels"] == ["negative", "positive"]
@@ -317,7 +343,9 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tokcache")
 
 
-def test_custom_tokens_oracle_equals_task_pos(ewt: dict, data_root: Path, token_cache: Path, tmp_path: Path) -> None:
+def test_custom_tokens_oracle_equals_task_pos(
+    ewt: dict, data_root: Path, token_cache: Path, tmp_path: Path
+) -> None:
     common = [f"cache_dir={token_cache}", f"data_root={data_root}", *QUICK]
     pos = run(
         _cfg([*common, "task=pos", f"limit.train={N_TRAIN}", f"limit.dev={N_DEV}", f"limit.test={N_TEST}"]),
@@ -326,7 +354,7 @@ def test_custom_tokens_oracle_equals_task_pos(ewt: dict, data_root: Path, token_
     d = ewt["dir"]
     custom_cfg = _cfg([*common, "task=custom_tokens", "task.name=ewt_slice", "task.tags_column=xpos",
                        *[f"task.files.{s}={d / s}" for s in ("train", "dev", "test")]])  # fmt: skip
-    check_config(OmegaConf.to_container(custom_cfg, resolve=True))
+    check_config(custom_cfg, device=False)
     custom = run(custom_cfg, tmp_path / "custom")
     assert custom["counts"] == pos["counts"] and custom["labels"] == pos["labels"]
     assert custom["stores"]["train"] != pos["stores"]["train"]  # another task: its own store
@@ -343,4 +371,6 @@ def test_custom_tokens_pipeline(ewt: dict, token_cache: Path, tmp_path: Path) ->
     out = run(cfg, tmp_path)
     p = out["pipeline"]
     assert 0 <= p["ls_layer"] <= 6 and p["ccfs_n_neurons"] <= p["cc_n_neurons"] <= p["ls_n_neurons"]
-    assert out["extractor"]["test_accuracy_reloaded"] == pytest.approx(out["extractor"]["test_accuracy_reported"])
+    assert out["extractor"]["test_accuracy_reloaded"] == pytest.approx(
+        out["extractor"]["test_accuracy_reported"]
+    )

@@ -493,6 +493,12 @@ class _Sources:
         self.files: list[Path] = []  # one path per split read (notes name them)
         self.data_files: list[Path] = []  # every file behind them (the fingerprint)
         self.repairs: list[str] = []  # the GLUE protocol helpers read it; tables are never repaired
+        self.declared: set[str] = set()  # ClassLabel names of the training files' label column
+
+    def declare(self, t: Table, column: str) -> None:
+        """Remember the classes a training file declares (its ClassLabel names), if any."""
+        names = _class_names(t.features[column]) if t.features is not None and column in t.features else None
+        self.declared.update(names or ())
 
     def table(self, key: str, value: Any) -> Table:
         cfg, task = self.cfg, self.cfg["name"]
@@ -524,7 +530,11 @@ class _Sources:
         return t
 
     def read(self, key: str, value: Any) -> list[Example]:
-        return read_examples(self.table(key, value), self.cfg)
+        t = self.table(key, value)
+        examples = read_examples(t, self.cfg)
+        if key == "files.train" or key.startswith("files.pool"):
+            self.declare(t, self.cfg["label_column"])
+        return examples
 
 
 def _source_path(cfg: dict[str, Any], key: str, value: Any) -> Path:
@@ -621,8 +631,15 @@ def load_table_sentences(cfg: dict[str, Any]) -> TaskData:
     for split, items in splits.items():
         notes[split]["examples"] = len(items)
     notes = {"reader": "table_sentences", "protocol": protocol, "columns": _column_notes(cfg), **notes}
-    labels = [] if kind == "regression" else label_vocabulary(str(e.label) for e in splits["train"])
+    labels = [] if kind == "regression" else _vocabulary((str(e.label) for e in splits["train"]), reader)
     return TaskData(name=name, kind=kind, splits=splits, labels=labels, files=reader.data_files, notes=notes)
+
+
+def _vocabulary(train_labels: Any, reader: _Sources) -> list[str]:
+    """The train labels, widened to every class the training file's ClassLabel feature declares:
+    such a dataset fixes its classes, so a class absent from a small train split is still one of
+    them (as for a built-in task capped with ``limit.train``). Sorted; class id = index."""
+    return label_vocabulary([*train_labels, *reader.declared])
 
 
 def _column_notes(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -661,6 +678,7 @@ def load_table_tokens(cfg: dict[str, Any]) -> TaskData:
     notes: dict[str, Any] = {"reader": "table_tokens", "columns": _column_notes(cfg)}
     t = reader.table("files.train", files.get("train"))
     train = read_sentences(t, cfg)
+    reader.declare(t, cfg["tags_column"])
     notes["train"] = {"source": t.name, "sentences_read": len(train), "tokens_read": _n_tokens(train)}
     if dev_fraction is not None:
         fraction = _fraction(name, "dev_from_train", dev_fraction)
@@ -698,7 +716,7 @@ def load_table_tokens(cfg: dict[str, Any]) -> TaskData:
         splits[split] = read_sentences(t, cfg)
         notes[split] = {"source": t.name, "sentences": len(splits[split]), "tokens": _n_tokens(splits[split])}
     ordered = {s: splits[s] for s in ("train", "dev", "test") if s in splits}
-    labels = label_vocabulary(label for sentence in ordered["train"] for label in sentence.labels)
+    labels = _vocabulary((label for sentence in ordered["train"] for label in sentence.labels), reader)
     return TaskData(
         name=name, kind="labelling", splits=ordered, labels=labels, files=reader.data_files, notes=notes
     )
