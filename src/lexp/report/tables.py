@@ -259,6 +259,13 @@ class Table:
         """Rows as dicts (column name → raw value), e.g. for ``pandas.DataFrame(table.records())``."""
         return [dict(zip([c.name for c in self.columns], row, strict=True)) for row in self.rows]
 
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame`` of the raw values (``<column> std`` beside means over seeds;
+        title and notes in ``.attrs``): :func:`lexp.report.frames.table_frame`."""
+        from lexp.report.frames import table_frame
+
+        return table_frame(self)
+
     def cells(self) -> list[list[str]]:
         """Rows as the printed strings."""
         return [[format_cell(v, c.kind) for v, c in zip(row, self.columns, strict=True)] for row in self.rows]
