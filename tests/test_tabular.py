@@ -146,6 +146,9 @@ def test_token_formats_agree_and_classlabel_ids_become_names(ewt: dict) -> None:
     # a ClassLabel column declares the classes: all its names, also those absent from this train slice
     assert disk.labels == parquet.labels == ewt["names"] and len(disk.labels) == 49
     assert jsonl.labels == sorted({t for s in sentences["train"] for t in s.labels}) != disk.labels
+    # control tasks (Hewitt & Liang) relabel word types of a table task as of a column task
+    control = load_task(_tokens_cfg(d, control=True)).control_labels("dev", seed=0)
+    assert len(control) == sum(len(s) for s in sentences["dev"]) and control.max() < len(disk.labels)
     # integer tags without ClassLabel names stay integers
     plain = d / "plain.jsonl"
     plain.write_text('{"tokens": ["a", "b"], "tags": [3, 1]}\n{"tokens": ["c"], "tags": [3]}\n')
