@@ -506,6 +506,28 @@ def _load_glue(cfg: dict[str, Any]) -> TaskData:
     if (cfg.get("kind") or fmt.kind) != fmt.kind:
         raise LexpInputError(f"task {name}: GLUE {glue_task} is a {fmt.kind} task; set kind: {fmt.kind}")
     protocol = cfg["protocol"]
+    reader = _GlueFiles(cfg, glue_task)
+    splits, notes = protocol_splits(cfg, reader)
+    notes = {"reader": "glue", "glue_task": glue_task, "protocol": protocol, **notes}
+    if reader.repairs:
+        notes["repaired_rows"] = reader.repairs
+    labels = [] if fmt.kind == "regression" else label_vocabulary(str(e.label) for e in splits["train"])
+    return TaskData(
+        name=name,
+        kind=fmt.kind,
+        splits=splits,
+        labels=labels,
+        files=list(dict.fromkeys(reader.files)),
+        notes=notes,
+    )
+
+
+def protocol_splits(cfg: dict[str, Any], reader: Any) -> tuple[dict[str, list], dict[str, Any]]:
+    """The GLUE protocols (``as_is`` | ``split_train`` | ``pool``) and the example caps over any
+    sentence-level ``reader`` with ``.read(key, value) -> list[Example]`` and ``.files``: shared by
+    the GLUE TSV loader and ``lexp.tasks.tabular`` so both carve and cap splits the same way."""
+    name = cfg["name"]
+    protocol = cfg["protocol"]
     if protocol not in _PROTOCOL_FILES:
         raise LexpInputError(
             f"task {name}: protocol must be one of {list(_PROTOCOL_FILES)}, got {protocol!r}"
@@ -520,8 +542,6 @@ def _load_glue(cfg: dict[str, Any]) -> TaskData:
             raise LexpInputError(
                 f"task {name}: protocol {protocol!r} does not read files.{key}{why}; set files.{key}: null"
             )
-
-    reader = _GlueFiles(cfg, glue_task)
     if protocol == "split_train":
         splits, notes = _split_train(cfg, reader, seed)
     elif protocol == "pool":
@@ -543,21 +563,10 @@ def _load_glue(cfg: dict[str, Any]) -> TaskData:
                 notes[split]["cap"] = f"{key}={cap}: the first {cap} examples in split order"
     for split, items in splits.items():
         notes[split]["examples"] = len(items)
-    notes = {"reader": "glue", "glue_task": glue_task, "protocol": protocol, **notes}
-    if reader.repairs:
-        notes["repaired_rows"] = reader.repairs
-    labels = [] if fmt.kind == "regression" else label_vocabulary(str(e.label) for e in splits["train"])
-    return TaskData(
-        name=name,
-        kind=fmt.kind,
-        splits=splits,
-        labels=labels,
-        files=list(dict.fromkeys(reader.files)),
-        notes=notes,
-    )
+    return splits, notes
 
 
-def _split_train(cfg: dict[str, Any], reader: _GlueFiles, seed: int) -> tuple[dict, dict]:
+def _split_train(cfg: dict[str, Any], reader: Any, seed: int) -> tuple[dict, dict]:
     """The paper's protocol: official train -> train/dev by a seeded permutation; official dev = test."""
     fraction = _fraction(cfg["name"], "dev_fraction", cfg["dev_fraction"])
     official = reader.read("files.train", cfg["files"].get("train"))
@@ -579,7 +588,7 @@ def _split_train(cfg: dict[str, Any], reader: _GlueFiles, seed: int) -> tuple[di
     return splits, notes
 
 
-def _split_pool(cfg: dict[str, Any], reader: _GlueFiles, seed: int) -> tuple[dict, dict]:
+def _split_pool(cfg: dict[str, Any], reader: Any, seed: int) -> tuple[dict, dict]:
     """Tasks without a train file here: one seeded permutation of all labelled rows -> train/dev/test."""
     name = cfg["name"]
     pool_files = cfg["files"].get("pool")

@@ -576,7 +576,7 @@ def _check_source_keys(cfg: dict[str, Any]) -> None:
 
 def load_table_sentences(cfg: dict[str, Any]) -> TaskData:
     """``reader: table_sentences``: ``cfg`` merged with :data:`SENTENCE_DEFAULTS` by ``load_task``."""
-    from lexp.tasks import _PROTOCOL_FILES, _check_files_keys, _optional_int, _split_pool, _split_train
+    from lexp.tasks import protocol_splits
 
     name = cfg["name"]
     kind = cfg.get("kind") or "classification"
@@ -590,46 +590,8 @@ def load_table_sentences(cfg: dict[str, Any]) -> TaskData:
     if cfg["long_texts"] not in ("error", "truncate"):
         raise LexpInputError(f"task {name}: long_texts must be error or truncate, got {cfg['long_texts']!r}")
     protocol = cfg["protocol"]
-    if protocol not in _PROTOCOL_FILES:
-        raise LexpInputError(
-            f"task {name}: protocol must be one of {list(_PROTOCOL_FILES)}, got {protocol!r}"
-        )
-    seed = cfg["split_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise LexpInputError(f"task {name}: split_seed must be an integer, got {seed!r}")
-    _check_files_keys(cfg, ("train", "dev", "test", "pool"))
-    for key, value in cfg["files"].items():
-        if value is not None and key not in _PROTOCOL_FILES[protocol]:
-            raise LexpInputError(
-                f"task {name}: protocol {protocol!r} does not read files.{key}; set files.{key}: null"
-                + (
-                    " (split_train carves dev from train; protocol: as_is reads a dev file)"
-                    if key == "dev"
-                    else ""
-                )
-            )
     reader = _Sources(cfg)
-    if protocol == "split_train":
-        splits, notes = _split_train(cfg, reader, seed)
-    elif protocol == "pool":
-        splits, notes = _split_pool(cfg, reader, seed)
-    else:
-        splits, notes = {}, {}
-        for split in ("train", "dev", "test"):
-            if split == "test" and cfg["files"].get("test") is None:
-                notes["test"] = "no file configured: the split is absent"
-                continue
-            splits[split] = reader.read(f"files.{split}", cfg["files"].get(split))
-            notes[split] = {"source": f"{reader.files[-1].name} as is, in file order"}
-    for split, key in (("train", "max_train_examples"), ("test", "max_test_examples")):
-        cap = _optional_int(cfg, key)
-        if split in splits:
-            notes[split]["examples_before_cap"] = len(splits[split])
-            if cap is not None and cap < len(splits[split]):
-                splits[split] = splits[split][:cap]
-                notes[split]["cap"] = f"{key}={cap}: the first {cap} examples in split order"
-    for split, items in splits.items():
-        notes[split]["examples"] = len(items)
+    splits, notes = protocol_splits(cfg, reader)
     notes = {"reader": "table_sentences", "protocol": protocol, "columns": _column_notes(cfg), **notes}
     labels = [] if kind == "regression" else _vocabulary((str(e.label) for e in splits["train"]), reader)
     return TaskData(name=name, kind=kind, splits=splits, labels=labels, files=reader.data_files, notes=notes)
