@@ -165,6 +165,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
         report["device"] = describe_device(ctx.run_device())
         log.info("device: %s (%s)", report["device"]["device"], report["device"]["name"])
+        check_model_source(cfg.model)  # a model path that is not there: before reading the data
         with stage(ctx, "read"):
             read_task(ctx)
         with stage(ctx, "extract"):
@@ -280,6 +281,15 @@ def local_model_dir(model_cfg: Mapping[str, Any], cache_root: str | Path | None 
     return Path(snapshot)
 
 
+def check_model_source(model_cfg: Mapping[str, Any]) -> None:
+    """Raise the one clear LexpModelError of a model whose files are not there (a local folder that
+    does not exist, a hub id not in the offline cache) at start, before the data is read or a store
+    is built. ``random_init`` twins are checked through their source model."""
+    cfg = dict(model_cfg)
+    cfg["random_init"] = False
+    local_model_dir(cfg)
+
+
 def _split_names(ctx: RunContext) -> list[str]:
     wanted = list(ctx.cfg.extract.splits)
     missing = [s for s in ("train", "dev") if s not in ctx.task.splits]
@@ -340,14 +350,20 @@ def build_stores(ctx: RunContext) -> None:
         plan.append(
             (split, fp, settings, store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp))
         )
-    _require_space_for(ctx, [(split, path) for split, _, _, path in plan if not path.exists()])
+    missing = [(split, path) for split, _, _, path in plan if not path.exists()]
+    _require_space_for(ctx, missing)
+    prepared: dict[str, Any] = {}
+    if missing:  # every split's checks (sentence lengths, words) run before the first extraction
+        encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
+        with torch_threads(cfg.threads.extract):
+            prepared = {split: _prepare_extraction(ctx, encoder, split) for split, _ in missing}
     for split, fp, settings, path in plan:
 
         def build(target: Path, split: str = split, fp: str = fp, settings: dict = settings) -> None:
             nonlocal encoder
             if encoder is None:
                 encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
-            _write_store(ctx, encoder, split, target, fp, settings)
+            _write_store(ctx, encoder, split, target, fp, settings, prepared.pop(split, None))
 
         with torch_threads(cfg.threads.extract):
             store, was_reused = ensure_store(path, build)
@@ -363,6 +379,9 @@ def build_stores(ctx: RunContext) -> None:
             store.n_rows,
             store.n_neurons,
         )
+    for stream in prepared.values():  # a split another process built meanwhile
+        stream[0].close()
+    _check_consistent_stores(ctx.stores)
     first = next(iter(ctx.stores.values()))
     ctx.model_info = {"n_layers": first.n_layers, "hidden": first.hidden, "n_neurons": first.n_neurons}
     ctx.report.update(
@@ -377,6 +396,25 @@ def build_stores(ctx: RunContext) -> None:
             "extraction": extraction,
         }
     )
+
+
+def _check_consistent_stores(stores: Mapping[str, Any]) -> None:
+    """Every split's store must hold the train store's layers, width, dtype, model and label
+    vocabulary: a store edited or copied in by hand from another run is refused, not mixed in."""
+    train = stores.get("train")
+    if train is None:
+        return
+    keys = ("n_layers", "hidden", "dtype", "model", "task", "label_vocab")
+    for split, store in stores.items():
+        differ = [k for k in keys if store.manifest.get(k) != train.manifest.get(k)]
+        if split != "train" and differ:
+            shown = "; ".join(
+                f"{k}: {store.manifest.get(k)!r} vs train {train.manifest.get(k)!r}" for k in differ[:3]
+            )
+            raise LexpInputError(
+                f"{store.path}: this {split} store does not match the train store {train.path} ({shown}); "
+                "one of them was edited or copied in by hand. Delete both store directories and rerun."
+            )
 
 
 def _require_space_for(ctx: RunContext, missing: list[tuple[str, Path]]) -> None:
@@ -451,27 +489,15 @@ def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
     return encoder
 
 
-def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: str, settings: Mapping) -> None:
-    """Extract one split into a new store (written to a partial dir, then renamed by the writer)."""
+def _prepare_extraction(ctx: RunContext, encoder: Any, split: str) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """The split's extraction stream (not started: tokenised and checked), its sentence offsets and
+    batching facts. Building it runs every input check (too-long sentences, non-string words), so
+    build_stores prepares all splits before the first one is extracted."""
     from lexp.encoders.extract import batch_plan, extract_cls, extract_words
-    from lexp.encoders.writer import write_extraction
-    from lexp.store import StoreWriter
 
     task = ctx.task
     cfg = ctx.cfg
     items = task.splits[split]
-    labels, _ = task.encode_labels(split)
-    n_layers, hidden = int(encoder.info["n_layers"]), int(encoder.info["hidden"])
-    manifest = {
-        "fingerprint": fp,
-        "settings": settings,
-        "model": str(cfg.model.name),
-        "model_dir": str(ctx.model_dir),
-        "task": task.name,
-        "task_kind": task.kind,
-        "split": split,
-        "label_vocab": list(task.labels),
-    }
     device = next(encoder.model.parameters()).device
     max_tokens = cfg.extract.get("max_tokens", None)
     batch_size, max_tokens = batch_plan(device, int(cfg.extract.batch_size), max_tokens)
@@ -506,6 +532,40 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
             progress=bool(cfg.progress),
             sources=[e.source for e in items],
         )
+    facts = {"device": device, "precision": precision, "batch_size": batch_size, "max_tokens": max_tokens}
+    return stream, offsets, facts
+
+
+def _write_store(
+    ctx: RunContext,
+    encoder: Any,
+    split: str,
+    target: Path,
+    fp: str,
+    settings: Mapping,
+    prepared: tuple[Any, np.ndarray, dict[str, Any]] | None = None,
+) -> None:
+    """Extract one split into a new store (written to a partial dir, then renamed by the writer)."""
+    from lexp.encoders.writer import write_extraction
+    from lexp.store import StoreWriter
+
+    task = ctx.task
+    cfg = ctx.cfg
+    labels, _ = task.encode_labels(split)
+    n_layers, hidden = int(encoder.info["n_layers"]), int(encoder.info["hidden"])
+    manifest = {
+        "fingerprint": fp,
+        "settings": settings,
+        "model": str(cfg.model.name),
+        "model_dir": str(ctx.model_dir),
+        "task": task.name,
+        "task_kind": task.kind,
+        "split": split,
+        "label_vocab": list(task.labels),
+    }
+    stream, offsets, facts = prepared if prepared is not None else _prepare_extraction(ctx, encoder, split)
+    device, precision = facts["device"], facts["precision"]
+    batch_size, max_tokens = facts["batch_size"], facts["max_tokens"]
     with StoreWriter(
         target,
         n_rows=int(offsets[-1]),

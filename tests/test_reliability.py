@@ -1,0 +1,242 @@
+"""Reliability as a hostile-but-fair user sees it: settings beyond the machine, misspelt keys and
+missing inputs refused before any work; one integrity rule for reuse and ``lexp.verify``; a bad disk,
+a signal or a tampered file ends in one ``lexp: error:`` line and nothing half-written.
+Every test here failed on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lexp import store as store_mod
+from lexp.errors import LexpInputError, LexpModelError
+from lexp.experiment import config_dir
+from lexp.schema import MAX_THREADS, check_config
+from lexp.store import StoreWriter, check_integrity, ensure_store, open_store, verify_store
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+N_LAYERS, HIDDEN = 3, 64
+
+
+def _cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# ------------------------------------------------------------------- settings refused at start
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("threads.probes=100000", f"an integer in [1, {MAX_THREADS}] or null"),
+        ("threads.extract=100000", f"an integer in [1, {MAX_THREADS}] or null"),
+        ("extract.batch_size=100000000", "an integer in [1, 65536]"),
+        ("extract.max_tokens=100000000000", "an integer in [1, 16777216]"),
+        ("probe.batch_size=100000000000", "an integer in [1, 67108864]"),
+        ("finetune.batch_size=100000000", "an integer in [1, 65536]"),
+        ("probe.seeds=[1,1]", "holds 1 twice"),
+    ],
+)
+def test_settings_beyond_the_machine_are_refused(override: str, expected: str) -> None:
+    cfg = _cfg([override])
+    with pytest.raises(LexpInputError) as err:
+        check_config(cfg, device=False)
+    message = str(err.value)
+    assert message.startswith(override.split("=")[0]) and "Fix:" in message, message
+    if "twice" in expected:
+        assert "distinct" in message
+    else:
+        assert expected in message, message
+
+
+def test_threads_within_the_bound_pass() -> None:
+    check_config(_cfg([f"threads.probes={MAX_THREADS}", "threads.extract=1"]), device=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "near"),
+    [
+        (["+probe.lrr=0.5"], "probe.lrr", "probe.lr"),
+        (["+task.label_colum=2"], "task.label_colum", "task.label_column"),
+        (["+extract.subwrd=first"], "extract.subwrd", "extract.subword"),
+        (["+store.dtyp=float32"], "store.dtyp", "store.dtype"),
+        (["analysis=general", "+analysis.ctt=0.2"], "analysis.ctt", "analysis.ct"),
+    ],
+)
+def test_a_misspelt_key_is_an_error_with_the_nearest_key(overrides, key, near, tmp_path: Path) -> None:
+    from lexp.experiment import run
+
+    cache = tmp_path / "cache"
+    cfg = _cfg([*overrides, f"cache_dir={cache}", "logger=none"])
+    with pytest.raises(LexpInputError) as err:
+        check_config(cfg, device=False)
+    message = str(err.value)
+    assert message.startswith(f"{key} is not a setting") and f"Did you mean {near}?" in message, message
+    start = time.perf_counter()
+    with pytest.raises(LexpInputError, match=key):
+        run(cfg, tmp_path / "run")
+    assert time.perf_counter() - start < 5.0 and not cache.exists()
+
+
+def test_a_missing_model_folder_is_refused_before_the_data_is_read(tmp_path: Path, monkeypatch) -> None:
+    from lexp import experiment
+
+    def never(ctx) -> None:
+        raise AssertionError("the task was read before the model was checked")
+
+    monkeypatch.setattr(experiment, "read_task", never)
+    cfg = _cfg([f"model.name_or_path={tmp_path / 'nowhere'}", f"cache_dir={tmp_path / 'c'}", "logger=none"])
+    with pytest.raises(LexpModelError, match="is not an existing directory"):
+        experiment.run(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"].startswith("failed")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import save_model, tiny_bert
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = tiny_bert(tmp, layers=1, max_positions=16)
+    return save_model(model, tokenizer, tmp / "model")
+
+
+def _columns_files(folder: Path, dev_words: int = 3) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n, length in (("train", 6, 4), ("dev", 2, dev_words), ("test", 2, 4)):
+        sentence = "".join("fox\tNN\n" if i % 2 else "the\tDT\n" for i in range(length))
+        files[split] = folder / f"{split}.txt"
+        files[split].write_text((sentence + "\n") * n, encoding="utf-8")
+    return files
+
+
+def _tiny_run_cfg(files: dict[str, Path], model: Path, cache: Path, *extra: str):
+    return _cfg(
+        [
+            "task=custom_columns",
+            *(f"task.files.{s}={p}" for s, p in files.items()),
+            f"model.name_or_path={model}",
+            "model.name=tiny",
+            f"cache_dir={cache}",
+            "logger=none",
+            "progress=false",
+            "probe.epochs=1",
+            "device=cpu",
+            *extra,
+        ]
+    )
+
+
+def test_a_too_long_dev_sentence_is_refused_before_the_train_store_is_built(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from lexp.experiment import run
+
+    files = _columns_files(tmp_path / "data", dev_words=40)  # 42 tokens > the model's 16
+    cache = tmp_path / "cache"
+    cfg = _tiny_run_cfg(files, tiny_model_dir, cache, "extract.long_sentences=error")
+    with pytest.raises(LexpInputError, match=r"dev\.txt:1\): 42 tokens") as err:
+        run(cfg, tmp_path / "run")
+    assert "longer than the model maximum of 16" in str(err.value)
+    stores = cache / "stores" / "tiny" / "custom"
+    assert not stores.exists() or not [p for p in stores.iterdir() if p.name.startswith("train-")]
+
+
+# ------------------------------------------------------------------------------ integrity rule
+def _store(
+    path: Path, n_rows: int = 500, seed: int = 0, hidden: int = HIDDEN, n_layers: int = N_LAYERS
+) -> Path:
+    rng = np.random.default_rng(seed)
+    fp = {"fingerprint": "0123456789ab" + "0" * 52, "label_vocab": ["a", "b"], "model": "m", "task": "t"}
+    with StoreWriter(path, n_rows=n_rows, n_layers=n_layers, hidden=hidden, manifest=fp) as w:
+        w.write_rows(0, rng.standard_normal((n_rows, n_layers * hidden)).astype(np.float32))
+        w.finish(rng.integers(0, 2, n_rows))
+    return path
+
+
+def _no_build(_: Path) -> None:
+    raise AssertionError("a tampered store must not be rebuilt behind the user's back")
+
+
+def _reuse_refused(path: Path, match: str) -> None:
+    with pytest.raises(LexpInputError, match=match) as err:
+        ensure_store(path, _no_build)
+    assert str(path) in str(err.value) and "Delete this store directory" in str(err.value)
+    report = verify_store(path)  # the same rule, every file re-hashed
+    assert not report.ok and any(match.replace("\\", "") in p for p in report.problems), report.problems
+
+
+def test_replaced_labels_are_refused_by_reuse_and_verify(tmp_path: Path) -> None:
+    path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
+    y = np.load(path / "labels.npy")
+    np.save(path / "labels.npy", np.zeros_like(y))  # same size, new content: case 1 of the audit
+    _reuse_refused(path, "labels.npy does not match the checksum")
+
+
+def test_replaced_offsets_are_refused(tmp_path: Path) -> None:
+    path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
+    off = np.load(path / "sentence_offsets.npy")
+    off[1:-1] = off[1:-1][::-1] * 0 + 1
+    np.save(path / "sentence_offsets.npy", np.maximum.accumulate(off))
+    _reuse_refused(path, "sentence_offsets.npy does not match the checksum")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"n_layers": 6, "hidden": 32}, {"label_vocab": ["a"]}, {"fingerprint": "0123456789ab" + "f" * 52}],
+    ids=["shape", "labels", "fingerprint"],
+)
+def test_an_edited_manifest_is_refused_by_reuse_and_verify(edit: dict, tmp_path: Path) -> None:
+    path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert N_LAYERS * HIDDEN == 6 * 32  # the same columns: only the manifest can tell
+    (path / "manifest.json").write_text(json.dumps({**manifest, **edit}))
+    _reuse_refused(path, "manifest.json does not match its own checksum")
+
+
+def test_verify_applies_the_fingerprint_rule_of_reuse(tmp_path: Path) -> None:
+    """A store renamed to another fingerprint: the run refused it, verify said ok."""
+    path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
+    moved = path.with_name("train-abcdefabcdef")
+    path.rename(moved)
+    with pytest.raises(LexpInputError, match="does not match the directory name"):
+        ensure_store(moved, _no_build)
+    report = verify_store(moved)
+    assert not report.ok and "does not match the directory name" in report.problems[0]
+
+
+def test_an_unchanged_store_is_reused_without_reading_its_files(tmp_path: Path, monkeypatch) -> None:
+    path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("an unchanged store must not be re-hashed")
+
+    monkeypatch.setattr(store_mod, "_scan", no_scan)
+    store, reused = ensure_store(path, _no_build)
+    assert reused and check_integrity(store, full=False).rehashed == ()
+
+
+def test_a_touched_but_intact_file_is_rehashed_once_and_used(tmp_path: Path, caplog) -> None:
+    path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
+    os.utime(path / "labels.npy", ns=(1, 1))
+    with caplog.at_level(logging.WARNING, logger="lexp.store"):
+        store, reused = ensure_store(path, _no_build)
+    assert reused and "labels.npy was modified" in caplog.text
+    assert check_integrity(store, full=False).rehashed == ("labels.npy",)
+
+
+def test_dev_store_that_disagrees_with_train_is_refused(tmp_path: Path) -> None:
+    from lexp.experiment import _check_consistent_stores
+
+    train = open_store(_store(tmp_path / "train-0123456789ab"))
+    dev = open_store(_store(tmp_path / "dev-0123456789ab", n_layers=6, hidden=32))
+    with pytest.raises(LexpInputError, match=r"does not match the train store .*n_layers: 6 vs train 3"):
+        _check_consistent_stores({"train": train, "dev": dev})
+    _check_consistent_stores({"train": train, "dev": open_store(_store(tmp_path / "dev-0123456789ac"))})
