@@ -5,9 +5,12 @@ Every test here failed on the code before its fix."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -240,3 +243,180 @@ def test_dev_store_that_disagrees_with_train_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LexpInputError, match=r"does not match the train store .*n_layers: 6 vs train 3"):
         _check_consistent_stores({"train": train, "dev": dev})
     _check_consistent_stores({"train": train, "dev": open_store(_store(tmp_path / "dev-0123456789ac"))})
+
+
+# ----------------------------------------------------------------------------- a bad disk
+@pytest.fixture
+def ro_mount(tmp_path: Path):
+    """A read-only tmpfs (stops root too, unlike chmod); skipped where mounting is not allowed."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    try:
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_unwritable_cache_is_one_error_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    from lexp import fs
+    from lexp.experiment import run
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    cfg = _cfg([f"cache_dir={a_file}", "logger=none"])
+    with pytest.raises(LexpInputError, match=r"cache_dir=.*afile: this path is a file, not a folder"):
+        run(cfg, tmp_path / "run")
+    cfg = _cfg([f"cache_dir={a_file / 'below'}", "logger=none"])
+    with pytest.raises(LexpInputError, match=r"cache_dir=.*: cannot write there \(.*a file, not a folder"):
+        run(cfg, tmp_path / "run")
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # a read-only mount, simulated (root ignores chmod)
+        if ".lexp-write-test" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(fs.os, "open", read_only)
+    cfg = _cfg([f"cache_dir={tmp_path / 'cache'}", "logger=none"])
+    with pytest.raises(LexpInputError, match=r"cannot write there \(the file system is read-only"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_read_only_mount_as_cache_and_run_dir(ro_mount: Path, tmp_path: Path, data_root: Path) -> None:
+    env = {**ENV, "LEXP_DATA": str(data_root)}
+    for args in (
+        [f"cache_dir={ro_mount / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        [f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={ro_mount / 'run'}"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "lexp.run", "logger=none", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("[")]
+        assert len(lines) == 1 and "read-only" in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def _enospc(path: object = None) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device", str(path) if path else None)
+
+
+def test_full_disk_keeps_a_final_status_in_results_json_and_no_tmp(tmp_path: Path, monkeypatch) -> None:
+    from lexp.report.results import Report
+
+    report = Report(tmp_path, task="pos", model="m", analysis="general", config={"x": "y" * 5000})
+    real = Path.write_text
+
+    def full(self: Path, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real(self, "")  # the file is created, then the disk is full
+            raise _enospc(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        report["status"] = "failed: OSError: disk full"
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "failed: OSError: disk full" and data["task"] == "pos"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_full_disk_while_writing_the_linkage_is_one_error_line(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch
+) -> None:
+    from lexp.experiment import friendly_errors, run
+    from lexp.redundancy import clustering
+
+    files = _columns_files(tmp_path / "data")
+    cache = tmp_path / "cache"
+    cfg = _tiny_run_cfg(files, tiny_model_dir, cache, "analysis=general", "analysis.evaluate=false")
+    disk_full = {"now": False}
+
+    def save_linkage(linkage, path):
+        Path(path).write_bytes(b"")
+        disk_full["now"] = True
+        raise _enospc(path)
+
+    real_write = Path.write_text
+
+    def write_text(self: Path, *args, **kwargs):  # from the linkage on, results.json.tmp hits the full disk
+        if disk_full["now"] and self.name.endswith(".tmp"):
+            real_write(self, "")
+            raise _enospc(self)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(clustering, "save_linkage", save_linkage)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(OSError) as err:
+        run(cfg, tmp_path / "run")
+    message = friendly_errors(err.value)
+    assert message is not None and message.startswith("lexp: error: ") and "\n" not in message
+    assert "linkage.npy: the disk is full" in message and "Fix:" in message
+    status = json.loads((tmp_path / "run" / "results.json").read_text())["status"]
+    assert status.startswith("failed: OSError")
+    leftovers = [p for p in cache.rglob("*") if ".partial-" in p.name or p.name.endswith(".tmp")]
+    leftovers += [p for p in (tmp_path / "run").rglob("*.tmp")]
+    assert not leftovers, leftovers
+
+
+# -------------------------------------------------------------------------------- signals
+_KILL_SCRIPT = """
+import os, signal, sys, time
+import lexp.encoders.writer as writer
+def write_extraction(stream, store_writer, offsets, **kw):
+    os.kill(os.getpid(), signal.{sig})  # inside the StoreWriter block: a partial store exists
+    time.sleep(30)
+writer.write_extraction = write_extraction
+from lexp.run import main
+sys.argv = ["lexp.run", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_records_killed_cleans_partials_and_exits_128_plus_n(
+    sig: str, code: int, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    files = _columns_files(tmp_path / "data")
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    args = [
+        "task=custom_columns",
+        *(f"task.files.{s}={p}" for s, p in files.items()),
+        f"model.name_or_path={tiny_model_dir}",
+        "model.name=tiny",
+        f"cache_dir={cache}",
+        "logger=none",
+        "progress=false",
+        "device=cpu",
+        f"hydra.run.dir={run_dir}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT.format(sig=sig), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"lexp: error: stopped by {sig}" in done.stderr
+    assert json.loads((run_dir / "results.json").read_text())["status"] == f"killed ({sig})"
+    assert not [p for p in cache.rglob("*") if ".partial-" in p.name]

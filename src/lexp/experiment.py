@@ -6,8 +6,11 @@ tests and notebooks can call :func:`run` without Hydra's command line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lexp
 from lexp.device import describe_device, resolve_run_device
-from lexp.errors import LexpInputError, LexpModelError
+from lexp.errors import LexpInputError, LexpModelError, RunKilled
 from lexp.report.results import Report
 from lexp.report.tracking import Tracker, make_tracker
 
@@ -132,11 +135,47 @@ def _run_group(cfg: DictConfig) -> tuple[str, str]:
     return name, "single"
 
 
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (how SLURM and every cluster stop a job) raises :class:`RunKilled` in the main thread,
+    so the run unwinds like on Ctrl-C: partial stores removed, results.json says ``killed``. The
+    previous handler comes back afterwards; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunKilled(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _final_status(exc: BaseException) -> str:
+    if isinstance(exc, RunKilled):
+        return f"killed ({exc.name})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "killed (SIGINT)"
+    return f"failed: {type(exc).__name__}: {exc}"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage named by the config and return the contents of results.json."""
+    with stop_on_sigterm():
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    from lexp.fs import writable_problem
     from lexp.schema import check_config, command_line
 
     check_config(cfg)  # every setting, before any work (lexp.schema)
+    problem = writable_problem(Path(str(cfg.cache_dir)), "cache_dir")  # read-only, full, a file
+    if problem is not None:
+        raise LexpInputError(problem)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     from pytorch_lightning import seed_everything
@@ -192,7 +231,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         print_summary(ctx)
         exit_code = 0
     except BaseException as exc:
-        report["status"] = f"failed: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):  # a full disk: Report keeps a short record in place
+            report["status"] = _final_status(exc)
         raise
     finally:
         tracker.finish(exit_code=exit_code)
@@ -728,4 +768,7 @@ def friendly_errors(exc: BaseException) -> str | None:
     """One clear message for errors whose fix is known (no wall of traceback)."""
     if isinstance(exc, (LexpInputError, LexpModelError)):
         return f"lexp: error: {exc}"
-    return None
+    from lexp.fs import disk_error_message
+
+    disk = disk_error_message(exc)  # a full / read-only disk under any writer
+    return f"lexp: error: {disk}" if disk is not None else None
