@@ -468,7 +468,7 @@ def test_predict_failures_are_one_clear_line(tmp_path: Path, capsys) -> None:
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("The cat\nCaf\xe9 au lait\n".encode("latin-1"))
     cases = {
-        "missing input": ([path, "--input", tmp_path / "nope.txt"], r"nope.txt: no such input file"),
+        "missing input": ([path, "--input", tmp_path / "nope.txt"], r"nope.txt: does not exist"),
         "latin-1": ([path, "--input", latin], r"latin1.txt:2: the file is not valid UTF-8 .*iconv"),
         "output folder": (
             [path, "--input", good, "--output", tmp_path / "no" / "o.tsv"],

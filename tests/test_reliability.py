@@ -420,3 +420,111 @@ def test_a_signal_records_killed_cleans_partials_and_exits_128_plus_n(
     assert f"lexp: error: stopped by {sig}" in done.stderr
     assert json.loads((run_dir / "results.json").read_text())["status"] == f"killed ({sig})"
     assert not [p for p in cache.rglob("*") if ".partial-" in p.name]
+
+
+# --------------------------------------------------------------------- misleading messages
+def _odd_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    fifo = tmp_path / "a_fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    return {
+        "folder": (folder, "is a folder, not a file"),
+        "fifo": (fifo, "is a named pipe (FIFO)"),
+        "device": (Path("/dev/zero"), "is a device, not a regular file"),
+        "loop": (loop, "is a symlink loop"),
+        "missing": (tmp_path / "nope.txt", "does not exist"),
+    }
+
+
+def test_a_task_file_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    from lexp.tasks import load_task
+
+    good = _columns_files(tmp_path / "data")
+    for name, (path, words) in _odd_paths(tmp_path).items():
+        cfg = {
+            "name": "custom",
+            "kind": "labelling",
+            "reader": "columns",
+            "data_dir": None,
+            "files": {"train": str(path), "dev": str(good["dev"]), "test": None},
+            "word_column": 0,
+            "label_column": 1,
+        }
+        with pytest.raises(LexpInputError) as err:
+            load_task(cfg)
+        assert words in str(err.value), (name, str(err.value))
+
+
+def test_predict_input_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path: Path, capsys) -> None:
+    from test_extractor import predict_cli, save_tiny_extractor
+
+    path, _ = save_tiny_extractor(tmp_path)
+    capsys.readouterr()
+    for name, (odd, words) in _odd_paths(tmp_path).items():
+        rc, out, err = predict_cli([path, "--input", odd], capsys)
+        assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, (name, err)
+        assert f"{odd}: {words}" in err, (name, err)
+
+
+def test_predict_warns_about_words_that_became_the_unknown_token(tmp_path: Path, capsys) -> None:
+    from test_extractor import predict_cli, save_tiny_extractor
+
+    path, _ = save_tiny_extractor(tmp_path)
+    capsys.readouterr()
+    text = tmp_path / "in.txt"
+    text.write_text("The quick fox\nA zzqj cat\n", encoding="utf-8")
+    rc, out, err = predict_cli([path, "--input", text], capsys)
+    assert rc == 0 and out.count("\n") == 8
+    assert "lexp: warning: 1 word(s) became the unknown token '[UNK]'" in err
+    assert f"'zzqj' ({text}:2)" in err and "'fox'" not in err
+
+
+# ------------------------------------------------------------------------- hostile files
+def test_deeply_nested_results_json_is_left_out_with_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text('{"schema_version": 2, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    for module in ("lexp.tables", "lexp.report"):
+        extra = ["--out", str(tmp_path / "r.html")] if module == "lexp.report" else []
+        done = subprocess.run(
+            [sys.executable, "-m", module, str(tmp_path / "runs"), *extra],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "Traceback" not in done.stderr and "RecursionError" not in done.stderr, done.stderr
+        assert "nests JSON too deeply" in done.stderr, done.stderr
+    from lexp.report.results_schema import MAX_DEPTH, UnreadableResults, load_results
+
+    (run / "results.json").write_text('{"schema_version": 2, "x": ' + "[" * 200 + "]" * 200 + "}")
+    with pytest.raises(UnreadableResults, match=f"levels deep; a results.json nests at most {MAX_DEPTH}"):
+        load_results(run / "results.json")
+
+
+@pytest.mark.parametrize("tamper", ["labels", "columns"])
+def test_a_tampered_extractor_is_one_clear_error(tamper: str, tmp_path: Path, capsys) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from test_extractor import predict_cli, save_tiny_extractor
+
+    path, _ = save_tiny_extractor(tmp_path)
+    capsys.readouterr()
+    if tamper == "labels":
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["labels"] = manifest["labels"][:2]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        expected = "expected (2 labels, 8 columns)"
+    else:
+        tensors = load_file(str(path / "probe.safetensors"))
+        tensors["columns"][3] = 10_000
+        save_file(tensors, str(path / "probe.safetensors"))
+        expected = "columns run from 1 to 10000; the encoder has"
+    text = tmp_path / "in.txt"
+    text.write_text("The quick fox\n", encoding="utf-8")
+    rc, out, err = predict_cli([path, "--input", text], capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("lexp: error: ") and expected in err and "re-run" in err, err

@@ -77,3 +77,36 @@ def disk_error_message(exc: BaseException) -> str | None:
         "records the failure where the disk allows). Fix: free space there, or point the run elsewhere "
         "(cache_dir=... / LEXP_CACHE for stores and caches, hydra.run.dir=... for the run's outputs), then rerun."
     )
+
+
+def file_problem(path: Path | str) -> str | None:
+    """None for a regular file (or a symlink to one), else what ``path`` is instead, in words:
+    "does not exist", "is a folder, not a file", "is a named pipe (FIFO) ...", "is a device ...",
+    "is a symlink loop". Reading a FIFO would block and ``/dev/zero`` never ends, so input files
+    must be regular files."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop (it points back at itself), not a file"
+        if exc.errno == errno.ENOTDIR:
+            return "does not exist (a part of the path is a file, not a folder)"
+        if os.path.islink(path):
+            return f"is a symlink to {os.readlink(path)!r}, which does not exist"
+        if exc.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a regular file (lexp reads input files twice: copy it to a file)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    return "is not a regular file"
