@@ -528,3 +528,62 @@ def test_a_tampered_extractor_is_one_clear_error(tamper: str, tmp_path: Path, ca
     rc, out, err = predict_cli([path, "--input", text], capsys)
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("lexp: error: ") and expected in err and "re-run" in err, err
+
+
+# ------------------------------------------------------------------------------- outputs
+def test_forward_time_curve_runs_in_order_of_layers_kept() -> None:
+    from lexp.analyses.pipeline import forward_curve
+
+    records = [  # as forward_speedups returns them: the full model (6 layers) first
+        {"n_layers": 6, "seconds_per_sentence": 0.006},
+        {"n_layers": 0, "seconds_per_sentence": 0.001},
+        {"n_layers": 3, "seconds_per_sentence": 0.0035},
+        {"n_layers": 1, "seconds_per_sentence": 0.002},
+    ]
+    curve = forward_curve(records)
+    assert [n for n, _ in curve] == [0, 1, 3, 6]
+    assert curve[-1] == (6, pytest.approx(6.0)) and curve[0] == (0, pytest.approx(1.0))
+
+
+def test_run_summary_names_labels_and_tokens_apart() -> None:
+    from lexp.experiment import _unseen_text
+
+    text = _unseen_text({"train": {}, "dev": {"FW": 3, "UH": 16}, "test": {"ADD": 8}})
+    assert text == "; not in train (scored as errors): dev 2 labels (19 tokens), test 1 label (8 tokens)"
+    assert _unseen_text({"dev": {}, "test": {}}) == "; every dev/test label is in train"
+
+
+def test_table_rows_name_the_data_release(tmp_path: Path) -> None:
+    from lexp.report.tables import Run, task_cell
+
+    def run(files: list[str]) -> Run:
+        return Run(path=tmp_path / "results.json", mtime_ns=0, data={"task": "sem", "data_files": files})
+
+    assert task_cell(run(["/d/pmb/4.0.0/en/train.conll"])) == "sem (pmb 4.0.0)"
+    assert task_cell(run(["/d/pmb/3.0.0/en/train.conll"])) == "sem (pmb 3.0.0)"
+    assert task_cell(run(["/d/ud_english_ewt/en_ewt-ud-train.conllu"])) == "sem"
+
+
+def test_report_captions_say_what_a_figure_shows() -> None:
+    from lexp.report.html import FIGURE_CAPTIONS
+
+    for name in (
+        "cka.png",
+        "cluster_makeup.png",
+        "minimal_set.png",
+        "forward_time.png",
+        "classifier_time.png",
+    ):
+        assert not FIGURE_CAPTIONS[name].endswith(".png") and len(FIGURE_CAPTIONS[name].split()) >= 3
+
+
+def test_the_feature_search_logs_every_probe_pass(caplog) -> None:
+    from lexp.analyses.pipeline import logged_evaluator
+
+    evaluate = logged_evaluator(lambda candidates: {i: {} for i in candidates})
+    with caplog.at_level(logging.INFO, logger="lexp"):
+        evaluate({0: {"a": np.arange(10), "b": np.arange(30)}})
+        evaluate({0: {"c": np.arange(5)}})
+    lines = [r.getMessage() for r in caplog.records]
+    assert "pipeline: probe pass 1: 2 heads of 10, 30 neurons ..." in lines
+    assert any(line.startswith("pipeline: probe pass 2 done in") for line in lines)

@@ -734,6 +734,24 @@ def _flat_summary(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unseen_text(unseen: Any) -> str:
+    """``; not in train: dev 6 labels (19 tokens), test 5 labels (8 tokens)`` (labels and tokens
+    named apart: a bare count next to the label count read as labels)."""
+    if not isinstance(unseen, Mapping):
+        return ""
+    parts = [
+        f"{split} {len(counts)} label{'s' if len(counts) != 1 else ''} ({sum(counts.values())} "
+        f"token{'s' if sum(counts.values()) != 1 else ''})"
+        for split, counts in unseen.items()
+        if isinstance(counts, Mapping) and counts
+    ]
+    return (
+        f"; not in train (scored as errors): {', '.join(parts)}"
+        if parts
+        else "; every dev/test label is in train"
+    )
+
+
 def print_summary(ctx: RunContext) -> None:
     """A short table on stdout; results.json has everything."""
     data = ctx.report.data
@@ -742,7 +760,7 @@ def print_summary(ctx: RunContext) -> None:
         f"lexp {data['task']} · {data['model']} · analysis={data['analysis']}",
         f"  neurons        {data.get('n_neurons')} ({data.get('n_layers')} layers × {data.get('hidden')})",
         "  rows           " + ", ".join(f"{s}={n}" for s, n in data.get("rows", {}).items()),
-        f"  labels         {data.get('n_labels')}  unseen in dev/test: {data.get('unseen_label_counts')}",
+        f"  labels         {data.get('n_labels')} in train{_unseen_text(data.get('unseen_labels'))}",
     ]
     if ctx.oracle:
         lines.append(
