@@ -587,3 +587,12 @@ def test_the_feature_search_logs_every_probe_pass(caplog) -> None:
     lines = [r.getMessage() for r in caplog.records]
     assert "pipeline: probe pass 1: 2 heads of 10, 30 neurons ..." in lines
     assert any(line.startswith("pipeline: probe pass 2 done in") for line in lines)
+
+
+def test_readme_states_plain_facts_not_project_history() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    import re
+
+    history = re.findall(r"(?i)\bissue \d+|\bsessions? so far|\bin earlier sessions|\bthe audit\b", text)
+    assert not history, history
+    assert "GPU figures: not yet measured" in text and "python benchmarks/bench_gpu.py" in text
