@@ -40,7 +40,7 @@ BAD = [
     (["probe.epochs=abc"], "probe.epochs='abc'", "an integer >= 1", "probe.epochs=10"),
     (["probe.lr=-1"], "probe.lr=-1", "a number > 0", "probe.lr=0.001"),
     (["probe.lr=0"], "probe.lr=0", "a number > 0", "probe.lr=0.001"),
-    (["probe.read_steps=abc"], "probe.read_steps='abc'", "an integer >= 1", "probe.read_steps=16"),
+    (["probe.read_steps=abc"], "probe.read_steps='abc'", "an integer in [1, 65536]", "probe.read_steps=16"),
     (["analysis=general", "analysis.ct=1.5"], "analysis.ct=1.5", "in [0, 1]", "analysis.ct=0.3"),
     (["analysis=pipeline", "analysis.delta=2"], "analysis.delta=2", "in [0, 1)", "analysis.delta=0.01"),
     (["limit.dev=-1"], "limit.dev=-1", "an integer >= 1 or null", "limit.dev=null"),
@@ -50,7 +50,7 @@ BAD = [
     (["extract.subword=middle"], "extract.subword='middle'", "one of last|first|average", "extract.subword="),
     (["model.dtype=half"], "model.dtype='half'", "float32|bfloat16|float16", "model.dtype=float32"),
     (["seed=1.5"], "seed=1.5", "an integer", "seed=42"),
-    (["threads.probes=0"], "threads.probes=0", "an integer >= 1 or null", "threads.probes="),
+    (["threads.probes=0"], "threads.probes=0", "an integer in [1, ", "threads.probes="),
     (["device=tpu"], "device='tpu'", "auto, cpu, cuda or cuda:N", "device="),
 ]
 
@@ -468,7 +468,7 @@ def test_predict_failures_are_one_clear_line(tmp_path: Path, capsys) -> None:
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("The cat\nCaf\xe9 au lait\n".encode("latin-1"))
     cases = {
-        "missing input": ([path, "--input", tmp_path / "nope.txt"], r"nope.txt: no such input file"),
+        "missing input": ([path, "--input", tmp_path / "nope.txt"], r"nope.txt: does not exist"),
         "latin-1": ([path, "--input", latin], r"latin1.txt:2: the file is not valid UTF-8 .*iconv"),
         "output folder": (
             [path, "--input", good, "--output", tmp_path / "no" / "o.tsv"],

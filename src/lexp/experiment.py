@@ -6,8 +6,11 @@ tests and notebooks can call :func:`run` without Hydra's command line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lexp
 from lexp.device import describe_device, resolve_run_device
-from lexp.errors import LexpInputError, LexpModelError
+from lexp.errors import LexpInputError, LexpModelError, RunKilled
 from lexp.report.results import Report
 from lexp.report.tracking import Tracker, make_tracker
 
@@ -132,11 +135,47 @@ def _run_group(cfg: DictConfig) -> tuple[str, str]:
     return name, "single"
 
 
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (how SLURM and every cluster stop a job) raises :class:`RunKilled` in the main thread,
+    so the run unwinds like on Ctrl-C: partial stores removed, results.json says ``killed``. The
+    previous handler comes back afterwards; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunKilled(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _final_status(exc: BaseException) -> str:
+    if isinstance(exc, RunKilled):
+        return f"killed ({exc.name})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "killed (SIGINT)"
+    return f"failed: {type(exc).__name__}: {exc}"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage named by the config and return the contents of results.json."""
+    with stop_on_sigterm():
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    from lexp.fs import writable_problem
     from lexp.schema import check_config, command_line
 
     check_config(cfg)  # every setting, before any work (lexp.schema)
+    problem = writable_problem(Path(str(cfg.cache_dir)), "cache_dir")  # read-only, full, a file
+    if problem is not None:
+        raise LexpInputError(problem)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     from pytorch_lightning import seed_everything
@@ -165,6 +204,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
         report["device"] = describe_device(ctx.run_device())
         log.info("device: %s (%s)", report["device"]["device"], report["device"]["name"])
+        check_model_source(cfg.model)  # a model path that is not there: before reading the data
         with stage(ctx, "read"):
             read_task(ctx)
         with stage(ctx, "extract"):
@@ -191,7 +231,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         print_summary(ctx)
         exit_code = 0
     except BaseException as exc:
-        report["status"] = f"failed: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):  # a full disk: Report keeps a short record in place
+            report["status"] = _final_status(exc)
         raise
     finally:
         tracker.finish(exit_code=exit_code)
@@ -280,6 +321,15 @@ def local_model_dir(model_cfg: Mapping[str, Any], cache_root: str | Path | None 
     return Path(snapshot)
 
 
+def check_model_source(model_cfg: Mapping[str, Any]) -> None:
+    """Raise the one clear LexpModelError of a model whose files are not there (a local folder that
+    does not exist, a hub id not in the offline cache) at start, before the data is read or a store
+    is built. ``random_init`` twins are checked through their source model."""
+    cfg = dict(model_cfg)
+    cfg["random_init"] = False
+    local_model_dir(cfg)
+
+
 def _split_names(ctx: RunContext) -> list[str]:
     wanted = list(ctx.cfg.extract.splits)
     missing = [s for s in ("train", "dev") if s not in ctx.task.splits]
@@ -351,14 +401,20 @@ def build_stores(ctx: RunContext) -> None:
         plan.append(
             (split, fp, settings, store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp))
         )
-    _require_space_for(ctx, [(split, path) for split, _, _, path in plan if not path.exists()])
+    missing = [(split, path) for split, _, _, path in plan if not path.exists()]
+    _require_space_for(ctx, missing)
+    prepared: dict[str, Any] = {}
+    if missing:  # every split's checks (sentence lengths, words) run before the first extraction
+        encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
+        with torch_threads(cfg.threads.extract):
+            prepared = {split: _prepare_extraction(ctx, encoder, split) for split, _ in missing}
     for split, fp, settings, path in plan:
 
         def build(target: Path, split: str = split, fp: str = fp, settings: dict = settings) -> None:
             nonlocal encoder
             if encoder is None:
                 encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
-            _write_store(ctx, encoder, split, target, fp, settings)
+            _write_store(ctx, encoder, split, target, fp, settings, prepared.pop(split, None))
 
         with torch_threads(cfg.threads.extract):
             store, was_reused = ensure_store(path, build)
@@ -374,6 +430,9 @@ def build_stores(ctx: RunContext) -> None:
             store.n_rows,
             store.n_neurons,
         )
+    for stream in prepared.values():  # a split another process built meanwhile
+        stream[0].close()
+    _check_consistent_stores(ctx.stores)
     first = next(iter(ctx.stores.values()))
     ctx.model_info = {"n_layers": first.n_layers, "hidden": first.hidden, "n_neurons": first.n_neurons}
     ctx.report.update(
@@ -388,6 +447,25 @@ def build_stores(ctx: RunContext) -> None:
             "extraction": extraction,
         }
     )
+
+
+def _check_consistent_stores(stores: Mapping[str, Any]) -> None:
+    """Every split's store must hold the train store's layers, width, dtype, model and label
+    vocabulary: a store edited or copied in by hand from another run is refused, not mixed in."""
+    train = stores.get("train")
+    if train is None:
+        return
+    keys = ("n_layers", "hidden", "dtype", "model", "task", "label_vocab")
+    for split, store in stores.items():
+        differ = [k for k in keys if store.manifest.get(k) != train.manifest.get(k)]
+        if split != "train" and differ:
+            shown = "; ".join(
+                f"{k}: {store.manifest.get(k)!r} vs train {train.manifest.get(k)!r}" for k in differ[:3]
+            )
+            raise LexpInputError(
+                f"{store.path}: this {split} store does not match the train store {train.path} ({shown}); "
+                "one of them was edited or copied in by hand. Delete both store directories and rerun."
+            )
 
 
 def _require_space_for(ctx: RunContext, missing: list[tuple[str, Path]]) -> None:
@@ -462,27 +540,15 @@ def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
     return encoder
 
 
-def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: str, settings: Mapping) -> None:
-    """Extract one split into a new store (written to a partial dir, then renamed by the writer)."""
+def _prepare_extraction(ctx: RunContext, encoder: Any, split: str) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """The split's extraction stream (not started: tokenised and checked), its sentence offsets and
+    batching facts. Building it runs every input check (too-long sentences, non-string words), so
+    build_stores prepares all splits before the first one is extracted."""
     from lexp.encoders.extract import batch_plan, extract_cls, extract_words
-    from lexp.encoders.writer import write_extraction
-    from lexp.store import StoreWriter
 
     task = ctx.task
     cfg = ctx.cfg
     items = task.splits[split]
-    labels, _ = task.encode_labels(split)
-    n_layers, hidden = int(encoder.info["n_layers"]), int(encoder.info["hidden"])
-    manifest = {
-        "fingerprint": fp,
-        "settings": settings,
-        "model": str(cfg.model.name),
-        "model_dir": str(ctx.model_dir),
-        "task": task.name,
-        "task_kind": task.kind,
-        "split": split,
-        "label_vocab": list(task.labels),
-    }
     device = next(encoder.model.parameters()).device
     max_tokens = cfg.extract.get("max_tokens", None)
     batch_size, max_tokens = batch_plan(device, int(cfg.extract.batch_size), max_tokens)
@@ -517,6 +583,40 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
             progress=bool(cfg.progress),
             sources=[e.source for e in items],
         )
+    facts = {"device": device, "precision": precision, "batch_size": batch_size, "max_tokens": max_tokens}
+    return stream, offsets, facts
+
+
+def _write_store(
+    ctx: RunContext,
+    encoder: Any,
+    split: str,
+    target: Path,
+    fp: str,
+    settings: Mapping,
+    prepared: tuple[Any, np.ndarray, dict[str, Any]] | None = None,
+) -> None:
+    """Extract one split into a new store (written to a partial dir, then renamed by the writer)."""
+    from lexp.encoders.writer import write_extraction
+    from lexp.store import StoreWriter
+
+    task = ctx.task
+    cfg = ctx.cfg
+    labels, _ = task.encode_labels(split)
+    n_layers, hidden = int(encoder.info["n_layers"]), int(encoder.info["hidden"])
+    manifest = {
+        "fingerprint": fp,
+        "settings": settings,
+        "model": str(cfg.model.name),
+        "model_dir": str(ctx.model_dir),
+        "task": task.name,
+        "task_kind": task.kind,
+        "split": split,
+        "label_vocab": list(task.labels),
+    }
+    stream, offsets, facts = prepared if prepared is not None else _prepare_extraction(ctx, encoder, split)
+    device, precision = facts["device"], facts["precision"]
+    batch_size, max_tokens = facts["batch_size"], facts["max_tokens"]
     with StoreWriter(
         target,
         n_rows=int(offsets[-1]),
@@ -645,6 +745,24 @@ def _flat_summary(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unseen_text(unseen: Any) -> str:
+    """``; not in train: dev 6 labels (19 tokens), test 5 labels (8 tokens)`` (labels and tokens
+    named apart: a bare count next to the label count read as labels)."""
+    if not isinstance(unseen, Mapping):
+        return ""
+    parts = [
+        f"{split} {len(counts)} label{'s' if len(counts) != 1 else ''} ({sum(counts.values())} "
+        f"token{'s' if sum(counts.values()) != 1 else ''})"
+        for split, counts in unseen.items()
+        if isinstance(counts, Mapping) and counts
+    ]
+    return (
+        f"; not in train (scored as errors): {', '.join(parts)}"
+        if parts
+        else "; every dev/test label is in train"
+    )
+
+
 def print_summary(ctx: RunContext) -> None:
     """A short table on stdout; results.json has everything."""
     data = ctx.report.data
@@ -653,7 +771,7 @@ def print_summary(ctx: RunContext) -> None:
         f"lexp {data['task']} · {data['model']} · analysis={data['analysis']}",
         f"  neurons        {data.get('n_neurons')} ({data.get('n_layers')} layers × {data.get('hidden')})",
         "  rows           " + ", ".join(f"{s}={n}" for s, n in data.get("rows", {}).items()),
-        f"  labels         {data.get('n_labels')}  unseen in dev/test: {data.get('unseen_label_counts')}",
+        f"  labels         {data.get('n_labels')} in train{_unseen_text(data.get('unseen_labels'))}",
     ]
     if ctx.oracle:
         lines.append(
@@ -679,4 +797,7 @@ def friendly_errors(exc: BaseException) -> str | None:
     """One clear message for errors whose fix is known (no wall of traceback)."""
     if isinstance(exc, (LexpInputError, LexpModelError)):
         return f"lexp: error: {exc}"
-    return None
+    from lexp.fs import disk_error_message
+
+    disk = disk_error_message(exc)  # a full / read-only disk under any writer
+    return f"lexp: error: {disk}" if disk is not None else None

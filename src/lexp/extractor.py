@@ -153,6 +153,7 @@ class ReducedExtractor:
             )
         model = load_pretrained(AutoModel, encoder_dir, trust_remote_code=False).eval().to(target)
         tokenizer = AutoTokenizer.from_pretrained(encoder_dir, trust_remote_code=False)
+        _check_parts(manifest_path, probe_path, manifest, tensors, model.config)
         return cls(
             model=model,
             tokenizer=tokenizer,
@@ -287,3 +288,40 @@ class ReducedExtractor:
         if self.kind == "regression":
             return scores[:, 0].cpu().tolist()
         return [self.labels[i] for i in scores.argmax(dim=1).cpu().tolist()]
+
+
+def _check_parts(
+    manifest_path: Path,
+    probe_path: Path,
+    manifest: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    config: Any,
+) -> None:
+    """The saved parts agree: one weight row per label, one weight column per selected neuron, and
+    every neuron index inside the truncated encoder's layers × hidden. A hand-edited or mixed-up
+    extractor is one LexpInputError here, not an IndexError in the middle of a prediction."""
+    kind, labels = manifest.get("kind"), manifest.get("labels")
+    if kind not in ("labelling", "classification", "regression") or not isinstance(labels, list):
+        raise LexpInputError(
+            f"{manifest_path}: kind {kind!r} / labels {type(labels).__name__} are not an extractor's"
+        )
+    columns, weight, bias = tensors["columns"], tensors["weight"], tensors["bias"]
+    n_neurons = (int(config.num_hidden_layers) + 1) * int(config.hidden_size)
+    rows = 1 if kind == "regression" else len(labels)
+    problems = []
+    if columns.ndim != 1 or not np.issubdtype(columns.dtype, np.integer):
+        problems.append(f"columns is {columns.dtype} {columns.shape}, not a 1-D integer index")
+    elif columns.size and (columns.min() < 0 or columns.max() >= n_neurons):
+        problems.append(
+            f"columns run from {columns.min()} to {columns.max()}; the encoder has {n_neurons} neurons "
+            f"({int(config.num_hidden_layers) + 1} layers × {int(config.hidden_size)})"
+        )
+    if weight.ndim != 2 or weight.shape != (rows, columns.shape[0] if columns.ndim == 1 else -1):
+        problems.append(f"weight is {weight.shape}, expected ({rows} labels, {columns.shape[0]} columns)")
+    if bias.shape != (rows,):
+        problems.append(f"bias is {bias.shape}, expected ({rows},)")
+    if problems:
+        raise LexpInputError(
+            f"{probe_path}: {'; '.join(problems)} (manifest.json lists {len(labels)} labels). The extractor "
+            "was edited or its files mixed up. Fix: re-run `python -m lexp.run analysis=pipeline` to write it again."
+        )

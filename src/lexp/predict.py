@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from lexp.errors import LexpInputError, LexpModelError
 
@@ -22,9 +23,12 @@ LONG_SENTENCES = ("error", "window")
 
 def _read_lines(path: Path) -> list[str]:
     """The file's lines, decoded as UTF-8; a missing file or a bad byte is a LexpInputError."""
+    from lexp.fs import file_problem
+
     path = Path(path)
-    if not path.is_file():
-        raise LexpInputError(f"{path}: no such input file. Fix: --input <a file with one sentence per line>")
+    problem = file_problem(path)
+    if problem is not None:
+        raise LexpInputError(f"{path}: {problem}. Fix: --input <a file with one sentence per line>")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -77,6 +81,31 @@ def _long_sentence_hint(exc: LexpInputError, policy: str) -> LexpInputError:
     return LexpInputError(message)
 
 
+def unknown_words_warning(tokenizer: Any, sentences: list[list[str]], sources: list[str]) -> str | None:
+    """One ``lexp: warning:`` line naming the words the tokenizer turns into its unknown token only
+    (their tag is a guess from context: the model sees no trace of the word), or None."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    vocab = sorted({w for words in sentences for w in words})
+    if not vocab:
+        return None
+    ids = tokenizer(vocab, add_special_tokens=False)["input_ids"]
+    unknown = {w for w, wi in zip(vocab, ids, strict=True) if wi and all(i == unk for i in wi)}
+    if not unknown:
+        return None
+    hits = [(w, src) for words, src in zip(sentences, sources, strict=True) for w in words if w in unknown]
+    shown = ", ".join(f"{w!r} ({src})" for w, src in hits[:_SHOW_UNK])
+    return (
+        f"lexp: warning: {len(hits)} word(s) became the unknown token {tokenizer.unk_token!r} (the model has no "
+        f"subword for them), so their tags are guesses from the context: {shown}"
+        f"{' ...' if len(hits) > _SHOW_UNK else ''}"
+    )
+
+
+_SHOW_UNK = 5
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lexp.predict", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -105,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         if tagger.kind == "labelling":
             sentences = read_sentences(args.input, lines)
             sources = [f"{args.input}:{i}" for i in range(1, len(sentences) + 1)]
+            warning = unknown_words_warning(tagger.tokenizer, sentences, sources)
+            if warning is not None:
+                print(warning, file=sys.stderr, flush=True)
             try:
                 tags = tagger.tag(
                     sentences, args.batch_size, long_sentences=args.long_sentences, sources=sources

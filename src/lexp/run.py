@@ -160,11 +160,28 @@ def launcher_problem(argv: list[str]) -> str | None:
 
 
 def main() -> None:
-    """Console-script entry point (``lexp task=pos``)."""
+    """Console-script entry point (``lexp task=pos``).
+
+    A run stopped by SIGTERM (SLURM, ``kill``) or SIGINT (Ctrl-C) ends with one line and the shell's
+    exit status for the signal (143, 130); results.json says ``killed (SIGTERM)``.
+    """
+    from lexp.errors import RunKilled
+
     problem = override_problem(sys.argv[1:]) or launcher_problem(sys.argv[1:])
     if problem is not None:
         _fail(problem)
-    _main()
+    try:
+        _main()
+    except (RunKilled, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, RunKilled) else 2
+        name = exc.name if isinstance(exc, RunKilled) else "SIGINT"
+        print(
+            f"lexp: error: stopped by {name}; partial stores were removed and results.json records "
+            f"killed ({name}). Rerun the same command to continue (finished stores are reused).",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + signum) from None
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ No torch, no numpy at import: only the device check imports torch, and it runs l
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
+import os
 import re
 import shlex
 import sys
@@ -78,13 +80,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"{'>' if lo_open else '>='} {_num(lo)}"
     if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
+        return f"{'<' if hi_open else '<='} {_num(hi)}"
     return ""
 
 
@@ -156,11 +162,18 @@ def FloatOrList(lo: float, hi: float, *, doc: str = "", example: Any = _MISSING)
 
 
 def List(
-    item: Rule, *, null: bool = False, nonempty: bool = True, doc: str = "", example: Any = _MISSING
+    item: Rule,
+    *,
+    null: bool = False,
+    nonempty: bool = True,
+    unique: bool = False,
+    doc: str = "",
+    example: Any = _MISSING,
 ) -> Rule:
-    """A list whose every item passes ``item``."""
+    """A list whose every item passes ``item`` (``unique``: no item twice)."""
     allowed = (
-        f"a{' non-empty' if nonempty else ''} list of {item.allowed.removeprefix('a ').removeprefix('an ')}"
+        f"a{' non-empty' if nonempty else ''} list of {'distinct ' if unique else ''}"
+        f"{item.allowed.removeprefix('a ').removeprefix('an ')}"
     )
     allowed += " or null" if null else ""
 
@@ -172,7 +185,13 @@ def List(
         if nonempty and not v:
             return "an empty list"
         bad = [x for x in v if item.check(x) is not None]
-        return f"holds {bad[0]!r}" if bad else None
+        if bad:
+            return f"holds {bad[0]!r}"
+        if unique:
+            seen: set[Any] = set()
+            twice = [x for x in v if x in seen or seen.add(x)]  # type: ignore[func-returns-value]
+            return f"holds {twice[0]!r} twice" if twice else None
+        return None
 
     return Rule(allowed, check, doc, example)
 
@@ -267,25 +286,54 @@ _COMMENT_PREFIX = Rule(
 )
 
 
+# ----------------------------------------------------------------------------- machine bounds
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as torch's default thread count sees)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS/Windows
+        return max(1, os.cpu_count() or 1)
+
+
+#: threads.* beyond cores × this factor only oversubscribe (OpenMP with 100,000 threads segfaults).
+THREADS_FACTOR = 4
+MAX_THREADS = cores() * THREADS_FACTOR
+#: Upper bounds of batch sizes and budgets: far beyond any useful value, below sizes whose buffers
+#: no machine can allocate (a typo such as an extra zero is an error, not a crash an hour later).
+MAX_SENTENCES = 1 << 16  # sentences/examples per forward pass
+MAX_TOKENS = 1 << 24  # padded tokens per forward pass
+MAX_ROWS = 1 << 26  # rows per probe step / per streaming chunk (64 M)
+
+
+def _threads(doc: str, example: Any) -> Rule:
+    return Int(
+        1,
+        MAX_THREADS,
+        null=True,
+        doc=doc + f"; at most {THREADS_FACTOR} x the {cores()} cores",
+        example=example,
+    )
+
+
 # ------------------------------------------------------------------------------------- the table
 _DEVICE = re.compile(r"auto|cpu|cuda|gpu|cuda:[0-9]+")
 _STRING_PATH = Str(doc="a path")
 _GRID = {
-    "grid.step": Int(1, doc="candidate sizes every `step` neurons", example=10),
+    "grid.step": Int(1, MAX_ROWS, doc="candidate sizes every `step` neurons", example=10),
     "grid.start": Int(1, null=True, doc="first candidate size; null: step", example="null"),
     "grid.stop": Int(1, null=True, doc="last candidate size; null: all neurons", example="null"),
     "grid.counts": List(Int(1), null=True, doc="explicit candidate sizes", example="[10,20,50]"),
     "grid.fractions": List(
         Float(0, 1, lo_open=True), null=True, doc="fractions of all neurons", example="[0.001,0.01]"
     ),
-    "batch": Int(1, doc="candidates trained together in one pass", example=16),
-    "ranking_steps": Int(1, doc="LCA ranking sweep steps", example=1000),
+    "batch": Int(1, 4096, doc="candidates trained together in one pass", example=16),
+    "ranking_steps": Int(1, 1 << 20, doc="LCA ranking sweep steps", example=1000),
 }
 _CLUSTERING = {
     "signed": Bool(doc="false: distance 1-|corr| (the paper)", example="false"),
     "representative": Choice("random", "medoid", doc="one neuron per cluster", example="random"),
     "compute": Choice("float32", "bfloat16", doc="covariance products", example="float32"),
-    "chunk_rows": Int(1, doc="rows per streaming chunk", example=16384),
+    "chunk_rows": Int(1, MAX_ROWS, doc="rows per streaming chunk", example=16384),
     "max_rows": Int(1, null=True, doc="use only the first N rows of the store; null: all", example="null"),
 }
 
@@ -306,7 +354,7 @@ SCHEMA: dict[str, Rule] = {
     ),
     "progress": Bool(doc="progress bars", example="true"),
     # extract
-    "extract.batch_size": Int(1, doc="sentences per forward pass", example=32),
+    "extract.batch_size": Int(1, MAX_SENTENCES, doc="sentences per forward pass", example=32),
     "extract.subword": Choice(
         "last", "first", "average", doc="the subword that stands for a word", example="last"
     ),
@@ -319,8 +367,12 @@ SCHEMA: dict[str, Rule] = {
         example="[train,dev,test]",
     ),
     "extract.max_tokens": Rule(
-        "auto, an integer >= 1 or null",
-        lambda v: None if v is None or v == "auto" or (_is_int(v) and v >= 1) else "not a token budget",
+        f"auto, an integer in [1, {MAX_TOKENS}] or null",
+        lambda v: (
+            None
+            if v is None or v == "auto" or (_is_int(v) and 1 <= v <= MAX_TOKENS)
+            else "not a token budget"
+        ),
         "padded tokens per forward; auto: a budget on GPUs, sentence batches on CPUs",
         "auto",
     ),
@@ -329,10 +381,10 @@ SCHEMA: dict[str, Rule] = {
     "limit.train": Int(1, null=True, doc="keep the first N train sentences; null: all", example="null"),
     "limit.dev": Int(1, null=True, doc="keep the first N dev sentences; null: all", example="null"),
     "limit.test": Int(1, null=True, doc="keep the first N test sentences; null: all", example="null"),
-    "threads.extract": Int(1, null=True, doc="torch threads; null: torch's default", example="null"),
-    "threads.finetune": Int(1, null=True, doc="torch threads; null: torch's default", example="null"),
-    "threads.probes": Int(1, null=True, doc="torch threads; null: torch's default", example=1),
-    "threads.clustering": Int(1, null=True, doc="torch threads; null: torch's default", example="null"),
+    "threads.extract": _threads("torch threads; null: torch's default", "null"),
+    "threads.finetune": _threads("torch threads; null: torch's default", "null"),
+    "threads.probes": _threads("torch threads; null: torch's default", 1),
+    "threads.clustering": _threads("torch threads; null: torch's default", "null"),
     "store.dtype": Choice("float16", "float32", doc="activation store dtype", example="float16"),
     # model
     "model.name": Str(doc="slug used in cache paths and results", example="minilm"),
@@ -354,14 +406,18 @@ SCHEMA: dict[str, Rule] = {
     "probe.name": Str(example="elasticnet"),
     "probe.epochs": Int(1, doc="passes over the training data", example=10),
     "probe.lr": Float(0, lo_open=True, doc="Adam learning rate", example=0.001),
-    "probe.batch_size": Int(1, doc="rows per Adam step", example=128),
-    "probe.read_steps": Int(1, doc="minibatches read per training batch; speed only", example=16),
+    "probe.batch_size": Int(1, MAX_ROWS, doc="rows per Adam step", example=128),
+    "probe.read_steps": Int(1, 1 << 16, doc="minibatches read per training batch; speed only", example=16),
     "probe.l1": Float(0, doc="ElasticNet L1 weight", example=1e-5),
     "probe.l2": Float(0, doc="ElasticNet L2 weight", example=1e-5),
     "probe.seed": Int(doc="batch order", example=42),
     "probe.init_seed": Int(null=True, doc="weight init; null: probe.seed", example="null"),
     "probe.seeds": List(
-        Int(), null=True, doc="init seeds trained as extra heads of one pass; mean ± std", example="[1,2,3]"
+        Int(),
+        null=True,
+        unique=True,
+        doc="init seeds trained as extra heads of one pass; mean ± std",
+        example="[1,2,3]",
     ),
     "probe.select_on_dev": Bool(doc="keep the epoch with the best dev score", example="true"),
     "probe.regression": Bool(null=True, doc="null: from the task", example="null"),
@@ -374,8 +430,8 @@ SCHEMA: dict[str, Rule] = {
     # finetune (sentence tasks; FineTuneConfig checks the same again)
     "finetune.learning_rate": Float(0, lo_open=True, example=5e-5),
     "finetune.epochs": Int(1, example=3),
-    "finetune.batch_size": Int(1, example=8),
-    "finetune.max_seq_length": Int(4, example=128),
+    "finetune.batch_size": Int(1, MAX_SENTENCES, example=8),
+    "finetune.max_seq_length": Int(4, 1 << 20, example=128),
     "finetune.weight_decay": Float(0, example=0.0),
     "finetune.adam_epsilon": Float(0, lo_open=True, example=1e-8),
     "finetune.adam_betas": Rule(
@@ -396,8 +452,8 @@ SCHEMA: dict[str, Rule] = {
         lambda v: None if isinstance(v, str | int) and not isinstance(v, bool) else "not a label",
         example='"1"',
     ),
-    "finetune.eval_batch_size": Int(1, example=32),
-    "finetune.num_workers": Int(0, example=0),
+    "finetune.eval_batch_size": Int(1, MAX_SENTENCES, example=32),
+    "finetune.num_workers": Int(0, MAX_THREADS, example=0),
     "finetune.resume": Bool(example="true"),
     "finetune.keep_checkpoints": Bool(example="false"),
     "finetune.checkpoint_every_n_steps": Int(1, null=True, example="null"),
@@ -471,10 +527,10 @@ ANALYSIS_KEYS: dict[str, dict[str, Rule]] = {
         "save_extractor": Bool(example="true"),
         "verify_extractor": Bool(example="true"),
         "timing.enabled": Bool(example="true"),
-        "timing.sentences": Int(1, example=256),
-        "timing.batch_size": Int(1, example=32),
+        "timing.sentences": Int(1, 1 << 20, example=256),
+        "timing.batch_size": Int(1, MAX_SENTENCES, example=32),
         "timing.repeats": Int(1, example=3),
-        "timing.classifier_rows": Int(1, example=100000),
+        "timing.classifier_rows": Int(1, MAX_ROWS, example=100000),
         "timing.classifier_features": List(Int(1), example="[100,300,1000,2688]"),
         "timing.classifier_epochs": Int(1, example=10),
         "timing.classifier_steps": Int(1, null=True, example=300),
@@ -579,6 +635,8 @@ TASK_KEYS["table_tokens"] = {
 
 #: Groups whose unknown keys are expected (Lightning Trainer options, task files, W&B options).
 _OPEN_GROUPS = ("trainer.", "task.files", "logger.", "hydra.")
+#: Groups lexp owns: an unknown key there is a misspelling (``+probe.lrr=0.5``), refused at start.
+OWNED_GROUPS = ("probe.", "analysis.", "task.", "extract.", "store.")
 
 
 def known_keys(cfg: Mapping[str, Any]) -> dict[str, Rule]:
@@ -629,6 +687,20 @@ def _message(key: str, value: Any, rule: Rule, reason: str | None = None) -> str
     doc = f" ({rule.doc})" if rule.doc else ""
     fix = f"e.g. {key}={rule.example}" if rule.example is not _MISSING else f"set {key} to {rule.allowed}"
     return f"{key}={_show(value)} is invalid: {key} must be {rule.allowed}{doc}. Fix: {fix}"
+
+
+def _unknown_key_message(keys: Sequence[str], rules: Mapping[str, Rule]) -> str:
+    """``probe.lrr is not a setting ...; did you mean probe.lr?`` for the first unknown key."""
+    key = keys[0]
+    group = key.split(".", 1)[0] + "."
+    names = {k[len(group) :]: k for k in rules if k.startswith(group)}  # compared without the group
+    near = [names[n] for n in difflib.get_close_matches(key[len(group) :], list(names), n=1, cutoff=0.6)]
+    hint = f"Did you mean {near[0]}? " if near else ""
+    others = f" (also unknown: {', '.join(keys[1:])})" if len(keys) > 1 else ""
+    return (
+        f"{key} is not a setting lexp knows{others}; a misspelt key would be ignored. {hint}"
+        f"Fix: {'spell it ' + near[0] if near else 'remove it'} (the keys: python -m lexp.schema)"
+    )
 
 
 def _cross_checks(flat: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -729,6 +801,9 @@ def check_config(cfg: DictConfig, *, device: bool = True) -> None:
         for k in flat
         if k not in rules and not k.startswith(_OPEN_GROUPS) and not any(k.startswith(r + ".") for r in rules)
     )
+    misspelt = [k for k in unknown if k.startswith(OWNED_GROUPS)]
+    if misspelt:
+        raise LexpInputError(_unknown_key_message(misspelt, rules))
     if unknown and tuple(unknown) not in _WARNED:
         _WARNED.add(tuple(unknown))  # once per process (lexp.run checks before run() checks again)
         log.warning("config keys lexp does not check (typo? new key?): %s", ", ".join(unknown))

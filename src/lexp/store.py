@@ -22,12 +22,13 @@ Integrity. The writer knows the store's size up front: it checks the free space 
 whole ``activations.npy`` with ``posix_fallocate`` before the first row is written, so a full disk
 is one :class:`StoreSpaceError` (path, bytes needed, bytes free) instead of a ``SIGBUS`` in the
 middle of the memory-mapped writes. ``finish`` records an xxh3-128 checksum of every ``.npy``
-file, the activation file's size and mtime, and its count of non-finite values (always 0:
-``write_rows`` refuses NaN/inf rows). :func:`open_store` checks the manifest and the file size
-(cheap); :func:`ensure_store` re-verifies the whole content when the file's mtime differs from the
-recorded one (edited, or copied without ``cp -p``); :func:`verify_store` (and
-``python -m lexp.verify <store or cache dir>``) re-hashes a store and counts its non-finite values
-on demand.
+file, the size and mtime of each, its count of non-finite values (always 0: ``write_rows`` refuses
+NaN/inf rows) and a checksum of the manifest itself. One rule (:func:`check_integrity`) decides
+whether a store may be used, for reuse and for ``python -m lexp.verify`` alike: the directory name
+matches the manifest's fingerprint, the manifest matches its own checksum, every file has its
+recorded size, and a file whose mtime changed (edited, or copied without ``cp -p``) is re-hashed.
+Reuse re-hashes only such files (three ``stat`` calls on an unchanged store); ``lexp.verify``
+re-hashes every file and counts its non-finite values.
 
 Notebook use (no lexp config needed)::
 
@@ -85,13 +86,16 @@ __all__ = [
     "store_dir",
     "store_nbytes",
     "verify_store",
+    "check_integrity",
+    "manifest_checksum",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the on-disk layout changes; part of every fingerprint, so old stores are never
 #: misread, they simply stop matching.
-STORE_FORMAT_VERSION = 2  # 2: checksums, activations_bytes/_mtime_ns and non_finite in the manifest
+STORE_FORMAT_VERSION = 3  # 2: checksums, activations_bytes/_mtime_ns and non_finite in the manifest;
+# 3: size and mtime of every .npy file ("files") and the manifest's own checksum ("manifest_checksum")
 
 ACTIVATIONS = "activations.npy"
 LABELS = "labels.npy"
@@ -117,6 +121,8 @@ _WRITER_KEYS = (
     "activations_bytes",
     "activations_mtime_ns",
     "non_finite",
+    "files",
+    "manifest_checksum",
 )
 #: Content checksum of the store files: xxh3-128 runs at ~1.9 GB/s from the page cache here
 #: (blake2b 0.16 GB/s, sha256 0.27 GB/s); it detects corruption, it is not a signature.
@@ -489,6 +495,19 @@ def _check_integrity_keys(path: Path, manifest: Mapping[str, Any]) -> None:
         )
 
 
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """xxh3-128 of the manifest's canonical JSON without its own ``manifest_checksum`` key: any edit
+    of a recorded fact (``n_layers``, ``hidden``, ``fingerprint``, ``label_vocab`` ...) changes it."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_checksum"}
+    text = _canonical_json(body, "store manifest")
+    return f"{CHECKSUM_ALGORITHM}:{xxhash.xxh3_128_hexdigest(text.encode('utf-8'))}"
+
+
+def _file_stat(file: Path) -> dict[str, int]:
+    st = file.stat()
+    return {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
 def load_store(path: Path | str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Notebook shortcut: ``(activations memmap, labels, manifest)`` of a complete store."""
     store = open_store(path)
@@ -554,6 +573,7 @@ class StoreVerification:
     non_finite: int | None  # None: the store could not be opened, nothing was counted
     nbytes: int
     seconds: float
+    rehashed: tuple[str, ...] = ()  # the files whose content was re-hashed
 
     def message(self) -> str:
         """One line for a person: ``ok <path> …`` or ``FAILED <path>: <problems>; <fix>``."""
@@ -565,13 +585,13 @@ class StoreVerification:
         )
 
 
-def verify_store(path: Path | str) -> StoreVerification:
-    """Re-hash a store's files against the checksums recorded when it was written, and count the
-    NaN/inf values in its activations (one streaming pass, 0.3-0.8 s per GB measured here).
+def verify_store(path: Path | str, *, full: bool = True) -> StoreVerification:
+    """Check a store by the one integrity rule that reuse applies too (:func:`check_integrity`).
 
-    Never raises for a bad store: a directory that is not a complete store, a checksum mismatch or
-    a non-finite value all give ``ok=False`` with the reason in ``problems``. From the shell:
-    ``python -m lexp.verify <store dir or cache root>``.
+    ``full=True`` (``python -m lexp.verify``) re-hashes every ``.npy`` file and counts the NaN/inf
+    values in the activations (one streaming pass, 0.3-0.8 s per GB measured here); ``full=False``
+    (what a run does before reusing a store) re-hashes only files whose size or mtime changed.
+    Never raises for a bad store: the reason is in ``problems``.
     """
     path = Path(path).expanduser()
     began = time.perf_counter()
@@ -579,17 +599,67 @@ def verify_store(path: Path | str) -> StoreVerification:
         store = open_store(path)
     except LexpInputError as exc:
         return StoreVerification(path, False, (str(exc),), None, 0, time.perf_counter() - began)
+    return check_integrity(store, full=full, began=began)
+
+
+def check_integrity(store: Store, *, full: bool, began: float | None = None) -> StoreVerification:
+    """The integrity rule of an opened store, shared by reuse and ``lexp.verify``:
+
+    - its directory name ends in the manifest's fingerprint (a renamed or copied-in store is refused);
+    - the manifest's own checksum matches (an edited ``n_layers``, ``hidden`` or ``fingerprint``);
+    - every ``.npy`` file has the size recorded when it was written, and the mtime; a file whose
+      mtime differs (edited in place, or copied without ``cp -p``) is re-hashed against its recorded
+      checksum (``full``: every file is, and the activations are scanned for NaN/inf).
+
+    On an unchanged store this costs three ``stat`` calls and one hash of the manifest text.
+    """
+    began = time.perf_counter() if began is None else began
+    path, manifest = store.path, store.manifest
     problems: list[str] = []
-    non_finite = 0
+    try:
+        _check_fingerprint(store)
+    except LexpInputError as exc:
+        problems.append(str(exc).removeprefix(f"{path}: "))
+    recorded_sum = manifest.get("manifest_checksum")
+    if recorded_sum != manifest_checksum(manifest):
+        problems.append(
+            f"{MANIFEST} does not match its own checksum (recorded {recorded_sum!r}): the manifest was "
+            "edited after the store was written, so its facts (layers, width, labels, fingerprint) cannot "
+            "be trusted."
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        files = {}
+    non_finite: int | None = 0
     nbytes = 0
+    rehashed: list[str] = []
     for name in _NPY_FILES:
         file = path / name
-        expected = store.manifest["checksums"][name]
+        st = file.stat()
+        nbytes += st.st_size
+        rec = files.get(name)
+        if not isinstance(rec, dict) or rec.get("bytes") != st.st_size:
+            problems.append(
+                f"{name} is {st.st_size:,} bytes, the manifest recorded "
+                f"{rec.get('bytes') if isinstance(rec, dict) else None!r} when the store was written "
+                "(replaced, truncated or extended since)."
+            )
+            continue
+        if not full and rec.get("mtime_ns") == st.st_mtime_ns:
+            continue
+        if not full:
+            log.warning(
+                "%s: %s was modified after the store was written (its mtime changed); verifying its "
+                "content before reuse (copy stores with `cp -p` to keep the mtime and skip this)",
+                path,
+                name,
+            )
+        rehashed.append(name)
         if name == ACTIVATIONS:
             actual, non_finite = _scan(file, int(store.activations.offset), store.dtype)
         else:
             actual, _ = _scan(file)
-        nbytes += file.stat().st_size
+        expected = manifest["checksums"][name]
         if actual != expected:
             problems.append(
                 f"{name} does not match the checksum recorded when the store was written "
@@ -601,7 +671,9 @@ def verify_store(path: Path | str) -> StoreVerification:
             "was written."
         )
     seconds = time.perf_counter() - began
-    return StoreVerification(path, not problems, tuple(problems), non_finite, nbytes, seconds)
+    return StoreVerification(
+        path, not problems, tuple(problems), non_finite, nbytes, seconds, tuple(rehashed)
+    )
 
 
 class StoreSpaceError(LexpInputError):
@@ -1008,6 +1080,8 @@ class StoreWriter:
             manifest["checksums"] = checksums
             manifest["activations_bytes"] = int(st.st_size)
             manifest["activations_mtime_ns"] = int(st.st_mtime_ns)
+            manifest["files"] = {name: _file_stat(self.partial / name) for name in _NPY_FILES}
+            manifest["manifest_checksum"] = manifest_checksum(manifest)
             text = _canonical_json(manifest, f"{self.path} manifest")
             pretty = json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False)
             with open(self.partial / MANIFEST, "w", encoding="utf-8") as fh:
@@ -1081,27 +1155,14 @@ def _check_fingerprint(store: Store) -> None:
 
 
 def _check_unchanged(store: Store) -> None:
-    """Before reuse: a quick stat; the full :func:`verify_store` pass only if the file was touched.
-
-    Hashing a 6 GB store on every run would cost seconds per split, so a reused store is trusted
-    when its activation file still has the size (checked by open_store) and the mtime recorded
-    when it was written. Any write to the file (case 2 of issue 12: bytes overwritten in place)
-    changes the mtime; so does a copy made without ``cp -p``, which then costs one verification
-    per run. Bit rot that changes no mtime is found only by ``python -m lexp.verify``.
-    """
-    recorded = store.manifest.get("activations_mtime_ns")
-    if (store.path / ACTIVATIONS).stat().st_mtime_ns == recorded:
-        return
-    log.warning(
-        "%s: %s was modified after the store was written (its mtime changed); verifying its content "
-        "before reuse (copy stores with `cp -p` to keep the mtime and skip this)",
-        store.path,
-        ACTIVATIONS,
-    )
-    report = verify_store(store.path)
+    """Before reuse: :func:`check_integrity` without the full re-hash (``lexp.verify`` applies the
+    same rule with every file re-hashed). A file whose mtime changed is re-hashed; a mismatch, a
+    changed size or an edited manifest refuses the store with one error naming it."""
+    report = check_integrity(store, full=False)
     if not report.ok:
         raise LexpInputError(report.message().removeprefix("FAILED").strip())
-    log.info("%s: content verified against its checksums in %.1f s", store.path, report.seconds)
+    if report.rehashed:
+        log.info("%s: content verified against its checksums in %.1f s", store.path, report.seconds)
 
 
 def ensure_store(path: Path | str, build: Callable[[Path], None]) -> tuple[Store, bool]:
@@ -1126,9 +1187,10 @@ def ensure_store(path: Path | str, build: Callable[[Path], None]) -> tuple[Store
 
     def load(target: Path) -> Store:
         store = open_store(target)
-        _check_fingerprint(store)
-        if not built:
-            _check_unchanged(store)
+        if built:
+            _check_fingerprint(store)
+        else:
+            _check_unchanged(store)  # includes the fingerprint
         return store
 
     if path.exists():  # complete by construction (rename is atomic) and never deleted by lexp

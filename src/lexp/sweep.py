@@ -154,6 +154,15 @@ def _one_line(status: str) -> str:
     return text.splitlines()[0] if text else status
 
 
+def _require_writable(folder: Any, key: str) -> None:
+    from lexp.fs import writable_problem
+
+    problem = writable_problem(Path(str(folder)), key)
+    if problem is not None:
+        print(f"lexp: error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 class SweepCallback(Callback):
     """Hydra callback (``hydra.callbacks.lexp_sweep`` in conf/config.yaml) for multiruns.
 
@@ -180,7 +189,13 @@ class SweepCallback(Callback):
         self.__init__(poll_s=state["poll_s"])  # type: ignore[misc]
 
     # Hydra calls these (the names and signatures of hydra.experimental.callback.Callback)
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        """A single run: its directory must take a write before Hydra saves its config there (a
+        full or read-only disk is then one ``lexp: error:`` line and exit 2, not Hydra's traceback)."""
+        _require_writable(config.hydra.run.dir, "hydra.run.dir")
+
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        _require_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
         self._sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self._started = time.time()
         self._thread = threading.Thread(target=self._watch, name="lexp-sweep-progress", daemon=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +97,18 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
         remove_partials(entry)  # under the exclusive lock: every partial of this entry is stale
         tmp = entry.with_name(entry.name + f"{PARTIAL}{os.getpid()}")
         tmp.mkdir(parents=True)
-        clustering.save_linkage(linkage, tmp / "linkage.npy")
-        if cka is not None:
-            np.save(tmp / "cka.npy", cka, allow_pickle=False)
-            np.save(tmp / "cka_debiased.npy", cka_debiased, allow_pickle=False)
-        if need_corr:
-            np.save(tmp / "corr32.npy", corr.astype(np.float32), allow_pickle=False)
-        manifest = {"fingerprint": fp, "settings": settings, "computed_on": str(device)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            clustering.save_linkage(linkage, tmp / "linkage.npy")
+            if cka is not None:
+                np.save(tmp / "cka.npy", cka, allow_pickle=False)
+                np.save(tmp / "cka_debiased.npy", cka_debiased, allow_pickle=False)
+            if need_corr:
+                np.save(tmp / "corr32.npy", corr.astype(np.float32), allow_pickle=False)
+            manifest = {"fingerprint": fp, "settings": settings, "computed_on": str(device)}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        except BaseException:  # a full disk or a signal: no half-written entry stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         replace_dir(tmp, entry)  # an older, incomplete entry goes only under the exclusive lock
 
     # One job builds, concurrent jobs of a sweep wait and reuse; nothing is replaced while read.

@@ -22,6 +22,8 @@ from lexp.experiment import RunContext
 from lexp.report import figures
 from lexp.report.results_schema import forward_record, pct_reduction
 
+log = logging.getLogger("lexp")
+
 
 def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
     """The incremental probes on layers 0..k train in the oracle's pass over the data."""
@@ -35,12 +37,41 @@ def cluster_columns(ctx: RunContext, columns: np.ndarray, ct: float) -> np.ndarr
 
     cfg = ctx.cfg.analysis
     store = ctx.stores["train"]
+    clock = time.perf_counter()
+    log.info("pipeline: clustering %d neurons (ct=%s) ...", len(columns), ct)
     cached = clustering_cache(ctx, store, columns if len(columns) < store.n_neurons else None, "pipeline")
     labels = clustering.flat_clusters(cached["linkage"], ct)
     reps = clustering.representatives(
         labels, mode=str(cfg.representative), seed=int(ctx.cfg.seed), corr=cached.get("corr")
     )
+    log.info(
+        "pipeline: %d clusters of %d neurons in %.1f s%s",
+        len(reps),
+        len(columns),
+        time.perf_counter() - clock,
+        " (linkage reused)" if cached.get("reused") else "",
+    )
     return np.asarray(columns)[reps]
+
+
+def logged_evaluator(evaluate: Any) -> Any:
+    """The probe trainer of the feature search, with a log line per pass (heads, sizes, seconds):
+    on an 80K-token task the search trains for minutes between the covariance bar and the timings."""
+    calls = 0
+
+    def run(candidates: dict[int, dict[str, np.ndarray]]) -> Any:
+        nonlocal calls
+        calls += 1
+        sizes = sorted({len(cols) for subsets in candidates.values() for cols in subsets.values()})
+        n_heads = sum(len(subsets) for subsets in candidates.values())
+        shown = ", ".join(map(str, sizes[:8])) + (" ..." if len(sizes) > 8 else "")
+        log.info("pipeline: probe pass %d: %d heads of %s neurons ...", calls, n_heads, shown)
+        clock = time.perf_counter()
+        out = evaluate(candidates)
+        log.info("pipeline: probe pass %d done in %.1f s", calls, time.perf_counter() - clock)
+        return out
+
+    return run
 
 
 #: numbers of a CCFS result reported as mean ± std over probe seeds (decisions also per seed)
@@ -65,12 +96,19 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         for i in range(len(seeds))
     }
     start = time.perf_counter()
+    log.info(
+        "pipeline: LayerSelector (delta %s) + CCFS (ct %s, delta %s) over %d seed(s) ...",
+        cfg.ls_delta,
+        cfg.ct,
+        cfg.fs_delta,
+        len(seeds),
+    )
     by_seed = ccfs_many(
         oracles={i: Outcome.of_seed(ctx.oracle, i, metric) for i in range(len(seeds))},
         incrementals=incrementals,
         hidden=int(ctx.model_info["hidden"]),
         cluster=lambda cols, ct: cluster_columns(ctx, cols, ct),
-        train=seed_evaluator(ctx, seeds),
+        train=logged_evaluator(seed_evaluator(ctx, seeds)),
         ct=float(cfg.ct),
         ls_delta=float(cfg.ls_delta),
         fs_delta=float(cfg.fs_delta),
@@ -79,6 +117,12 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         batch=int(cfg.batch),
     )
     result = by_seed[0]  # the first seed's decisions build the extractor and the timings
+    log.info(
+        "pipeline: LS kept layers 0..%d, CCFS kept %d neurons, in %.1f s",
+        result.ls_layer,
+        result.ccfs_n_neurons,
+        time.perf_counter() - start,
+    )
     row = result.to_dict()
     if len(seeds) > 1:
         per_seed = [{"seed": seed, **by_seed[i].to_dict()} for i, seed in enumerate(seeds)]
@@ -222,9 +266,10 @@ def timings(ctx: RunContext, result: Any) -> None:
     out["classifier_wall_seconds"] = time.perf_counter() - clock
     ctx.report["pipeline_timing"] = out
     ctx.tracker.log_metrics({"pipeline/speedup_at_ls": out["speedup_at_ls"]})
+    by_depth = forward_curve(records)
     path = figures.curve(
-        [r["n_layers"] for r in records],
-        {"ms per sentence": [1000 * r["seconds_per_sentence"] for r in records]},
+        [n for n, _ in by_depth],
+        {"ms per sentence": [ms for _, ms in by_depth]},
         ctx.run_dir / "figures" / "forward_time.png",
         f"{ctx.task.name} · {ctx.cfg.model.name}: forward pass vs layers kept (LS = {result.ls_layer})",
         "transformer layers kept",
@@ -360,3 +405,10 @@ def _verify_extractor(ctx: RunContext, path: Path, final: Mapping[str, Any]) -> 
         "test_accuracy_reloaded": float(np.mean(pred_ids == labels)),
         "test_accuracy_reported": final.get("test", {}).get("accuracy"),
     }
+
+
+def forward_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(layers kept, ms per sentence) in order of layers kept: forward_speedups lists the full
+    model first, and a line through the points in that order ran from the full model back to
+    layer 0 (and seemed to stop one layer short)."""
+    return sorted((int(r["n_layers"]), 1000 * float(r["seconds_per_sentence"])) for r in records)

@@ -214,6 +214,16 @@ def _figures_html(figs: Sequence[Figure]) -> str:
     return '<div class="figs">' + "".join(f.html() for f in figs) + "</div>" if figs else ""
 
 
+#: What a run's own figure shows (a caption, not its file name).
+FIGURE_CAPTIONS = {
+    "cka.png": "linear CKA between layers",
+    "cluster_makeup.png": "cluster make-up: neurons per layer in clusters of two or more",
+    "minimal_set.png": "minimal neuron set: score against the number of neurons",
+    "forward_time.png": "forward pass time per sentence against transformer layers kept",
+    "classifier_time.png": "probe train and inference time against the number of features",
+}
+
+
 class ReportBuilder:
     """Collects the sections of one report from loaded runs and their tables."""
 
@@ -250,7 +260,7 @@ class ReportBuilder:
             self.warn(f"{path}: listed in results.json but missing or not a PNG; left out")
             return None
         self.used.add(path.resolve())
-        return self._fig(data, f"{run.task} · {run.model}: {name}", str(path))
+        return self._fig(data, f"{run.task} · {run.model}: {FIGURE_CAPTIONS.get(name, name)}", str(path))
 
     def _fig(self, png: bytes, caption: str, source: str) -> Figure:
         self.n_figures += 1

@@ -8,6 +8,7 @@ keys, units and naming rule are documented in :mod:`lexp.report.results_schema`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,6 +80,32 @@ class Report:
         self.save()
 
     def save(self) -> None:
+        """Write results.json atomically (a temp file renamed over it). When the disk refuses the
+        write, the temp file is removed, and a final status (complete/failed/killed) is still
+        recorded: a short record overwrites results.json in place, which needs no new disk blocks."""
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(to_jsonable(self.data), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(to_jsonable(self.data), indent=2, sort_keys=False) + "\n")
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if self.data.get("status") != "running":
+                self._status_in_place()
+            raise
+
+    def _status_in_place(self) -> None:
+        """Overwrite results.json with its header and final status, if that fits in its blocks."""
+        keys = ("schema_version", "status", "task", "model", "analysis", "lexp_version", "command")
+        record = {k: self.data[k] for k in keys if k in self.data}
+        record["note"] = "the disk refused the full results; only this record was kept"
+        text = json.dumps(to_jsonable(record), indent=2).encode("utf-8") + b"\n"
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                if os.fstat(fd).st_size >= len(text):
+                    os.pwrite(fd, text, 0)
+                    os.ftruncate(fd, len(text))
+                    os.fsync(fd)
+            finally:
+                os.close(fd)

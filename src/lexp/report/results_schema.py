@@ -287,6 +287,24 @@ class Results(Mapping[str, Any]):
         return len(self.data)
 
 
+#: Deeper nesting than any results.json lexp writes (about 8 levels): readers recurse over it.
+MAX_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (stops counting past MAX_DEPTH + 1)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                return level
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
 def load_results(path: str | Path) -> Results:
     """Read and upgrade one results.json; :class:`UnreadableResults` if it cannot be read or is
     not a JSON object, :class:`UnknownSchemaVersion` if its version is newer than this lexp's."""
@@ -302,8 +320,18 @@ def load_results(path: str | Path) -> Results:
         data = json.loads(text)
     except ValueError as exc:
         raise UnreadableResults(path, f"is not valid JSON ({exc})") from exc
+    except RecursionError:  # json's C parser recurses once per level
+        raise UnreadableResults(
+            path, "nests JSON too deeply to be a results.json (hand-made or damaged)"
+        ) from None
     if not isinstance(data, dict):
         raise UnreadableResults(path, f"is not a JSON object (found {type(data).__name__})")
+    depth = _depth(data)
+    if depth > MAX_DEPTH:
+        raise UnreadableResults(
+            path,
+            f"nests {depth} levels deep; a results.json nests at most {MAX_DEPTH} (hand-made or damaged)",
+        )
     source = version_of(data, path)
     return Results(
         path=path, mtime_ns=stat.st_mtime_ns, source_version=source, data=upgrade(data, path, copy=False)

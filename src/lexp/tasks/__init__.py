@@ -167,9 +167,12 @@ def _path(cfg: dict[str, Any], key: str, value: Any) -> Path | None:
                 f"task {cfg['name']}: {key} = {value!r} is relative but task.data_dir is not set"
             )
         path = Path(str(data_dir)).expanduser() / path
-    if not path.is_file():
+    from lexp.fs import file_problem
+
+    problem = file_problem(path)
+    if problem is not None:
         raise LexpInputError(
-            f"task {cfg['name']}: {key} = {str(path)!r} does not exist. Set LEXP_DATA (or "
+            f"task {cfg['name']}: {key} = {str(path)!r} {problem}. Set LEXP_DATA (or "
             "data_root=...) to the data folder, or override task.data_dir / task.files."
         )
     return path.resolve()
