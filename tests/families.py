@@ -88,7 +88,9 @@ def bytelevel_bpe(texts: list[str], special: list[str]) -> tuple[dict[str, int],
         pre_tokenizers.ByteLevel(add_prefix_space=False),
         texts,
     )
-    return trained["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return trained["vocab"], [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]
+    ]
 
 
 def metaspace_bpe(texts: list[str], special: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -100,7 +102,9 @@ def metaspace_bpe(texts: list[str], special: list[str]) -> tuple[dict[str, int],
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
         texts,
     )
-    return trained["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return trained["vocab"], [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]
+    ]
 
 
 def unigram_vocab(texts: list[str], special: list[str], unk: str) -> list[tuple[str, float]]:
@@ -207,13 +211,22 @@ def _config(family: str, tokenizer: Any) -> Any:
         "deberta-v2": lambda: tf.DebertaV2Config(**bert_like),
         "albert": lambda: tf.AlbertConfig(**bert_like, embedding_size=16),
         "distilbert": lambda: tf.DistilBertConfig(
-            vocab_size=v, dim=h, n_layers=n, n_heads=a, hidden_dim=i, max_position_embeddings=p,
+            vocab_size=v,
+            dim=h,
+            n_layers=n,
+            n_heads=a,
+            hidden_dim=i,
+            max_position_embeddings=p,
             pad_token_id=tokenizer.pad_token_id,
         ),
         "modernbert": lambda: tf.ModernBertConfig(
-            **bert_like, global_attn_every_n_layers=2, local_attention=16,
-            cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+            **bert_like,
+            global_attn_every_n_layers=2,
+            local_attention=16,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
         ),
         "xlnet": lambda: tf.XLNetConfig(
             vocab_size=v, d_model=h, n_layer=n, n_head=a, d_inner=i, pad_token_id=tokenizer.pad_token_id

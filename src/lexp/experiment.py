@@ -297,6 +297,7 @@ def build_stores(ctx: RunContext) -> None:
 
     cfg = ctx.cfg
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    family = _model_family(ctx, model_cfg)  # before fine-tuning: a representation it lacks fails now
     if ctx.task.kind != "labelling":
         from lexp.analyses.sentence import finetuned_model_dir
 
@@ -336,6 +337,8 @@ def build_stores(ctx: RunContext) -> None:
             "model_dtype": str(model_cfg.get("dtype") or "float32"),  # type: ignore[union-attr]
             "precision": str(extract_cfg.get("precision", "32")),
         }
+        if family["sentence"] not in (None, "cls"):  # [CLS] stores keep the fingerprints they had
+            settings["sentence"] = family["sentence"]
         fp = fingerprint(settings, ctx.task.files)
         plan.append(
             (split, fp, settings, store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp))
@@ -377,6 +380,25 @@ def build_stores(ctx: RunContext) -> None:
             "extraction": extraction,
         }
     )
+
+
+def _model_family(ctx: RunContext, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The model family, tokenizer kind and sentence representation (lexp.encoders.families), from
+    the config and tokenizer alone; recorded in results.json as ``model_family``."""
+    from lexp.encoders.families import inspect_model
+
+    folder = local_model_dir(model_cfg, ctx.cfg.cache_dir)
+    sentence = str(ctx.cfg.extract.get("sentence", "auto"))
+    family = inspect_model(folder, sentence, sentence_task=ctx.task.kind != "labelling")
+    ctx.report["model_family"] = family
+    log.info(
+        "model family %s, %s tokenizer (%s), words aligned by word_ids%s",
+        family["family"],
+        family["tokenizer_kind"],
+        family["tokenizer_class"],
+        f", sentence vector: {family['sentence']}" if family["sentence"] else "",
+    )
+    return family
 
 
 def _require_space_for(ctx: RunContext, missing: list[tuple[str, Path]]) -> None:
@@ -505,6 +527,7 @@ def _write_store(ctx: RunContext, encoder: Any, split: str, target: Path, fp: st
             max_length=int(cfg.finetune.max_seq_length),
             progress=bool(cfg.progress),
             sources=[e.source for e in items],
+            sentence=str((ctx.report.data.get("model_family") or {}).get("sentence") or "cls"),
         )
     with StoreWriter(
         target,
@@ -634,6 +657,12 @@ def _flat_summary(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _family_line(family: Mapping[str, Any]) -> str:
+    """``llama, sentencepiece bpe tokenizer, sentence vector: last`` (the report's family line)."""
+    text = f"{family.get('family')}, {family.get('tokenizer_kind')} tokenizer, words by word_ids"
+    return text + (f", sentence vector: {family['sentence']}" if family.get("sentence") else "")
+
+
 def print_summary(ctx: RunContext) -> None:
     """A short table on stdout; results.json has everything."""
     data = ctx.report.data
@@ -641,6 +670,7 @@ def print_summary(ctx: RunContext) -> None:
     lines = [
         f"lexp {data['task']} · {data['model']} · analysis={data['analysis']}",
         f"  neurons        {data.get('n_neurons')} ({data.get('n_layers')} layers × {data.get('hidden')})",
+        "  family         " + _family_line(data.get("model_family") or {}),
         "  rows           " + ", ".join(f"{s}={n}" for s, n in data.get("rows", {}).items()),
         f"  labels         {data.get('n_labels')}  unseen in dev/test: {data.get('unseen_label_counts')}",
     ]
