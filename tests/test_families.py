@@ -21,6 +21,7 @@ from lexp.encoders.families import adapter_for
 from lexp.encoders.loading import load_encoder
 from lexp.errors import LexpInputError, LexpModelError
 from lexp.experiment import config_dir, run
+from lexp.redundancy.timing import truncate_encoder
 
 NAMES = sorted(FAMILIES)
 WORDS = [
@@ -123,17 +124,22 @@ def test_word_paths(
     from lexp.predict import main as predict
 
     folder = build_family(family, family_root, data_root)
+    if family == "deberta-v2":  # transformers' DeBERTa-v2 encoder cannot run without layers
+        with pytest.raises(LexpModelError, match="cannot run with zero transformer layers"):
+            truncate_encoder(_encoder(family, family_root, data_root).model, 0)
     base = [
         f"data_root={data_root}",
         f"cache_dir={cache_root}",
         f"model.name_or_path={folder}",
         f"model.name={family}",
     ]
+    pipeline = ["analysis.timing.enabled=false", "analysis.ls_delta=0.0"] if family == "deberta-v2" else []
     out = run(
         _cfg(
             [
                 *base,
                 *WORD_RUN,
+                *pipeline,
                 "analysis=pipeline",
                 "analysis.grid.step=40",
                 "analysis.ranking_steps=50",

@@ -154,7 +154,25 @@ def truncate_encoder(model: nn.Module, k: int, *, final_norm: bool = False) -> n
         new_config.layer_types = new_config.layer_types[: int(k)]  # Qwen2, Gemma: one entry per layer
     if int(k) < depth and not final_norm:
         drop_final_norm(clone)
+    if int(k) == 0:
+        _check_runs_without_layers(clone)
     return clone
+
+
+def _check_runs_without_layers(model: nn.Module) -> None:
+    """One clear error for an encoder whose forward cannot run with zero layers (transformers'
+    DeBERTa-v2 encoder returns a variable set only inside its layer loop), instead of its
+    UnboundLocalError somewhere in the pipeline."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=_model_device(model))
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids)
+    except (UnboundLocalError, IndexError) as exc:
+        raise LexpModelError(
+            f"{type(model).__name__} cannot run with zero transformer layers (embeddings only): "
+            f"{type(exc).__name__}: {exc}. The pipeline's timing and a LayerSelector choice of layer 0 "
+            "need that. Fix: analysis.timing.enabled=false, or use analysis=layers/neurons/general."
+        ) from None
 
 
 def drop_final_norm(model: nn.Module) -> str | None:
