@@ -241,3 +241,43 @@ def test_slow_only_tokenizer_is_one_clear_error(family_root: Path, data_root: Pa
 
     with pytest.raises(LexpModelError, match="not a fast"):
         require_fast(SlowTokenizer(), "somewhere")
+
+
+@pytest.mark.parametrize("family", [f for f in NAMES if f != "deberta-v2"])
+def test_truncated_model_reproduces_its_layers(
+    family: str, family_root: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """truncate_encoder(model, k): its states are the full model's states 0..k (a decoder's final
+    norm dropped below the top), and so is the saved-and-reloaded reduced extractor's encoder."""
+    from lexp.extractor import ReducedExtractor, save_reduced_extractor
+
+    enc = _encoder(family, family_root, data_root)
+    full = dict(extract_words(enc.model, enc.tokenizer, WORDS, progress=False))
+    for k in (0, 1):
+        cut = dict(extract_words(truncate_encoder(enc.model, k), enc.tokenizer, WORDS, progress=False))
+        for i in full:
+            np.testing.assert_allclose(cut[i], full[i][:, : (k + 1) * 32], atol=2e-5, rtol=1e-4)
+    kept = truncate_encoder(enc.model, 1, final_norm=True)
+    base = getattr(enc.model, enc.model.base_model_prefix, enc.model)
+    from lexp.encoders.families import final_norm_name
+
+    save_reduced_extractor(
+        tmp_path / "x",
+        model=kept,
+        tokenizer=enc.tokenizer,
+        n_layers_kept=2,
+        columns=np.arange(64),
+        weights=np.zeros((2, 64), np.float32),
+        bias=np.zeros(2, np.float32),
+        labels=["a", "b"],
+        kind="labelling",
+        settings={"store_dtype": "float32"},
+        drop_final_norm=final_norm_name(base) is not None,
+    )
+    tagger = ReducedExtractor.load(tmp_path / "x")
+    np.testing.assert_allclose(
+        tagger.features(WORDS),
+        np.concatenate([full[i][:, :64] for i in range(len(WORDS))]),
+        atol=2e-5,
+        rtol=1e-4,
+    )
