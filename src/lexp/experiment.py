@@ -165,6 +165,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
         report["device"] = describe_device(ctx.run_device())
         log.info("device: %s (%s)", report["device"]["device"], report["device"]["name"])
+        # the family's facts first: a sentence vector it cannot give fails in seconds, before any work
+        _model_family(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
         with stage(ctx, "read"):
             read_task(ctx)
         with stage(ctx, "extract"):
@@ -297,7 +299,8 @@ def build_stores(ctx: RunContext) -> None:
 
     cfg = ctx.cfg
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    family = _model_family(ctx, model_cfg)  # before fine-tuning: a representation it lacks fails now
+    # run() checked it before reading the task; a second model (analysis=compare) is checked here
+    family = ctx.report.data.get("model_family") or _model_family(ctx, model_cfg)
     if ctx.task.kind != "labelling":
         from lexp.analyses.sentence import finetuned_model_dir
 
@@ -389,7 +392,8 @@ def _model_family(ctx: RunContext, model_cfg: Mapping[str, Any]) -> dict[str, An
 
     folder = local_model_dir(model_cfg, ctx.cfg.cache_dir)
     sentence = str(ctx.cfg.extract.get("sentence", "auto"))
-    family = inspect_model(folder, sentence, sentence_task=ctx.task.kind != "labelling")
+    kind = ctx.task.kind if ctx.task is not None else str(ctx.cfg.task.get("kind", "labelling"))
+    family = inspect_model(folder, sentence, sentence_task=kind != "labelling")
     ctx.report["model_family"] = family
     log.info(
         "model family %s, %s tokenizer (%s), words aligned by word_ids%s",
