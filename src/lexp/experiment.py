@@ -205,6 +205,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["device"] = describe_device(ctx.run_device())
         log.info("device: %s (%s)", report["device"]["device"], report["device"]["name"])
         check_model_source(cfg.model)  # a model path that is not there: before reading the data
+        # the family's facts first: a sentence vector it cannot give fails in seconds, before any work
+        _model_family(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
         with stage(ctx, "read"):
             read_task(ctx)
         with stage(ctx, "extract"):
@@ -358,6 +360,8 @@ def build_stores(ctx: RunContext) -> None:
             long_sentences=str(cfg.extract.long_sentences),
             long_texts=str(cfg.task.get("long_texts", "error")),
         )
+    # run() checked it before reading the task; a second model (analysis=compare) is checked here
+    family = ctx.report.data.get("model_family") or _model_family(ctx, model_cfg)
     if ctx.task.kind != "labelling":
         from lexp.analyses.sentence import finetuned_model_dir
 
@@ -397,6 +401,8 @@ def build_stores(ctx: RunContext) -> None:
             "model_dtype": str(model_cfg.get("dtype") or "float32"),  # type: ignore[union-attr]
             "precision": str(extract_cfg.get("precision", "32")),
         }
+        if family["sentence"] not in (None, "cls"):  # [CLS] stores keep the fingerprints they had
+            settings["sentence"] = family["sentence"]
         fp = fingerprint(settings, ctx.task.files)
         plan.append(
             (split, fp, settings, store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp))
@@ -466,6 +472,26 @@ def _check_consistent_stores(stores: Mapping[str, Any]) -> None:
                 f"{store.path}: this {split} store does not match the train store {train.path} ({shown}); "
                 "one of them was edited or copied in by hand. Delete both store directories and rerun."
             )
+
+
+def _model_family(ctx: RunContext, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The model family, tokenizer kind and sentence representation (lexp.encoders.families), from
+    the config and tokenizer alone; recorded in results.json as ``model_family``."""
+    from lexp.encoders.families import inspect_model
+
+    folder = local_model_dir(model_cfg, ctx.cfg.cache_dir)
+    sentence = str(ctx.cfg.extract.get("sentence", "auto"))
+    kind = ctx.task.kind if ctx.task is not None else str(ctx.cfg.task.get("kind", "labelling"))
+    family = inspect_model(folder, sentence, sentence_task=kind != "labelling")
+    ctx.report["model_family"] = family
+    log.info(
+        "model family %s, %s tokenizer (%s), words aligned by word_ids%s",
+        family["family"],
+        family["tokenizer_kind"],
+        family["tokenizer_class"],
+        f", sentence vector: {family['sentence']}" if family["sentence"] else "",
+    )
+    return family
 
 
 def _require_space_for(ctx: RunContext, missing: list[tuple[str, Path]]) -> None:
@@ -582,6 +608,7 @@ def _prepare_extraction(ctx: RunContext, encoder: Any, split: str) -> tuple[Any,
             max_length=int(cfg.finetune.max_seq_length),
             progress=bool(cfg.progress),
             sources=[e.source for e in items],
+            sentence=str((ctx.report.data.get("model_family") or {}).get("sentence") or "cls"),
         )
     facts = {"device": device, "precision": precision, "batch_size": batch_size, "max_tokens": max_tokens}
     return stream, offsets, facts
@@ -763,6 +790,12 @@ def _unseen_text(unseen: Any) -> str:
     )
 
 
+def _family_line(family: Mapping[str, Any]) -> str:
+    """``llama, sentencepiece bpe tokenizer, sentence vector: last`` (the report's family line)."""
+    text = f"{family.get('family')}, {family.get('tokenizer_kind')} tokenizer, words by word_ids"
+    return text + (f", sentence vector: {family['sentence']}" if family.get("sentence") else "")
+
+
 def print_summary(ctx: RunContext) -> None:
     """A short table on stdout; results.json has everything."""
     data = ctx.report.data
@@ -770,6 +803,7 @@ def print_summary(ctx: RunContext) -> None:
     lines = [
         f"lexp {data['task']} · {data['model']} · analysis={data['analysis']}",
         f"  neurons        {data.get('n_neurons')} ({data.get('n_layers')} layers × {data.get('hidden')})",
+        "  family         " + _family_line(data.get("model_family") or {}),
         "  rows           " + ", ".join(f"{s}={n}" for s, n in data.get("rows", {}).items()),
         f"  labels         {data.get('n_labels')} in train{_unseen_text(data.get('unseen_labels'))}",
     ]

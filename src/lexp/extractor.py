@@ -42,6 +42,7 @@ def save_reduced_extractor(
     labels: Sequence[str],
     kind: str,
     settings: Mapping[str, Any],
+    drop_final_norm: bool = False,
 ) -> Path:
     """Save a truncated encoder + neuron columns + probe into ``path`` (written atomically).
 
@@ -67,6 +68,9 @@ def save_reduced_extractor(
     manifest = {
         "format": FORMAT,
         "n_layers_kept": int(n_layers_kept),
+        # a decoder truncated to fewer layers skips its final norm (lexp.redundancy.timing.
+        # drop_final_norm); the config cannot say so: the model is saved whole and load() drops it
+        "final_norm": "identity" if drop_final_norm else "model",
         "n_neurons": int(len(columns)),
         "labels": list(labels),
         "kind": kind,
@@ -152,6 +156,10 @@ class ReducedExtractor:
                 f"{probe_path}: lacks tensor(s) {missing}. Re-run the pipeline to write it again."
             )
         model = load_pretrained(AutoModel, encoder_dir, trust_remote_code=False).eval().to(target)
+        if manifest.get("final_norm") == "identity":
+            from lexp.redundancy.timing import drop_final_norm
+
+            drop_final_norm(model)
         tokenizer = AutoTokenizer.from_pretrained(encoder_dir, trust_remote_code=False)
         _check_parts(manifest_path, probe_path, manifest, tensors, model.config)
         return cls(
@@ -277,6 +285,7 @@ class ReducedExtractor:
             batch_size=batch_size,
             max_length=int(self.settings.get("max_length", 128)),
             progress=False,
+            sentence=str(self.settings.get("sentence") or "cls"),
             **self._store_extraction(),
         ):
             if feats is None:

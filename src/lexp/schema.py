@@ -358,6 +358,15 @@ SCHEMA: dict[str, Rule] = {
     "extract.subword": Choice(
         "last", "first", "average", doc="the subword that stands for a word", example="last"
     ),
+    "extract.sentence": Choice(
+        "auto",
+        "cls",
+        "last",
+        "mean",
+        doc="sentence tasks: the vector of an example (auto: [CLS]/<cls> where the tokenizer has one, "
+        "else the last token)",
+        example="last",
+    ),
     "extract.long_sentences": Choice(
         "error", "window", doc="sentences longer than the model maximum", example="window"
     ),

@@ -340,7 +340,11 @@ def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
     model_cfg["name_or_path"] = str(ctx.model_dir)
     model_cfg["random_init"] = False  # ctx.model_dir holds the run's weights (random ones included)
     encoder = load_encoder(model_cfg)
-    truncated = truncate_encoder(encoder.model, int(result.ls_layer))
+    from lexp.encoders.families import final_norm_name
+    from lexp.redundancy.timing import encoder_depth
+
+    truncated = truncate_encoder(encoder.model, int(result.ls_layer), final_norm=True)
+    base = getattr(encoder.model, encoder.model.base_model_prefix, encoder.model)
     path = save_reduced_extractor(
         ctx.run_dir / "extractor",
         model=truncated,
@@ -351,6 +355,8 @@ def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
         bias=final["bias"],
         labels=ctx.task.labels,
         kind=ctx.task.kind,
+        drop_final_norm=final_norm_name(base) is not None
+        and int(result.ls_layer) < encoder_depth(encoder.model),
         settings={
             "subword": str(ctx.cfg.extract.subword),
             "long_sentences": str(ctx.cfg.extract.long_sentences),
@@ -358,6 +364,7 @@ def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
             "precision": str(ctx.cfg.extract.precision),
             "store_dtype": str(ctx.cfg.store.dtype),
             "max_length": int(ctx.cfg.finetune.max_seq_length),
+            "sentence": (ctx.report.data.get("model_family") or {}).get("sentence"),
             "task": ctx.task.name,
             "model": str(ctx.cfg.model.name),
             "test_score": final.get("test", {}).get(ctx.metric),

@@ -155,9 +155,11 @@ def _forward_options(model: torch.nn.Module) -> tuple[bool, dict[str, Any]]:
     extra: dict[str, Any] = {"output_hidden_states": True, "return_dict": True}
     if "use_mems" in params:
         extra["use_mems"] = False  # mems would only copy every hidden state; lexp never reuses them
-    # Segment ids are passed whenever the model takes them: XLNet was pre-trained with them
-    # (<cls> has its own segment) although transformers 5's XLNet tokenizer omits them by default.
-    return "token_type_ids" in params, extra
+    # Segment ids are passed whenever the model has segment parameters: XLNet was pre-trained with
+    # them (<cls> has its own segment) although transformers 5's XLNet tokenizer omits them by default.
+    from lexp.encoders.families import takes_segments
+
+    return takes_segments(model), extra
 
 
 @contextlib.contextmanager
@@ -355,6 +357,24 @@ def _gather(
     return out.view(n_rows, -1)
 
 
+def _mean_weights(
+    chunk: Sequence[int], specials: Sequence[Sequence[int]], offsets: np.ndarray, width: int
+) -> np.ndarray:
+    """(batch, width) float32: 1/n at each example's n non-special tokens, 0 at specials and padding."""
+    weights = np.zeros((len(chunk), width), dtype=np.float32)
+    for row, (i, off) in enumerate(zip(chunk, offsets, strict=True)):
+        keep = np.flatnonzero(np.asarray(specials[i]) == 0) + off
+        weights[row, keep] = 1.0 / len(keep)
+    return weights
+
+
+def _mean(hidden_states: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Every layer's weighted token mean (`_mean_weights`), float32 (batch, layers*hidden)."""
+    w = weights.unsqueeze(1)  # (batch, 1, width)
+    rows = [torch.bmm(w, h.float()).squeeze(1) for h in hidden_states]
+    return torch.stack(rows, dim=1).reshape(len(weights), -1)
+
+
 def _check_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise LexpModelError(
@@ -377,24 +397,25 @@ def _check_sources(sources: Sequence[str] | None, n: int, what: str) -> None:
 def cls_position(tokenizer: Any) -> str:
     """Where the tokenizer puts its classification token: ``"first"`` (BERT) or ``"last"`` (XLNet).
 
-    Decided from an actual encoding, not from the model name, so any tokenizer that follows either
-    convention works.
+    Decided from an actual encoding, not from the model name (`lexp.encoders.families`), so any
+    tokenizer that follows either convention works.
     """
-    cls_id = tokenizer.cls_token_id
-    if cls_id is None:
+    from lexp.encoders.families import cls_position as position
+
+    if tokenizer.cls_token_id is None:
         raise LexpModelError(
             f"{type(tokenizer).__name__} has no classification token (cls_token), so there is no [CLS] "
-            "representation to extract. Fix: use a model with a [CLS]/<cls> token (BERT, XLNet, RoBERTa)."
+            "representation to extract. Fix: extract.sentence=last or mean (decoders: last, what their "
+            "sequence-classification head reads), or auto."
         )
-    probe = list(tokenizer("a", "b")["input_ids"])
-    if probe[0] == cls_id:
-        return "first"
-    if probe[-1] == cls_id:
-        return "last"
-    raise LexpModelError(
-        f"{type(tokenizer).__name__} puts its cls token neither first nor last ({probe}); lexp cannot "
-        "tell which position is the sentence representation."
-    )
+    where = position(tokenizer)
+    if where is None:
+        probe = list(tokenizer("a", "b")["input_ids"])
+        raise LexpModelError(
+            f"{type(tokenizer).__name__} puts its cls token neither first nor last ({probe}); lexp cannot "
+            "tell which position is the sentence representation. Fix: extract.sentence=last or mean."
+        )
+    return where
 
 
 # --------------------------------------------------------------------------------------------
@@ -822,8 +843,9 @@ def extract_cls(
     max_tokens: int | str | None = None,
     precision: str = "32",
     rows_dtype: str = "float32",
+    sentence: str = "cls",
 ) -> Extraction:
-    """The classification-token representation of each example: yields ``(index, float32 (n_layers*hidden,))``.
+    """The sentence representation of each example: yields ``(index, float32 (n_layers*hidden,))``.
 
     Runs on the device of the model's weights, like `extract_words`.
 
@@ -832,6 +854,11 @@ def extract_cls(
     ``.stats.n_truncated`` and logged. The token is located from the tokenizer (`cls_position`):
     BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources``,
     ``max_tokens``, ``precision`` and ``rows_dtype`` are as in `extract_words`.
+
+    ``sentence``: ``"cls"`` (the classification token, the paper's), ``"last"`` (the last non-padding
+    token: what a decoder's sequence-classification head reads; either padding side), ``"mean"``
+    (the mean over the example's tokens without special tokens, both texts of a pair) or ``"auto"``
+    (`lexp.encoders.families.FamilyAdapter.sentence`: cls where the tokenizer has one, else last).
     """
     _check_batching(batch_size, max_tokens)
     device = _device(model)
@@ -854,12 +881,20 @@ def extract_cls(
             )
         if ex[1] is not None and not isinstance(ex[1], str):
             raise LexpInputError(f"example {_name(i, sources)}: text_b must be a str or None, got {ex[1]!r}.")
-    where = cls_position(tokenizer)
+    if sentence == "auto":
+        from lexp.encoders.families import adapter_for
+
+        sentence = adapter_for(model, tokenizer).sentence("auto")
+    if sentence not in ("cls", "last", "mean"):
+        raise LexpInputError(f"sentence={sentence!r} is not one of ('auto', 'cls', 'last', 'mean')")
+    where = cls_position(tokenizer) if sentence == "cls" else "last"
+    mean = sentence == "mean"
     want_types, forward_kwargs = _forward_options(model)
     stats = ExtractionStats(n_items=len(examples))
 
     ids: list[list[int]] = [[] for _ in examples]
     types: list[list[int]] = [[] for _ in examples]
+    specials: list[list[int]] = [[] for _ in examples]  # sentence=mean: 1 at special tokens
     truncated: list[int] = []
     for paired in (False, True):
         group = [i for i, ex in enumerate(examples) if (ex[1] is not None) == paired]
@@ -871,6 +906,7 @@ def extract_cls(
             truncation=False,
             return_token_type_ids=want_types,
             return_attention_mask=False,
+            return_special_tokens_mask=mean,
             verbose=False,
         )
         over = [j for j, i in enumerate(group) if len(enc["input_ids"][j]) > max_length]
@@ -882,14 +918,24 @@ def extract_cls(
                 max_length=max_length,
                 return_token_type_ids=want_types,
                 return_attention_mask=False,
+                return_special_tokens_mask=mean,
             )
         for j, i in enumerate(group):
             ids[i] = enc["input_ids"][j]
             types[i] = enc["token_type_ids"][j] if want_types else []
+            specials[i] = enc["special_tokens_mask"][j] if mean else []
         for k, j in enumerate(over):
             ids[group[j]] = cut["input_ids"][k]
             types[group[j]] = cut["token_type_ids"][k] if want_types else []
+            specials[group[j]] = cut["special_tokens_mask"][k] if mean else []
             truncated.append(group[j])
+    if mean:
+        empty = [i for i in range(len(examples)) if all(specials[i])]
+        if empty:
+            raise LexpInputError(
+                f"extract.sentence=mean: example {_name(empty[0], sources)} has no token besides special "
+                "tokens, so it has no mean. Fix: remove the empty example or use extract.sentence=cls/last."
+            )
     truncated.sort()
     stats.n_truncated = len(truncated)
     if truncated:
@@ -933,11 +979,19 @@ def extract_cls(
                 st.n_batches += 1
                 st.n_tokens += int(lengths.sum())
                 st.n_padded_tokens += inputs["input_ids"].numel()
-                moved = _to_device({**inputs, "_index": index}, device)
+                extra = {"_index": index}
+                if mean:
+                    extra["_weights"] = torch.from_numpy(_mean_weights(chunk, specials, offsets, width))
+                moved = _to_device({**inputs, **extra}, device)
                 index_d = moved.pop("_index")
+                weights_d = moved.pop("_weights", None)
                 with _inference(model, precision):
                     hidden_states = _hidden_states(model(**moved, **forward_kwargs))
-                    rows = _gather(hidden_states, index_d)
+                    rows = (
+                        _gather(hidden_states, index_d)
+                        if weights_d is None
+                        else _mean(hidden_states, weights_d)
+                    )
                 in_flight.append((chunk, *copier.start(rows.to(out_dtype))))
                 if len(in_flight) > lag:
                     yield collect(*in_flight.popleft())

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -229,13 +228,16 @@ def load_tokenizer(
             f"cannot load a tokenizer from {name_or_path}: {err}. Point model.name_or_path at a folder "
             "with tokenizer files (tokenizer.json, vocab.txt or spiece.model)"
         ) from err
-    if tokenizer.pad_token_id is None:
-        raise LexpModelError(
-            f"the tokenizer of {name_or_path} has no padding token; batches cannot be padded. "
-            "Add one (tokenizer.pad_token = ...) and save it next to the model"
-        )
+    from lexp.encoders.families import ensure_pad_token, require_fast
+
+    require_fast(tokenizer, str(name_or_path))
+    # Decoders (GPT-2, Llama, Mistral) ship no pad token: pad with their EOS, as transformers
+    # documents; the sequence-classification head then finds each row's last non-pad token.
+    ensure_pad_token(tokenizer, model)
     if model is not None and "token_type_ids" not in tokenizer.model_input_names:
-        if "token_type_ids" in inspect.signature(model.forward).parameters:
+        from lexp.encoders.families import takes_segments
+
+        if takes_segments(model):  # not GPT-2: it would look segment ids up as words
             tokenizer.model_input_names = [*tokenizer.model_input_names, "token_type_ids"]
             tokenizer.init_kwargs["model_input_names"] = list(tokenizer.model_input_names)  # saved
     return tokenizer

@@ -340,6 +340,9 @@ def _prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, target: str, kwar
         )
     if getattr(model.config, "model_type", "") == "xlnet":
         tokenizer.padding_side = "left"  # XLNet is trained with left padding, <cls> last
+    from lexp.encoders.families import ensure_pad_token
+
+    ensure_pad_token(tokenizer)  # GPT-2, Llama, Mistral: pad with EOS (rows come from the mask)
     return tokenizer
 
 

@@ -44,7 +44,12 @@ _LAYER_PATHS: tuple[tuple[str, ...], ...] = (
     ("encoder", "layer"),  # BERT, RoBERTa, ELECTRA, MiniLM, ...
     ("layer",),  # XLNet
     ("transformer", "layer"),  # DistilBERT; XLNet heads (prefix "transformer")
+    ("h",),  # GPT-2
+    ("layers",),  # Llama, Qwen2, Mistral, Gemma, ModernBERT
+    ("encoder", "albert_layer_groups"),  # ALBERT: shared layer groups, looped num_hidden_layers times
 )
+#: Layer lists whose length is not the depth: the model loops over them config.num_hidden_layers times.
+_SHARED_LAYERS = frozenset({("encoder", "albert_layer_groups")})
 _DEPTH_KEYS = ("num_hidden_layers", "n_layer", "n_layers")
 
 
@@ -80,10 +85,17 @@ def _layer_path(model: nn.Module) -> tuple[str, ...]:
     )
 
 
+def _shared(path: tuple[str, ...]) -> bool:
+    return any(path[len(path) - len(s) :] == s for s in _SHARED_LAYERS)
+
+
 def encoder_depth(model: nn.Module) -> int:
     """Number of transformer layers of ``model`` (the embeddings not counted)."""
+    path = _layer_path(model)
+    if _shared(path):
+        return int(model.config.num_hidden_layers)
     node: Any = model
-    for name in _layer_path(model):
+    for name in path:
         node = node._modules[name]
     return len(node)
 
@@ -108,11 +120,14 @@ def _clone_structure(module: nn.Module, config: Any, new_config: Any) -> nn.Modu
     return clone
 
 
-def truncate_encoder(model: nn.Module, k: int) -> nn.Module:
+def truncate_encoder(model: nn.Module, k: int, *, final_norm: bool = False) -> nn.Module:
     """The encoder with only its first ``k`` transformer layers (``k = 0``: embeddings only).
 
     Its ``last_hidden_state`` equals ``hidden_states[k]`` of the full model. Weights are shared
     (no extra memory); the full model is left untouched. The config copy reports ``k`` layers.
+    A final norm (decoders, ModernBERT) is dropped for k < depth (`drop_final_norm`), so that the
+    last state equals the full model's state k; ``final_norm=True`` keeps it (a model to save: its
+    weights stay complete, and the reduced extractor drops it on loading).
     """
     depth = encoder_depth(model)
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k <= depth:
@@ -130,11 +145,54 @@ def truncate_encoder(model: nn.Module, k: int) -> nn.Module:
     owner: Any = clone
     for part in parents:
         owner = owner._modules[part]
-    owner._modules[name] = nn.ModuleList(list(owner._modules[name])[: int(k)])
+    if not _shared((*parents, name)):  # ALBERT: the copy's config.num_hidden_layers alone truncates
+        owner._modules[name] = nn.ModuleList(list(owner._modules[name])[: int(k)])
     for key in _DEPTH_KEYS:  # e.g. XLNetModel.n_layer
         if getattr(owner, key, None) == depth:
             setattr(owner, key, int(k))
+    if new_config is not None and isinstance(getattr(new_config, "layer_types", None), list):
+        new_config.layer_types = new_config.layer_types[: int(k)]  # Qwen2, Gemma: one entry per layer
+    if int(k) < depth and not final_norm:
+        drop_final_norm(clone)
+    if int(k) == 0:
+        _check_runs_without_layers(clone)
     return clone
+
+
+def _check_runs_without_layers(model: nn.Module) -> None:
+    """One clear error for an encoder whose forward cannot run with zero layers (transformers'
+    DeBERTa-v2 encoder returns a variable set only inside its layer loop), instead of its
+    UnboundLocalError somewhere in the pipeline."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=_model_device(model))
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids)
+    except (UnboundLocalError, IndexError) as exc:
+        raise LexpModelError(
+            f"{type(model).__name__} cannot run with zero transformer layers (embeddings only): "
+            f"{type(exc).__name__}: {exc}. The pipeline's timing and a LayerSelector choice of layer 0 "
+            "need that. Fix: analysis.timing.enabled=false, or use analysis=layers/neurons/general."
+        ) from None
+
+
+def drop_final_norm(model: nn.Module) -> str | None:
+    """Replace the final norm of a decoder (GPT-2 ``ln_f``, Llama ``norm``, ModernBERT
+    ``final_norm``) by the identity, in place; returns its attribute name or None.
+
+    The norm is applied to the last layer's output only, so hidden state k of the full model is
+    un-normalised for every k < depth: a model truncated to k layers must not normalise its last
+    state either, or it would not reproduce the store's activations of layer k.
+    """
+    from lexp.encoders.families import final_norm_name
+
+    base: Any = model
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        base = getattr(model, prefix)
+    name = final_norm_name(base)
+    if name is not None:
+        base._modules[name] = nn.Identity()
+    return name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,10 @@ Top level, every run: ``schema_version`` (int), ``status`` (``running`` | ``comp
 directory), ``device`` (``device``, ``type``, ``name``, ``threads``), ``device_stages`` (stage ->
 device, dtype). After reading the task: ``task_kind`` (labelling | classification | regression),
 ``data_files``, ``counts`` (split -> sentences, tokens), ``n_labels``, ``labels``,
-``unseen_labels``, ``unseen_label_counts``, ``task_notes``, ``control_task`` (task.control). After
+``unseen_labels``, ``unseen_label_counts``, ``task_notes``, ``control_task`` (task.control).
+``model_family`` (lexp.encoders.families: ``family``, ``tokenizer_class``, ``tokenizer_kind``,
+``cls_position``, ``padding_side``, ``pad_token``, ``adds_special_tokens``, ``word_alignment``,
+``sentence``: the resolved extract.sentence of sentence tasks, null for word tasks). After
 extraction: ``model_dir``, ``n_layers``, ``hidden``, ``n_neurons`` (= n_layers x hidden),
 ``stores``, ``stores_reused``, ``rows`` (split -> rows: words or examples), ``extraction``
 (split -> batch/token counts, ``padding_ratio``, ``seconds``, ``words_per_second``), ``finetune``
