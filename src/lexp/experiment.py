@@ -26,7 +26,7 @@ from lexp.report.tracking import Tracker, make_tracker
 
 log = logging.getLogger("lexp")
 
-ANALYSES = ("oracle", "general", "layers", "neurons", "pipeline", "compare")
+ANALYSES = ("oracle", "general", "layers", "neurons", "pipeline", "compare", "layerdrop")
 
 
 @dataclass

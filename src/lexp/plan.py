@@ -142,7 +142,10 @@ def make_plan(
                 "or raise analysis.max_memory_gb"
             )
     if name == "layerdrop":
-        plan.stages["layerdrop (adjacent-layer Grams)"] = 3 * 8 * hidden * hidden + 8 * 4 * 4096 * n
+        # float64 Gram blocks X_lᵀX_l and X_lᵀX_l+1, plus two float32 chunks of 8,192 rows
+        plan.stages["layerdrop (adjacent-layer Grams)"] = (
+            2 * n_layers - 1
+        ) * 8 * hidden * hidden + 8 * 8192 * n
     _check(plan, n_layers, hidden)
     return plan
 

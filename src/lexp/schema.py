@@ -495,6 +495,18 @@ ANALYSIS_KEYS: dict[str, dict[str, Rule]] = {
 }
 
 
+ANALYSIS_KEYS["layerdrop"] = {
+    "split": Choice(
+        "train", "dev", "test", doc="the store the layer measures are computed on", example="train"
+    ),
+    "max_gap": Int(1, doc="angular distance d(l, l+n) for n = 1..max_gap", example=4),
+    "drop": List(Int(1), nonempty=False, doc="drop test: n blocks removed per entry", example="[1,2]"),
+    "ppl_split": Choice("train", "dev", "test", doc="causal LMs: perplexity sentences", example="dev"),
+    "ppl_sentences": Int(1, doc="causal LMs: sentences for the perplexity", example=200),
+    "chunk_rows": Int(1, doc="rows per streaming chunk", example=8192),
+}
+
+
 def _inherit(rule: Rule, key: str) -> Rule:
     """``analysis.other.<key>`` of analysis=compare: null (= ``model.<key>``) or what model.<key> takes."""
     return Rule(
