@@ -196,4 +196,5 @@ def test_cli_plan_that_does_not_fit_fails_fast(data_root: Path, tmp_path: Path) 
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lexp: error:")]
     assert len(errors) == 1 and "does not fit in memory" in errors[0] and "2,688 neurons" in errors[0]
-    assert elapsed < 10 + 15  # < 10 s of lexp; the interpreter and imports on a busy 2-core machine
+    assert not (tmp_path / "stores").exists()  # stopped before any model work or extraction
+    assert elapsed < 90  # seconds when idle (imports + reading EWT); generous for a loaded 2-core machine

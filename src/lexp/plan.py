@@ -60,6 +60,8 @@ class Plan:
     stores: dict[str, int]
     stages: dict[str, int] = field(default_factory=dict)
     general_method: str | None = None
+    #: peak of the blocked general path when the exact one was asked for (for the error's fix)
+    blocked_alternative: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +136,12 @@ def make_plan(
             str(analysis.compute),
         )
         plan.general_method = method
+        if method == "exact":
+            from lexp.redundancy.wide import blocked_peak_bytes
+
+            plan.blocked_alternative = blocked_peak_bytes(
+                n_rows, n, budget, int(analysis.chunk_rows), str(analysis.compute)
+            )
         plan.stages[f"general ({method})"] = peak
         if method == "blocked" and str(analysis.get("representative", "random")) == "medoid":
             raise LexpInputError(
@@ -156,8 +164,9 @@ def _check(plan: Plan, n_layers: int, hidden: int) -> None:
         return
     stage, need = max(over.items(), key=lambda kv: kv[1])
     fixes = [f"analysis.max_memory_gb={math.ceil(need / GB * 1.1)}"]
-    if stage.startswith("general (exact)"):
-        fixes.insert(0, "analysis.method=auto (the blocked path fits any width)")
+    blocked = plan.blocked_alternative
+    if stage.startswith("general (exact)") and blocked is not None and blocked <= plan.budget:
+        fixes.insert(0, f"analysis.method=auto (the blocked path needs ≈ {blocked / GB:.2f} GB)")
     raise LexpInputError(
         f"the run does not fit in memory: {stage} needs ≈ {need / GB:.2f} GB at {plan.n_neurons:,} neurons "
         f"({n_layers} layers × {hidden}), the budget is {plan.budget / GB:.2f} GB (machine: "
