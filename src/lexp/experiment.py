@@ -29,7 +29,7 @@ from lexp.report.tracking import Tracker, make_tracker
 
 log = logging.getLogger("lexp")
 
-ANALYSES = ("oracle", "general", "layers", "neurons", "pipeline", "compare")
+ANALYSES = ("oracle", "general", "layers", "neurons", "pipeline", "compare", "layerdrop")
 
 
 @dataclass
@@ -209,6 +209,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         _model_family(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
         with stage(ctx, "read"):
             read_task(ctx)
+            plan_memory(ctx)  # seconds: the memory plan is printed (or refused) before any model work
         with stage(ctx, "extract"):
             build_stores(ctx)
         module = None
@@ -293,6 +294,37 @@ def read_task(ctx: RunContext) -> None:
                 len(unseen),
                 ", ".join(sorted(unseen)[:10]),
             )
+
+
+def plan_memory(ctx: RunContext) -> None:
+    """Print the memory plan (lexp.plan) from the task's row counts and the model's config, and
+    stop with one error when it does not fit; ctx.plan carries the general analysis' method."""
+    from transformers import AutoConfig
+
+    from lexp.plan import make_plan
+
+    model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
+    try:
+        config = AutoConfig.from_pretrained(str(local_model_dir(model_cfg, ctx.cfg.cache_dir)))  # type: ignore[arg-type]
+    except (OSError, ValueError):
+        return  # loading the model reports the problem with its own clear error
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not hidden or not layers:
+        return
+    task = ctx.task
+    rows = {
+        s: int(sum(len(x.words) for x in items)) if task.kind == "labelling" else len(items)
+        for s, items in task.splits.items()
+        if s in _split_names(ctx)
+    }
+    plan = make_plan(
+        ctx.cfg, rows=rows, n_layers=int(layers) + 1, hidden=int(hidden), n_classes=len(task.labels)
+    )
+    for line in plan.lines():
+        log.info("%s", line)
+    ctx.plan = plan  # type: ignore[attr-defined]
+    ctx.report["memory_plan"] = plan.as_dict()
 
 
 # ------------------------------------------------------------------------------------------ extract

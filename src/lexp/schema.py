@@ -335,7 +335,17 @@ _CLUSTERING = {
     "compute": Choice("float32", "bfloat16", doc="covariance products", example="float32"),
     "chunk_rows": Int(1, MAX_ROWS, doc="rows per streaming chunk", example=16384),
     "max_rows": Int(1, null=True, doc="use only the first N rows of the store; null: all", example="null"),
+    "method": Choice(
+        "auto",
+        "exact",
+        "blocked",
+        doc="exact: dense N×N; blocked: bounded memory (auto: exact when it fits)",
+        example="auto",
+    ),
 }
+_MEMORY = Float(
+    0, lo_open=True, null=True, doc="memory budget in GB (null: 85% of the RAM available at start)", example=8
+)
 
 #: Keys of every run, whatever the task and analysis. ``path: Rule``.
 SCHEMA: dict[str, Rule] = {
@@ -503,8 +513,9 @@ SCHEMA: dict[str, Rule] = {
     "logger.tags": List(Str(), nonempty=False, example="[]"),
     # analysis (every analysis)
     "analysis.name": Choice(
-        "oracle", "general", "layers", "neurons", "pipeline", "compare", example="oracle"
+        "oracle", "general", "layers", "neurons", "pipeline", "compare", "layerdrop", example="oracle"
     ),
+    "analysis.max_memory_gb": _MEMORY,
 }
 
 #: ``analysis.<key>`` per analysis (``analysis.name``).
@@ -546,6 +557,18 @@ ANALYSIS_KEYS: dict[str, dict[str, Rule]] = {
         **_CLUSTERING,
         **_GRID,
     },
+}
+
+
+ANALYSIS_KEYS["layerdrop"] = {
+    "split": Choice(
+        "train", "dev", "test", doc="the store the layer measures are computed on", example="train"
+    ),
+    "max_gap": Int(1, doc="angular distance d(l, l+n) for n = 1..max_gap", example=4),
+    "drop": List(Int(1), nonempty=False, doc="drop test: n blocks removed per entry", example="[1,2]"),
+    "ppl_split": Choice("train", "dev", "test", doc="causal LMs: perplexity sentences", example="dev"),
+    "ppl_sentences": Int(1, doc="causal LMs: sentences for the perplexity", example=200),
+    "chunk_rows": Int(1, doc="rows per streaming chunk", example=8192),
 }
 
 

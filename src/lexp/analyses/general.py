@@ -9,6 +9,7 @@ average-linkage tree is built once, cached beside the store, and cut at every re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 from lexp.experiment import RunContext, public, torch_threads
 from lexp.locks import PARTIAL, ensure_entry, remove_partials, replace_dir
 from lexp.report import figures
+
+log = logging.getLogger("lexp")
 
 
 def thresholds(value: Any) -> list[float]:
@@ -47,13 +50,17 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
     cfg = ctx.cfg.analysis
     max_rows = int(cfg.max_rows) if cfg.get("max_rows") else None
     need_corr = str(cfg.get("representative", "random")) == "medoid"
-    settings = {
+    settings: dict[str, Any] = {
         "store": store.manifest["fingerprint"],
         "columns": None if columns is None else np.asarray(columns).tolist(),
         "max_rows": max_rows,
         "signed": bool(cfg.signed),
         "compute": str(cfg.compute),
     }
+    method, budget = clustering_method(ctx, store, columns, max_rows)
+    if method == "blocked":  # exact below the largest ct only: part of the cache's identity
+        settings["method"] = "blocked-components"
+        settings["exact_up_to_ct"] = max(thresholds(cfg.ct))
     fp = fingerprint(settings, [])
     cache = store.path.parent / f"{store.path.name}.{tag}-{fp[:12]}"
 
@@ -76,6 +83,8 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
         source: Any = store if max_rows is None else store.activations[:max_rows]
         device = ctx.run_device()
         ctx.record_device("covariance", str(cfg.compute))
+        if method == "blocked":
+            return build_blocked(entry, source, device)
         with torch_threads(ctx.cfg.threads.clustering):
             moments = covariance.streaming_moments(
                 source,
@@ -111,9 +120,69 @@ def clustering_cache(ctx: RunContext, store: Any, columns: np.ndarray | None, ta
             raise
         replace_dir(tmp, entry)  # an older, incomplete entry goes only under the exclusive lock
 
+    def build_blocked(entry: Path, source: Any, device: Any) -> None:
+        from lexp.redundancy import wide
+
+        with torch_threads(ctx.cfg.threads.clustering):
+            result = wide.wide_general(
+                source,
+                ct_max=float(settings["exact_up_to_ct"]),
+                budget_bytes=budget,
+                chunk_rows=int(cfg.chunk_rows),
+                columns=None if columns is None else np.asarray(columns),
+                compute=str(cfg.compute),
+                signed=bool(cfg.signed),
+                layer_sizes=[store.hidden] * store.n_layers if columns is None else None,
+                device=device,
+                progress=(lambda msg: log.info("general: %s", msg)) if ctx.cfg.progress else None,
+            )
+        remove_partials(entry)
+        tmp = entry.with_name(entry.name + f"{PARTIAL}{os.getpid()}")
+        tmp.mkdir(parents=True)
+        clustering.save_linkage(result.linkage, tmp / "linkage.npy")
+        if result.cka is not None:
+            np.save(tmp / "cka.npy", result.cka, allow_pickle=False)
+            np.save(tmp / "cka_debiased.npy", result.cka_debiased, allow_pickle=False)
+        manifest = {
+            "fingerprint": fp,
+            "settings": settings,
+            "computed_on": str(device),
+            "blocked": result.info,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        replace_dir(tmp, entry)
+
     # One job builds, concurrent jobs of a sweep wait and reuse; nothing is replaced while read.
     out, reused = ensure_entry(cache, ready=ready, build=build, load=load)
-    return out | {"reused": reused}
+    info = json.loads((out["path"] / "manifest.json").read_text()).get("blocked")
+    method_info = info or {"method": "exact"}
+    return out | {"reused": reused, "method": method_info}
+
+
+def clustering_method(
+    ctx: RunContext, store: Any, columns: np.ndarray | None, max_rows: int | None
+) -> tuple[str, float]:
+    """(``exact`` | ``blocked``, budget in bytes) for this store and column selection: exact when
+    its ≈ 16·N² bytes fit ``analysis.max_memory_gb`` (lexp.plan), unless ``analysis.method`` says."""
+    from lexp.plan import general_method, memory_budget
+
+    cfg = ctx.cfg.analysis
+    plan = getattr(ctx, "plan", None)
+    budget = plan.budget if plan is not None else memory_budget(cfg.get("max_memory_gb"))
+    n = store.n_neurons if columns is None else len(columns)
+    rows = store.n_rows if max_rows is None else min(store.n_rows, max_rows)
+    method, _ = general_method(
+        str(cfg.get("method", "auto")), rows, n, budget, int(cfg.chunk_rows), str(cfg.compute)
+    )
+    if method == "blocked" and str(cfg.get("representative", "random")) == "medoid":
+        from lexp.errors import LexpInputError
+
+        raise LexpInputError(
+            f"analysis.representative=medoid needs the dense N × N correlations; at {n:,} neurons the "
+            f"clustering runs blocked (analysis.max_memory_gb={budget / 1e9:.2f}). Fix: "
+            "analysis.representative=random, or raise analysis.max_memory_gb"
+        )
+    return method, budget
 
 
 def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
@@ -181,6 +250,8 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         "oracle_test": float(ctx.oracle["test"][metric]) if "test" in ctx.oracle else None,
         "cache": str(state["cached"]["path"]),
         "cache_reused": bool(state["cached"]["reused"]),
+        # exact (dense, as NeuroX) or blocked-components (exact up to exact_up_to_ct; lexp.redundancy.wide)
+        "clustering_method": state["cached"]["method"],
         "table6": rows,
         "representatives": {f"{ct:g}": state["clusters"][ct]["representatives"] for ct in state["cts"]},
     }

@@ -45,7 +45,7 @@ import numpy as np
 from lexp.errors import LexpInputError
 from lexp.redundancy.covariance import Moments, constant_columns
 
-__all__ = ["cka_blocks", "cka_matrix", "debiased_hsic_terms", "linear_cka"]
+__all__ = ["cka_blocks", "cka_from_terms", "cka_matrix", "debiased_hsic_terms", "linear_cka"]
 
 
 def _centred(a: np.ndarray, name: str) -> np.ndarray:
@@ -197,3 +197,50 @@ def cka_matrix(
     if n_layers < 1 or hidden < 1:
         raise LexpInputError(f"cka_matrix: n_layers and hidden must be ≥ 1, got {n_layers} and {hidden}")
     return cka_blocks(cov_or_moments, [hidden] * n_layers, debiased=debiased)
+
+
+def cka_from_terms(
+    sq: np.ndarray,
+    trace: np.ndarray,
+    n: int,
+    *,
+    dead: np.ndarray | None = None,
+    q: np.ndarray | None = None,
+) -> np.ndarray:
+    """(G, G) CKA from its terms, as :func:`cka_blocks` computes it from a dense co-moment.
+
+    ``sq[a, b] = ‖C_ab‖²_F``, ``trace[a] = tr(C_aa)``, ``n`` rows; ``q`` given: the debiased CKA with
+    ``Q = Moments.row_norm_products`` (module docstring). The blocked path at LLM width
+    (:mod:`lexp.redundancy.wide`) accumulates these terms panel by panel without an N × N matrix.
+    ``dead``: layers whose neurons are all constant (0 with the others, 1 with themselves).
+    """
+    sq = (np.asarray(sq, dtype=np.float64) + np.asarray(sq, dtype=np.float64).T) / 2
+    g = sq.shape[0]
+    dead = np.zeros(g, dtype=bool) if dead is None else np.asarray(dead, dtype=bool).copy()
+    if q is not None:
+        if n < 4:
+            raise LexpInputError(f"cka_from_terms: the debiased CKA needs at least 4 rows, got {n}")
+        num = debiased_hsic_terms(sq, trace, trace, np.asarray(q, dtype=np.float64), n)
+    else:
+        num = sq
+    diag = np.diagonal(num).copy()
+    if q is not None:
+        bad = ~dead & (diag <= 0.0)
+        if bad.any():
+            raise LexpInputError(
+                f"cka_matrix: the debiased self-similarity of layers {np.flatnonzero(bad).tolist()} is not "
+                f"positive over {n} rows (too few rows for their width?); use the biased CKA"
+            )
+    if dead.any():
+        warnings.warn(
+            f"cka_matrix: layers {np.flatnonzero(dead).tolist()} are constant; their CKA is set to 0",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        diag[dead] = 1.0
+    norms = np.sqrt(diag)
+    out = num / np.outer(norms, norms)
+    out[dead, :] = 0.0
+    out[:, dead] = 0.0
+    np.fill_diagonal(out, 1.0)
+    return out if q is not None else np.clip(out, 0.0, 1.0, out=out)

@@ -257,3 +257,29 @@ def grouped_bars(
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def layer_redundancy(
+    block_influence: Sequence[float],
+    angular: Mapping[str, Sequence[float]],
+    cka_adjacent: Sequence[float],
+    path: Path,
+    title: str,
+) -> Path:
+    """analysis=layerdrop: Block Influence, angular distance d(ℓ, ℓ+n) and adjacent CKA per block."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    blocks = np.arange(len(block_influence))
+    axes[0].bar(blocks, block_influence, color="tab:red")
+    axes[0].set_title("Block Influence 1 − cos(h_ℓ, h_ℓ+1)")
+    for g, values in angular.items():
+        axes[1].plot(np.arange(len(values)), values, "o-", ms=3, label=f"n={g}")
+    axes[1].set_title("angular distance d(h_ℓ, h_ℓ+n)")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(blocks, cka_adjacent, "s-", color="tab:green")
+    axes[2].set_ylim(0, 1.02)
+    axes[2].set_title("linear CKA(h_ℓ, h_ℓ+1)")
+    for ax in axes:
+        ax.set_xlabel("block ℓ (input = hidden state ℓ; 0 = embeddings)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

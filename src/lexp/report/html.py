@@ -645,6 +645,21 @@ class ReportBuilder:
             [self.table("pipeline"), _figures_html(figs)],
         )
 
+    def layerdrop(self) -> None:
+        """analysis=layerdrop: BI, angular distance and adjacent CKA per block, and the drop test."""
+        if "layerdrop" not in self.tables:
+            return
+        figs = []
+        for runs in newest_runs([r for r in self.runs if r.analysis == "layerdrop"]).values():
+            fig = self.run_png(runs[0], "layerdrop.png")
+            if fig is not None:
+                figs.append(fig)
+        self.section(
+            "layerdrop",
+            "Layer redundancy of the LLM literature: Block Influence, angular distance, drop test",
+            [self.table("layerdrop"), _figures_html(figs)],
+        )
+
     def _bars(self, key: str, column: str, title: str, ylabel: str) -> list[Figure]:
         """Grouped bars (task × model) of one column, when several models ran the same tasks."""
         from lexp.report import figures
@@ -729,6 +744,7 @@ class ReportBuilder:
         self.figure4()
         self.table8()
         self.pipeline()
+        self.layerdrop()
         self.timings()
         self.appendix()
         if self.warnings:

@@ -1369,6 +1369,77 @@ def _compare_averages(
     return rows
 
 
+# ---- analysis=layerdrop (Block Influence, angular distance, adjacent CKA; the drop test)
+def _layerdrop_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
+    data = need(run.data, "layerdrop")
+    table = need(data, "table")
+    drops = need(data, "drops")
+    if not isinstance(table, list) or not isinstance(drops, list):
+        raise Missing("layerdrop.table / layerdrop.drops is not a list")
+    return [(("layerdrop",), {"table": table, "drops": drops, "ppl_full": get(data, "perplexity_full")})]
+
+
+def layerdrop_table(runs: Sequence[Run], problems: Problems) -> Table | None:
+    """Per block: BI, angular distance d(l, l+n), adjacent CKA; then one row per drop test."""
+    entries = _collect(runs, "the layerdrop table", ["layerdrop"], _layerdrop_payload, [], problems)
+    if not entries:
+        return None
+    kept, skipped = newest(entries)
+    key_cols, key_values, suffix = _key_columns(kept)
+    gaps = sorted(
+        {
+            k.removeprefix("angular_")
+            for e in kept
+            for r in e.payload["table"]
+            for k in r
+            if k.startswith("angular_")
+        },
+        key=int,
+    )
+    columns = key_cols + [
+        Column("block", "int"),
+        Column("BI", "ratio"),
+        *[Column(f"d(n={g})", "ratio") for g in gaps],
+        Column("CKA(l,l+1)", "ratio"),
+        Column("drop", "text"),
+        Column("probe dev", "score"),
+        Column("full dev", "score"),
+        Column("probe test", "score"),
+        Column("full test", "score"),
+        Column("ppl", "num"),
+        Column("ppl full", "num"),
+    ]
+    rows = []
+    for e in kept:
+        for r in e.payload["table"]:
+            rows.append(
+                key_values(e)
+                + [r.get("block"), r.get("block_influence")]
+                + [r.get(f"angular_{g}") for g in gaps]
+                + [r.get("cka_adjacent")]
+                + [None] * 7
+            )
+        for d in e.payload["drops"]:
+            label = f"n={d.get('n')}: blocks {d.get('blocks')}"
+            rows.append(
+                key_values(e)
+                + [None, None]
+                + [None] * len(gaps)
+                + [None, label]
+                + [d.get(k) for k in ("probe_dev", "full_dev", "probe_test", "full_test", "perplexity")]
+                + [d.get("perplexity_full")]
+            )
+    return Table(
+        "layerdrop",
+        "Layer redundancy (layerdrop): Block Influence (ShortGPT), angular distance d(l, l+n) (Gromov et al.), "
+        "adjacent linear CKA per block (input = hidden state l); drop rows: the best block of n layers removed, "
+        "last-layer probe and perplexity against the full model" + suffix,
+        columns,
+        rows,
+        _common_notes(kept, skipped, "for the same task, model and settings"),
+    )
+
+
 BUILDERS: tuple[Callable[[Sequence[Run], Problems], Table | None], ...] = (
     oracle_table,
     general_table,
@@ -1376,6 +1447,7 @@ BUILDERS: tuple[Callable[[Sequence[Run], Problems], Table | None], ...] = (
     layers_table,
     neurons_table,
     pipeline_table,
+    layerdrop_table,
 )
 
 
