@@ -140,27 +140,7 @@ def cka_blocks(
         num = _debiased(cov_or_moments, sizes, sq, bounds, c)
     else:
         num = sq
-    diag = np.diagonal(num).copy()
-    if debiased:
-        bad = ~dead & (diag <= 0.0)
-        if bad.any():
-            raise LexpInputError(
-                f"cka_matrix: the debiased self-similarity of layers {np.flatnonzero(bad).tolist()} is not "
-                f"positive over {cov_or_moments.n} rows (too few rows for their width?); use the biased CKA"
-            )
-    if dead.any():
-        warnings.warn(
-            f"cka_matrix: layers {np.flatnonzero(dead).tolist()} are constant; their CKA is set to 0",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        diag[dead] = 1.0
-    norms = np.sqrt(diag)
-    out = num / np.outer(norms, norms)
-    out[dead, :] = 0.0
-    out[:, dead] = 0.0
-    np.fill_diagonal(out, 1.0)
-    return out if debiased else np.clip(out, 0.0, 1.0, out=out)
+    return _normalised(num, dead, debiased=debiased, n=getattr(cov_or_moments, "n", 0), stacklevel=4)
 
 
 def _debiased(
@@ -223,8 +203,15 @@ def cka_from_terms(
         num = debiased_hsic_terms(sq, trace, trace, np.asarray(q, dtype=np.float64), n)
     else:
         num = sq
+    return _normalised(num, dead, debiased=q is not None, n=n, stacklevel=3)
+
+
+def _normalised(num: np.ndarray, dead: np.ndarray, *, debiased: bool, n: int, stacklevel: int) -> np.ndarray:
+    """CKA from the (L, L) HSIC terms ``num``: divide by the self-similarities; a constant
+    (``dead``) layer gets 0 with the others and 1 with itself (warned); biased CKA is clipped to
+    [0, 1]. Shared by :func:`cka_matrix` and :func:`cka_from_terms` so both paths agree exactly."""
     diag = np.diagonal(num).copy()
-    if q is not None:
+    if debiased:
         bad = ~dead & (diag <= 0.0)
         if bad.any():
             raise LexpInputError(
@@ -235,7 +222,7 @@ def cka_from_terms(
         warnings.warn(
             f"cka_matrix: layers {np.flatnonzero(dead).tolist()} are constant; their CKA is set to 0",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         diag[dead] = 1.0
     norms = np.sqrt(diag)
@@ -243,4 +230,4 @@ def cka_from_terms(
     out[dead, :] = 0.0
     out[:, dead] = 0.0
     np.fill_diagonal(out, 1.0)
-    return out if q is not None else np.clip(out, 0.0, 1.0, out=out)
+    return out if debiased else np.clip(out, 0.0, 1.0, out=out)
