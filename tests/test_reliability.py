@@ -23,6 +23,7 @@ from lexp.errors import LexpInputError, LexpModelError
 from lexp.experiment import config_dir
 from lexp.schema import MAX_THREADS, check_config
 from lexp.store import StoreWriter, check_integrity, ensure_store, open_store, verify_store
+from mounts import tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -249,24 +250,8 @@ def test_dev_store_that_disagrees_with_train_is_refused(tmp_path: Path) -> None:
 @pytest.fixture
 def ro_mount(tmp_path: Path):
     """A read-only tmpfs (stops root too, unlike chmod); skipped where mounting is not allowed."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    try:
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_unwritable_cache_is_one_error_before_any_work(tmp_path: Path, monkeypatch) -> None:

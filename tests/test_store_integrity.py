@@ -21,6 +21,7 @@ from lexp import store as store_mod
 from lexp import verify
 from lexp.errors import LexpInputError
 from lexp.store import StoreSpaceError, StoreWriter, ensure_store, open_store, store_nbytes, verify_store
+from mounts import tmpfs
 
 N_LAYERS, HIDDEN = 3, 64
 N_NEURONS = N_LAYERS * HIDDEN
@@ -285,24 +286,8 @@ def test_the_activation_file_is_allocated_before_the_first_row(tmp_path: Path) -
 @pytest.fixture
 def small_tmpfs(tmp_path: Path):
     """A 2 MB tmpfs (needs root and mount rights; skipped with the reason elsewhere)."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    try:
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "size=2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_real_full_disk_is_one_clear_error_and_a_clean_rerun(small_tmpfs: Path, monkeypatch) -> None:
