@@ -1,7 +1,7 @@
 """Check activation stores against the checksums recorded when they were written.
 
     python -m lexp.verify ~/.cache/lexp                      # every store under a cache root
-    python -m lexp.verify .cache/lexp/stores/minilm/pos/train-0123456789ab
+    python -m lexp.verify .cache/lexp/stores/minilm/train-0123456789ab
 
 Each store is re-hashed (xxh3-128 over every byte of its ``.npy`` files and of the ``labels.npy``
 of every task's label entry in its ``labels/`` folder) and its activations are scanned for NaN/inf,
