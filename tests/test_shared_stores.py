@@ -185,3 +185,49 @@ def test_an_edited_label_manifest_or_foreign_labels_are_refused(tiny_model_dir: 
     # adding labels whose count is not the store's rows is one clear error
     with pytest.raises(LexpInputError, match="labels for"):
         ensure_labels(store, "a", [0, 1], ["x", "y"])
+
+
+# ------------------------------------------------------------------------------------------- units
+def _bare_store(path: Path, rows: int = 40) -> Path:
+    from lexp.store import StoreWriter
+
+    with StoreWriter(path, n_rows=rows, n_layers=2, hidden=3, manifest={"fingerprint": "ab" * 32}) as w:
+        w.write_rows(0, np.arange(rows * 6, dtype=np.float32).reshape(rows, 6))
+        w.finish(None)  # activations only: the tasks add their labels
+    return path
+
+
+def test_concurrent_tasks_add_their_labels_to_one_store_once_each(tmp_path: Path) -> None:
+    """Eight jobs of two tasks at once (flock is per open file, so threads contend as processes do)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = _bare_store(tmp_path / "train-abababababab")
+    y = {"sem": np.arange(40) % 3, "ccg": np.arange(40) % 5}
+    vocab = {"sem": ["A", "B", "C"], "ccg": list("vwxyz")}
+
+    def job(task: str):
+        store, reused = ensure_labels(open_store(path, labels=False), task, y[task], vocab[task])
+        return task, reused, store.labels.copy(), store.label_vocab
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(job, ["sem", "ccg"] * 4))
+    for task in ("sem", "ccg"):
+        mine = [r for r in results if r[0] == task]
+        assert [r[1] for r in mine].count(False) == 1  # built exactly once, reused by the others
+        assert all(np.array_equal(r[2], y[task]) and r[3] == vocab[task] for r in mine)
+    assert sorted(p.name.split("-")[0] for p in label_entries(path)) == ["ccg", "sem"]
+    assert not [p for p in (path / "labels").iterdir() if ".partial-" in p.name]
+    assert verify_store(path).ok
+
+
+def test_verify_lists_old_format_stores_as_old(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    new = _bare_store(tmp_path / "cache" / "stores" / "m" / "train-abababababab")
+    old = tmp_path / "cache" / "stores" / "m" / "pos" / "train-0123456789ab"
+    old.mkdir(parents=True)
+    (old / "activations.npy").write_bytes(b"")
+    (old / "manifest.json").write_text(json.dumps({"format_version": 3, "complete": True}))
+    with pytest.raises(LexpInputError, match="store format 3 .*no longer used"):
+        open_store(old)
+    assert verify.main([str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert f"old     {old}: store format 3" in out and f"ok      {new}" in out
