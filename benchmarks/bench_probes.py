@@ -101,9 +101,9 @@ def _store_arrays(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Pa
     from lexp.store import open_store
 
     paths = {}
-    train = open_store(args.store)
+    train = open_store(args.store, args.task)
     for split, path in (("train", args.store), ("dev", args.dev_store), ("test", args.test_store)):
-        store = open_store(path)
+        store = open_store(path, args.task)
         x_path = workdir / f"x_{split}.npy"
         out = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.float32, shape=store.activations.shape)
         row = 0
@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--store", help="a real train store (then also --dev-store and --test-store)")
     parser.add_argument("--dev-store")
+    parser.add_argument("--task", help="whose labels, when the stores hold several tasks' (e.g. sem, ccg)")
     parser.add_argument("--test-store")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads on both sides (default: torch's)"
@@ -356,6 +357,7 @@ def main() -> None:
                 seed=42,
                 shuffle=args.order == "shuffled",
                 read_steps=READ_STEPS,
+                task=args.task,
             )
             n_classes, rows, source = dm.n_classes, dm.stores["train"].n_rows, f"store {args.store}"
             data = None

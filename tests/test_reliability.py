@@ -149,7 +149,7 @@ def test_a_too_long_dev_sentence_is_refused_before_the_train_store_is_built(
     with pytest.raises(LexpInputError, match=r"dev\.txt:1\): 42 tokens") as err:
         run(cfg, tmp_path / "run")
     assert "longer than the model maximum of 16" in str(err.value)
-    stores = cache / "stores" / "tiny" / "custom"
+    stores = cache / "stores" / "tiny"
     assert not stores.exists() or not [p for p in stores.iterdir() if p.name.startswith("train-")]
 
 
@@ -179,8 +179,9 @@ def _reuse_refused(path: Path, match: str) -> None:
 
 def test_replaced_labels_are_refused_by_reuse_and_verify(tmp_path: Path) -> None:
     path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
-    y = np.load(path / "labels.npy")
-    np.save(path / "labels.npy", np.zeros_like(y))  # same size, new content: case 1 of the audit
+    y_file = next(path.glob("labels/*/labels.npy"))
+    y = np.load(y_file)
+    np.save(y_file, np.zeros_like(y))  # same size, new content: case 1 of the audit
     _reuse_refused(path, "labels.npy does not match the checksum")
 
 
@@ -229,11 +230,13 @@ def test_an_unchanged_store_is_reused_without_reading_its_files(tmp_path: Path, 
 
 def test_a_touched_but_intact_file_is_rehashed_once_and_used(tmp_path: Path, caplog) -> None:
     path = _store(tmp_path / "stores" / "m" / "t" / "train-0123456789ab")
-    os.utime(path / "labels.npy", ns=(1, 1))
+    y_file = next(path.glob("labels/*/labels.npy"))
+    os.utime(y_file, ns=(1, 1))
     with caplog.at_level(logging.WARNING, logger="lexp.store"):
         store, reused = ensure_store(path, _no_build)
     assert reused and "labels.npy was modified" in caplog.text
-    assert check_integrity(store, full=False).rehashed == ("labels.npy",)
+    name = f"labels/{y_file.parent.name}/labels.npy"
+    assert check_integrity(store, full=False).rehashed == (name,)
 
 
 def test_dev_store_that_disagrees_with_train_is_refused(tmp_path: Path) -> None:

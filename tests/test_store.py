@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -62,6 +63,9 @@ def test_round_trip_in_shuffled_write_order(tmp_path: Path, dtype: str) -> None:
         tmp_path / "train-0123456789ab", acts, labels, offsets, dtype=dtype, fingerprint="0123456789ab" * 2
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-0123456789ab"]  # no partial left
+    # the labels are the label entry of task "toy", beside the activations
+    (entry,) = (path / "labels").iterdir()
+    assert entry.name.startswith("toy-") and not (path / "labels.npy").exists()
 
     store = open_store(path)
     expected = acts.astype(dtype)
@@ -76,14 +80,16 @@ def test_round_trip_in_shuffled_write_order(tmp_path: Path, dtype: str) -> None:
     m = store.manifest
     assert m["complete"] is True and m["format_version"] == STORE_FORMAT_VERSION
     assert (m["rows"], m["n_layers"], m["hidden"], m["dtype"]) == (len(acts), 3, 4, dtype)
-    assert m["label_vocab"] == list("abcde") and store.label_vocab == list("abcde")
-    assert m["task"] == "toy" and m["seconds"] == 1.5 and m["n_sentences"] == len(offsets) - 1
+    assert "label_vocab" not in m and "task" not in m  # they belong to the labels, not the store
+    assert store.label_vocab == list("abcde") and store.task == "toy" and store.label_path == entry
+    assert store.label_manifest["store_fingerprint"] == m["fingerprint"]
+    assert m["seconds"] == 1.5 and m["n_sentences"] == len(offsets) - 1
 
     # the notebook path and plain numpy see the same arrays
     X, y, meta = load_store(path)
     np.testing.assert_array_equal(X, expected)
     np.testing.assert_array_equal(y, labels)
-    assert meta == m
+    assert meta == {**m, "task": "toy", "label_vocab": list("abcde")}
     np.testing.assert_array_equal(np.load(path / "activations.npy", mmap_mode="r"), expected)
 
 
@@ -139,12 +145,11 @@ def test_iter_chunks_and_read_rows(tmp_path: Path, dtype: str) -> None:
 
 def test_store_dir_layout(tmp_path: Path) -> None:
     fp = "0123456789abcdef" * 4
-    assert (
-        store_dir(tmp_path, "minilm", "pos", "train", fp) == tmp_path / "stores/minilm/pos/train-0123456789ab"
-    )
-    assert store_dir(tmp_path, "org/model", "pos", "dev", fp).parent.parent.name == "org--model"
+    # no task in the path: tasks over the same sentences share the store
+    assert store_dir(tmp_path, "minilm", "train", fp) == tmp_path / "stores/minilm/train-0123456789ab"
+    assert store_dir(tmp_path, "org/model", "dev", fp).parent.name == "org--model"
     with pytest.raises(LexpInputError):
-        store_dir(tmp_path, "minilm", "pos", "train", "not-a-digest")
+        store_dir(tmp_path, "minilm", "train", "not-a-digest")
 
 
 # ------------------------------------------------------------------------------------ fingerprint
@@ -343,7 +348,7 @@ def test_killed_writer_leaves_only_a_partial_that_is_never_used(tmp_path: Path) 
 def test_ensure_store_reuses_without_calling_build(tmp_path: Path) -> None:
     acts, labels, offsets = make_data()
     fp = fingerprint({"x": 1}, [])
-    path = store_dir(tmp_path, "m", "toy", "train", fp)
+    path = store_dir(tmp_path, "m", "train", fp)
     store, reused = ensure_store(path, lambda p: write_store(p, acts, labels, offsets, fingerprint=fp))
     assert not reused
 
@@ -355,7 +360,7 @@ def test_ensure_store_reuses_without_calling_build(tmp_path: Path) -> None:
     np.testing.assert_array_equal(again.activations, store.activations)
 
     # a store copied under another fingerprint's name is refused, not silently reused
-    wrong = store_dir(tmp_path, "m", "toy", "train", fingerprint({"x": 2}, []))
+    wrong = store_dir(tmp_path, "m", "train", fingerprint({"x": 2}, []))
     wrong.parent.mkdir(parents=True, exist_ok=True)
     os.rename(path, wrong)
     with pytest.raises(LexpInputError, match="does not match the directory name"):
@@ -406,8 +411,7 @@ def test_open_store_on_garbage_says_what_to_do(tmp_path: Path) -> None:
     def variant(name: str, edit) -> Path:
         target = tmp_path / name
         target.mkdir()
-        for f in good.iterdir():
-            (target / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(good, target, dirs_exist_ok=True)
         edit(target)
         return target
 
@@ -427,7 +431,7 @@ def test_open_store_on_garbage_says_what_to_do(tmp_path: Path) -> None:
     garbage = variant("garbage", lambda d: (d / "activations.npy").write_bytes(b"\x00garbage" * 100))
     with pytest.raises(LexpInputError, match=r"activations\.npy.*cannot be read.*delete"):
         open_store(garbage)
-    short = variant("short", lambda d: np.save(d / "labels.npy", labels[:-1]))
+    short = variant("short", lambda d: np.save(next(d.glob("labels/*/labels.npy")), labels[:-1]))
     with pytest.raises(LexpInputError, match="labels.npy"):
         open_store(short)
     wrong_shape = variant(

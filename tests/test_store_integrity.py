@@ -61,9 +61,13 @@ def _corrupt(path: Path, n_bytes: int = 1 << 20) -> int:
 def test_manifest_records_the_checksums_size_mtime_and_zero_non_finite(tmp_path: Path, dtype: str) -> None:
     acts, labels = _data()
     path = _write(tmp_path / "s", acts, labels, dtype)
-    m = open_store(path).manifest
-    for name in ("activations.npy", "labels.npy", "sentence_offsets.npy"):
+    store = open_store(path)
+    m = store.manifest
+    for name in ("activations.npy", "sentence_offsets.npy"):
         assert m["checksums"][name] == "xxh3_128:" + xxhash.xxh3_128((path / name).read_bytes()).hexdigest()
+    y_file = store.label_path / "labels.npy"  # the labels' own manifest records theirs
+    want = "xxh3_128:" + xxhash.xxh3_128(y_file.read_bytes()).hexdigest()
+    assert store.label_manifest["checksums"]["labels.npy"] == want
     st = (path / "activations.npy").stat()
     assert m["activations_bytes"] == st.st_size and m["activations_mtime_ns"] == st.st_mtime_ns
     assert m["non_finite"] == 0
@@ -128,7 +132,7 @@ def test_verify_command_on_intact_and_missing_stores(tmp_path: Path, capsys) -> 
     assert capsys.readouterr().out.startswith(f"ok      {path}")
     assert verify.main([str(tmp_path / "nothing")]) == 2
     assert "no activation store here" in capsys.readouterr().err
-    (tmp_path / "s" / "labels.npy").write_bytes(b"garbage")  # not even loadable: reported, no traceback
+    next((tmp_path / "s").glob("labels/*/labels.npy")).write_bytes(b"garbage")  # reported, no traceback
     assert verify.main([str(tmp_path)]) == 1
     assert "labels.npy" in capsys.readouterr().err
 

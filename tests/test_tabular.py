@@ -360,7 +360,9 @@ def test_custom_tokens_oracle_equals_task_pos(
     check_config(custom_cfg, device=False)
     custom = run(custom_cfg, tmp_path / "custom")
     assert custom["counts"] == pos["counts"] and custom["labels"] == pos["labels"]
-    assert custom["stores"]["train"] != pos["stores"]["train"]  # another task: its own store
+    # the same EWT sentences: pos's stores, reused; its own label entries beside pos's
+    assert custom["stores"] == pos["stores"] and all(custom["stores_reused"].values())
+    assert not any(custom["labels_reused"].values()) and custom["store_labels"] != pos["store_labels"]
     for split in ("dev", "test"):
         assert custom["oracle"][split] == pos["oracle"][split]
     assert custom["oracle"]["dev"]["accuracy"] > 0.7

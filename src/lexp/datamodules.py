@@ -155,7 +155,7 @@ class StoreBatches(Dataset):
         self.columns = columns
         self.regression = regression
         self._store: Store | None = store
-        labels = store.labels
+        labels = store.require_labels()
         if regression:
             self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         else:
@@ -176,7 +176,7 @@ class StoreBatches(Dataset):
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = open_store(self.path)
+            self._store = open_store(self.path, labels=False)  # the labels are held in self.labels
         return self._store
 
     def __len__(self) -> int:
@@ -308,11 +308,14 @@ class ActivationDataModule(pl.LightningDataModule):
         device: torch.device | str | None = None,
         resident_fraction: float = RESIDENT_FRACTION,
         extra_labels: Mapping[str, np.ndarray] | None = None,
+        task: str | None = None,
     ) -> None:
         super().__init__()
         stores = {"train": train, "dev": dev, "test": test}
-        self.stores: dict[str, Store] = {
-            name: s if isinstance(s, Store) else open_store(s) for name, s in stores.items() if s is not None
+        self.stores: dict[str, Store] = {  # a path opens with the labels of `task` (see open_store)
+            name: s if isinstance(s, Store) else open_store(s, task)
+            for name, s in stores.items()
+            if s is not None
         }
         first = self.stores["train"]
         for name, store in self.stores.items():
@@ -576,8 +579,8 @@ class ActivationDataModule(pl.LightningDataModule):
             what = f"label ids outside the {n} train classes"
         if bad.size:
             raise LexpInputError(
-                f"{store.path}: {what} at rows {_row_list(bad)} of labels.npy; "
-                "rebuild the store from the task"
+                f"{store.label_path or store.path}: {what} at rows {_row_list(bad)} of labels.npy; "
+                "delete this label folder and rerun to rebuild it from the task"
             )
 
     def teardown(self, stage: str) -> None:

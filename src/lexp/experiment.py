@@ -377,7 +377,7 @@ def _split_names(ctx: RunContext) -> list[str]:
 def build_stores(ctx: RunContext) -> None:
     """Open the cached store of every split, extracting only what is missing or stale."""
     from lexp.encoders.writer import report_counts
-    from lexp.store import ensure_store, fingerprint, store_dir
+    from lexp.store import ensure_labels, ensure_store, fingerprint, sentences_digest, store_dir
 
     cfg = ctx.cfg
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -407,21 +407,29 @@ def build_stores(ctx: RunContext) -> None:
     digest = model_digest(ctx.model_dir)
     extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
     from lexp.encoders.loading import store_model_settings
-    from lexp.tasks import store_settings
 
-    task_cfg = store_settings(cfg.task)  # task.control: other heads, the same store
     cache_root = Path(cfg.cache_dir)
     encoder = None
     reused: dict[str, bool] = {}
+    labels_reused: dict[str, bool] = {}
+    label_sets: dict[str, str] = {}
     paths: dict[str, str] = {}
     extraction: dict[str, Any] = {}
     plan: list[tuple[str, str, dict[str, Any], Path]] = []
     for split in _split_names(ctx):
+        # Keyed by the sentences, not the task: the activations do not depend on the labels, so
+        # tasks over the same sentences (sem, ccg) share the store and add their labels to it.
+        items = ctx.task.splits[split]
+        inputs = (
+            (s.words for s in items)
+            if ctx.task.kind == "labelling"
+            else ((e.text_a, e.text_b) for e in items)
+        )
         settings = {
             "model": store_model_settings(model_cfg),  # type: ignore[arg-type]
             "model_digest": digest,
-            "task": task_cfg,
-            "limit": (cfg.get("limit") or {}).get(split),
+            "kind": "words" if ctx.task.kind == "labelling" else "sentences",
+            "sentences": sentences_digest(inputs),
             "split": split,
             "subword": extract_cfg["subword"],
             "long_sentences": extract_cfg["long_sentences"],
@@ -435,10 +443,8 @@ def build_stores(ctx: RunContext) -> None:
         }
         if family["sentence"] not in (None, "cls"):  # [CLS] stores keep the fingerprints they had
             settings["sentence"] = family["sentence"]
-        fp = fingerprint(settings, ctx.task.files)
-        plan.append(
-            (split, fp, settings, store_dir(cache_root, str(cfg.model.name), ctx.task.name, split, fp))
-        )
+        fp = fingerprint(settings, [])
+        plan.append((split, fp, settings, store_dir(cache_root, str(cfg.model.name), split, fp)))
     missing = [(split, path) for split, _, _, path in plan if not path.exists()]
     _require_space_for(ctx, missing)
     prepared: dict[str, Any] = {}
@@ -455,18 +461,30 @@ def build_stores(ctx: RunContext) -> None:
             _write_store(ctx, encoder, split, target, fp, settings, prepared.pop(split, None))
 
         with torch_threads(cfg.threads.extract):
-            store, was_reused = ensure_store(path, build)
+            store, was_reused = ensure_store(path, build, labels=False)
+        y, _ = ctx.task.encode_labels(split)
+        store, have_labels = ensure_labels(
+            store,
+            ctx.task.name,
+            y,
+            list(ctx.task.labels),
+            extra_manifest={"task_kind": ctx.task.kind, "data_files": [str(p) for p in ctx.task.files]},
+        )
         ctx.stores[split] = store
         reused[split] = was_reused
+        labels_reused[split] = have_labels
         paths[split] = str(store.path)
+        label_sets[split] = store.label_path.name
         extraction[split] = report_counts(split, store.manifest.get("extraction"), was_reused)
         log.info(
-            "%s store %s: %s (%d rows × %d neurons)",
+            "%s store %s: %s (%d rows × %d neurons); %s labels %s",
             split,
             "reused" if was_reused else "built",
             store.path,
             store.n_rows,
             store.n_neurons,
+            ctx.task.name,
+            f"reused ({store.label_path.name})" if have_labels else f"added ({store.label_path.name})",
         )
     for stream in prepared.values():  # a split another process built meanwhile
         stream[0].close()
@@ -481,6 +499,8 @@ def build_stores(ctx: RunContext) -> None:
             "n_neurons": first.n_neurons,
             "stores": paths,
             "stores_reused": reused,
+            "store_labels": label_sets,
+            "labels_reused": labels_reused,
             "rows": {s: int(st.n_rows) for s, st in ctx.stores.items()},
             "extraction": extraction,
         }
@@ -493,13 +513,20 @@ def _check_consistent_stores(stores: Mapping[str, Any]) -> None:
     train = stores.get("train")
     if train is None:
         return
-    keys = ("n_layers", "hidden", "dtype", "model", "task", "label_vocab")
+    keys = ("n_layers", "hidden", "dtype", "model")
+
+    def facts(store: Any) -> dict[str, Any]:
+        return {k: store.manifest.get(k) for k in keys} | {
+            "task": store.task,
+            "label_vocab": store.label_vocab,
+        }
+
+    want = facts(train)
     for split, store in stores.items():
-        differ = [k for k in keys if store.manifest.get(k) != train.manifest.get(k)]
+        have = facts(store)
+        differ = [k for k in have if have[k] != want[k]]
         if split != "train" and differ:
-            shown = "; ".join(
-                f"{k}: {store.manifest.get(k)!r} vs train {train.manifest.get(k)!r}" for k in differ[:3]
-            )
+            shown = "; ".join(f"{k}: {have[k]!r} vs train {want[k]!r}" for k in differ[:3])
             raise LexpInputError(
                 f"{store.path}: this {split} store does not match the train store {train.path} ({shown}); "
                 "one of them was edited or copied in by hand. Delete both store directories and rerun."
@@ -659,19 +686,15 @@ def _write_store(
     from lexp.encoders.writer import write_extraction
     from lexp.store import StoreWriter
 
-    task = ctx.task
     cfg = ctx.cfg
-    labels, _ = task.encode_labels(split)
     n_layers, hidden = int(encoder.info["n_layers"]), int(encoder.info["hidden"])
     manifest = {
         "fingerprint": fp,
         "settings": settings,
         "model": str(cfg.model.name),
         "model_dir": str(ctx.model_dir),
-        "task": task.name,
-        "task_kind": task.kind,
+        "kind": settings["kind"],
         "split": split,
-        "label_vocab": list(task.labels),
     }
     stream, offsets, facts = prepared if prepared is not None else _prepare_extraction(ctx, encoder, split)
     device, precision = facts["device"], facts["precision"]
@@ -692,7 +715,7 @@ def _write_store(
             "batch_size": batch_size,
             "max_tokens": max_tokens,
         }
-        writer.finish(labels, offsets, extra_manifest={"extraction": counts})
+        writer.finish(None, offsets, extra_manifest={"extraction": counts})  # labels: ensure_labels
 
 
 # ------------------------------------------------------------------------------------------- oracle

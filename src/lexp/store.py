@@ -1,22 +1,29 @@
-"""The on-disk activation store: one directory per (model, task, split, fingerprint).
+"""The on-disk activation store: one directory per (model, sentences, extraction settings, split).
 
 Extraction is the expensive step (minutes to hours), every analysis after it reads the same
 numbers many times. So activations are written once, as plain ``.npy`` files that any notebook can
-memory-map, and every later run reuses them when the fingerprint of model + data + settings is
-unchanged. Layout of ``<cache>/stores/<model>/<task>/<split>-<fp12>/``::
+memory-map, and every later run reuses them when the fingerprint of model + sentences + settings is
+unchanged. The activations do not depend on the labels, so the fingerprint hashes the word
+sequences themselves (:func:`sentences_digest`), not the data files or the task name: two tasks over
+the same sentences (sem and ccg both label the PMB sentences) share one store and each adds its
+labels beside the activations. Layout of ``<cache>/stores/<model>/<split>-<fp12>/``::
 
     activations.npy        rows × n_layers·hidden, float16 or float32, layer-major columns
                            (column = layer·hidden + unit, layer 0 = embeddings)
-    labels.npy             int64 class ids (float32 for regression), one per row
     sentence_offsets.npy   int64, n_sentences + 1; sentence i owns rows offsets[i]:offsets[i+1]
-    manifest.json          fingerprint, model, task, split, n_layers, hidden, dtype, rows,
-                           label_vocab, lexp_version, format_version, created, complete: true,
-                           checksums, activations_bytes, activations_mtime_ns, non_finite
+    manifest.json          fingerprint, settings (incl. the sentences' digest), model, split,
+                           n_layers, hidden, dtype, rows, lexp_version, format_version, created,
+                           complete: true, checksums, files, activations_bytes, non_finite, ...
+    labels/<task>-<fp12>/  the labels of one task (one entry per task and label content):
+        labels.npy         int64 class ids (float32 for regression), one per row
+        manifest.json      task, split, label_vocab, rows, store_fingerprint, fingerprint (of the
+                           task name, vocabulary and label values), checksums, files, ...
 
-A store is written into ``<dir>.partial-<pid>/`` and renamed into place only after every file is
-flushed and fsynced, so a directory without the ``.partial`` suffix is always complete; a killed
-process leaves only a ``.partial-*`` directory, which is never read and is removed by the next
-writer once its process is gone.
+A label entry's fingerprint is taken over its content (task name, vocabulary, the label values), so
+changed labels are a new entry, never a stale one; it is added under its own lock
+(:func:`ensure_labels`, through :func:`lexp.locks.ensure_entry`), written into
+``<entry>.partial-<pid>/`` and renamed into place, so two tasks of a sweep add their labels to one
+store at the same time safely.
 
 Integrity. The writer knows the store's size up front: it checks the free space and reserves the
 whole ``activations.npy`` with ``posix_fallocate`` before the first row is written, so a full disk
@@ -27,19 +34,20 @@ NaN/inf rows) and a checksum of the manifest itself. One rule (:func:`check_inte
 whether a store may be used, for reuse and for ``python -m lexp.verify`` alike: the directory name
 matches the manifest's fingerprint, the manifest matches its own checksum, every file has its
 recorded size, and a file whose mtime changed (edited, or copied without ``cp -p``) is re-hashed.
+The same rule covers the label entry a run uses (and, in ``lexp.verify``, every label entry).
 Reuse re-hashes only such files (three ``stat`` calls on an unchanged store); ``lexp.verify``
 re-hashes every file and counts its non-finite values.
 
 Notebook use (no lexp config needed)::
 
     from lexp.store import load_store
-    X, y, meta = load_store("~/.cache/lexp/stores/minilm/pos/train-0123456789ab")
+    X, y, meta = load_store("~/.cache/lexp/stores/minilm/train-0123456789ab", task="pos")
     X.shape, X.dtype              # (150000, 2688) float16, memory-mapped (nothing loaded yet)
     layer3 = X[:, 3 * meta["hidden"] : 4 * meta["hidden"]]
 
 or, with chunked float32 reads that never hold the whole matrix::
 
-    store = open_store(path)
+    store = open_store(path, task="pos")     # task: whose labels (store.labels, store.label_vocab)
     for chunk in store.iter_chunks(8192, columns=store.layer_columns([3, 4])):
         ...                       # float32 (≤ 8192, 768)
 """
@@ -47,6 +55,7 @@ or, with chunked float32 reads that never hold the whole matrix::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import errno
 import hashlib
@@ -87,21 +96,27 @@ __all__ = [
     "store_nbytes",
     "verify_store",
     "check_integrity",
+    "ensure_labels",
+    "label_entries",
     "manifest_checksum",
+    "sentences_digest",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the on-disk layout changes; part of every fingerprint, so old stores are never
 #: misread, they simply stop matching.
-STORE_FORMAT_VERSION = 3  # 2: checksums, activations_bytes/_mtime_ns and non_finite in the manifest;
-# 3: size and mtime of every .npy file ("files") and the manifest's own checksum ("manifest_checksum")
+STORE_FORMAT_VERSION = 4  # 2: checksums, activations_bytes/_mtime_ns and non_finite in the manifest;
+# 3: size and mtime of every .npy file ("files") and the manifest's own checksum ("manifest_checksum");
+# 4: keyed by the sentences, not the task; labels per task in labels/<task>-<fp12>/ (format 3 stores,
+# labels inside, are not read: a run builds format 4 stores in another directory)
 
 ACTIVATIONS = "activations.npy"
 LABELS = "labels.npy"
 OFFSETS = "sentence_offsets.npy"
 MANIFEST = "manifest.json"
-_NPY_FILES = (ACTIVATIONS, LABELS, OFFSETS)
+_NPY_FILES = (ACTIVATIONS, OFFSETS)
+LABELS_DIR = "labels"
 
 _PARTIAL = ".partial-"
 _DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
@@ -195,21 +210,38 @@ def fingerprint(settings: Mapping[str, Any], files: Sequence[Path | str]) -> str
     return h.hexdigest()
 
 
-def store_dir(cache_root: Path | str, model_slug: str, task: str, split: str, fp: str) -> Path:
-    """``<cache_root>/stores/<model_slug>/<task>/<split>-<fp[:12]>``.
+def sentences_digest(sentences: Iterable[Sequence[str | None]]) -> str:
+    """sha256 (hex) of a split's inputs in order: the word sequence of each sentence (word tasks), or
+    its (text_a, text_b) pair (sentence tasks). The store fingerprint takes this digest instead of
+    the data files, so tasks that label the same sentences share one store."""
+    h = hashlib.sha256()
+    n = 0
+    for sentence in sentences:
+        h.update(_canonical_json(list(sentence), "sentence").encode("utf-8"))
+        h.update(b"\n")
+        n += 1
+    h.update(f"\0{n}".encode())
+    return h.hexdigest()
+
+
+def _slug(what: str, value: Any) -> str:
+    slug = str(value).replace("/", "--").replace(os.sep, "--")
+    if slug in ("", ".", "..") or _PARTIAL in slug or slug.endswith(".lock"):
+        raise LexpInputError(f"store_dir: {what} name {value!r} cannot be used as a directory name")
+    return slug
+
+
+def store_dir(cache_root: Path | str, model_slug: str, split: str, fp: str) -> Path:
+    """``<cache_root>/stores/<model_slug>/<split>-<fp[:12]>`` (no task: tasks over the same
+    sentences share the store; their labels live in its ``labels/`` folder).
 
     Path separators in the names are replaced by ``--`` (as the Hugging Face cache does), so a
     model called ``org/name`` gets one directory level, not two.
     """
-    parts = []
-    for what, value in (("model", model_slug), ("task", task), ("split", split)):
-        slug = str(value).replace("/", "--").replace(os.sep, "--")
-        if slug in ("", ".", "..") or _PARTIAL in slug:
-            raise LexpInputError(f"store_dir: {what} name {value!r} cannot be used as a directory name")
-        parts.append(slug)
+    model, split = _slug("model", model_slug), _slug("split", split)
     if not re.fullmatch(r"[0-9a-f]{12,}", fp):
         raise LexpInputError(f"store_dir: fingerprint {fp!r} is not a hex digest from lexp.store.fingerprint")
-    return Path(cache_root).expanduser() / "stores" / parts[0] / parts[1] / f"{parts[2]}-{fp[:12]}"
+    return Path(cache_root).expanduser() / "stores" / model / f"{split}-{fp[:12]}"
 
 
 # -------------------------------------------------------------------------------------- the store
@@ -254,9 +286,32 @@ class Store:
 
     path: Path
     activations: np.ndarray = field(repr=False)  # np.memmap, read-only
-    labels: np.ndarray = field(repr=False)
+    #: the labels of one task (``None``: opened without a task while the store holds several)
+    labels: np.ndarray | None = field(repr=False)
     offsets: np.ndarray = field(repr=False)
     manifest: dict[str, Any] = field(repr=False)
+    #: the label entry's manifest (task, label_vocab, fingerprint, ...) and directory, or None
+    label_manifest: dict[str, Any] | None = field(default=None, repr=False)
+    label_path: Path | None = None
+
+    @property
+    def task(self) -> str | None:
+        """The task whose labels this Store carries (None: opened without labels)."""
+        return None if self.label_manifest is None else str(self.label_manifest.get("task"))
+
+    @property
+    def label_sets(self) -> list[str]:
+        """Names (``<task>-<fp12>``) of every label entry of this store."""
+        return [p.name for p in label_entries(self.path)]
+
+    def require_labels(self) -> np.ndarray:
+        """The labels, or one error naming the tasks whose labels the store holds."""
+        if self.labels is None:
+            raise LexpInputError(
+                f"{self.path}: this store was opened without labels; it holds the labels of "
+                f"{self.label_sets or 'no task'}. Open it with open_store(path, task=<task>)"
+            )
+        return self.labels
 
     @property
     def n_layers(self) -> int:
@@ -284,8 +339,11 @@ class Store:
 
     @property
     def label_vocab(self) -> list[str]:
-        """Train label vocabulary (class id = index); ``[]`` for regression."""
-        return list(self.manifest.get("label_vocab", []))
+        """Train label vocabulary of the task's labels (class id = index); ``[]`` for regression
+        or when the store was opened without labels."""
+        if self.label_manifest is None:
+            return []
+        return list(self.label_manifest.get("label_vocab", []))
 
     def layer_columns(self, layers: Iterable[int]) -> np.ndarray:
         """Column indices of the given layers, in the order given (layer l → l·hidden … (l+1)·hidden−1)."""
@@ -412,8 +470,99 @@ def _not_a_store(path: Path, what: str) -> LexpInputError:
     )
 
 
-def open_store(path: Path | str) -> Store:
-    """Open a complete store read-only; raise LexpInputError saying what to do if it is not one."""
+def _read_manifest(manifest_path: Path, what: str) -> dict[str, Any]:
+    if not manifest_path.is_file():
+        raise _not_a_store(manifest_path.parent, f"{MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _not_a_store(manifest_path, f"{what} manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        raise _not_a_store(manifest_path, f"{what} manifest does not say complete: true")
+    if manifest.get("format_version") != STORE_FORMAT_VERSION:
+        old = manifest.get("format_version")
+        hint = (
+            " (an older store with the labels inside; stores are now shared by the tasks over the same "
+            "sentences and a run builds the new one in another directory, so this one is no longer used)"
+            if isinstance(old, int) and old < STORE_FORMAT_VERSION
+            else ""
+        )
+        raise _not_a_store(
+            manifest_path,
+            f"store format {old!r} is not the format {STORE_FORMAT_VERSION} this lexp {__version__} "
+            f"reads{hint}",
+        )
+    return manifest
+
+
+def _load_npy(file: Path, mmap_mode: str | None = None) -> np.ndarray:
+    try:
+        return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise _not_a_store(file, f"cannot be read as a .npy array ({exc})") from exc
+
+
+def label_entries(path: Path | str) -> list[Path]:
+    """The complete label entries (``labels/<task>-<fp12>/``) of a store, sorted by name."""
+    folder = Path(path).expanduser() / LABELS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _PARTIAL not in p.name)
+
+
+def _label_entry_for(path: Path, task: str) -> Path:
+    """The label entry of ``task`` (a task name, or an entry name ``<task>-<fp12>``)."""
+    entries = label_entries(path)
+    exact = [p for p in entries if p.name == task]
+    if exact:
+        return exact[0]
+    slug = _slug("task", task)
+    matches = [p for p in entries if p.name.rsplit("-", 1)[0] == slug]
+    if len(matches) == 1:
+        return matches[0]
+    names = [p.name for p in entries]
+    if not matches:
+        raise LexpInputError(
+            f"{path}: this store holds no labels of task {task!r} (it has {names or 'none'}); a run of "
+            "that task adds them"
+        )
+    raise LexpInputError(
+        f"{path}: this store holds {len(matches)} label sets of task {task!r} ({[p.name for p in matches]}); "
+        "pass the one you mean as task=<name> (results.json's store_labels names a run's)"
+    )
+
+
+def _open_label_entry(entry: Path, rows: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(labels, manifest)`` of one label entry, checked for shape and recorded keys."""
+    manifest = _read_manifest(entry / MANIFEST, "label")
+    labels = _load_npy(entry / LABELS)
+    if labels.shape != (rows,) or manifest.get("rows") != rows:
+        raise _not_a_store(
+            entry / LABELS,
+            f"shape {labels.shape} (manifest: {manifest.get('rows')!r} rows) does not match "
+            f"the store's {rows} rows",
+        )
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict) or not str(sums.get(LABELS, "")).startswith(f"{CHECKSUM_ALGORITHM}:"):
+        raise _not_a_store(
+            entry / MANIFEST, f"label manifest lacks the {CHECKSUM_ALGORITHM} checksum of {LABELS}"
+        )
+    return labels, manifest
+
+
+def _with_labels(store: Store, entry: Path) -> Store:
+    labels, manifest = _open_label_entry(entry, store.n_rows)
+    return dataclasses.replace(store, labels=labels, label_manifest=manifest, label_path=entry)
+
+
+def open_store(path: Path | str, task: str | None = None, *, labels: bool = True) -> Store:
+    """Open a complete store read-only; raise LexpInputError saying what to do if it is not one.
+
+    ``task``: whose labels ``.labels`` / ``.label_vocab`` hold (a task name, or a label entry name
+    ``<task>-<fp12>`` as results.json's ``store_labels`` records it). Without ``task``, a store with
+    one label entry opens with it, a store with several (or none) opens without labels.
+    ``labels=False``: activations and offsets only.
+    """
     path = Path(path).expanduser()
     if _PARTIAL in path.name:
         raise LexpInputError(
@@ -425,47 +574,30 @@ def open_store(path: Path | str) -> Store:
             f"{path}: no activation store here (not a directory); rerun the extraction or check the path"
         )
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise _not_a_store(path, f"{MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _not_a_store(manifest_path, f"manifest is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
-        raise _not_a_store(manifest_path, "manifest does not say complete: true")
-    if manifest.get("format_version") != STORE_FORMAT_VERSION:
-        raise _not_a_store(
-            manifest_path,
-            f"store format {manifest.get('format_version')!r} is not the format {STORE_FORMAT_VERSION} "
-            f"this lexp {__version__} reads",
-        )
+    manifest = _read_manifest(manifest_path, "store")
     missing = [k for k in ("rows", "n_layers", "hidden", "dtype") if k not in manifest]
     if missing:
         raise _not_a_store(manifest_path, f"manifest lacks {missing}")
     rows, n_layers, hidden = int(manifest["rows"]), int(manifest["n_layers"]), int(manifest["hidden"])
 
-    def load(name: str, mmap_mode: str | None) -> np.ndarray:
-        file = path / name
-        try:
-            return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise _not_a_store(file, f"cannot be read as a .npy array ({exc})") from exc
-
-    acts = load(ACTIVATIONS, "r")
+    acts = _load_npy(path / ACTIVATIONS, "r")
     if acts.shape != (rows, n_layers * hidden) or acts.dtype != _DTYPES.get(manifest["dtype"]):
         raise _not_a_store(
             path / ACTIVATIONS,
             f"shape {acts.shape} {acts.dtype} does not match the manifest's {rows} × {n_layers}·{hidden} "
             f"{manifest['dtype']}",
         )
-    labels = load(LABELS, None)
-    if labels.shape != (rows,):
-        raise _not_a_store(path / LABELS, f"shape {labels.shape} does not match {rows} rows")
-    offsets = load(OFFSETS, None)
+    offsets = _load_npy(path / OFFSETS)
     if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != rows:
         raise _not_a_store(path / OFFSETS, f"offsets must run from 0 to {rows}")
     _check_integrity_keys(path, manifest)
-    return Store(path=path, activations=acts, labels=labels, offsets=offsets, manifest=manifest)
+    store = Store(path=path, activations=acts, labels=None, offsets=offsets, manifest=manifest)
+    if not labels:
+        return store
+    if task is not None:
+        return _with_labels(store, _label_entry_for(path, str(task)))
+    entries = label_entries(path)
+    return _with_labels(store, entries[0]) if len(entries) == 1 else store
 
 
 def _check_integrity_keys(path: Path, manifest: Mapping[str, Any]) -> None:
@@ -508,10 +640,16 @@ def _file_stat(file: Path) -> dict[str, int]:
     return {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
-def load_store(path: Path | str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Notebook shortcut: ``(activations memmap, labels, manifest)`` of a complete store."""
-    store = open_store(path)
-    return store.activations, store.labels, store.manifest
+def load_store(
+    path: Path | str, task: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Notebook shortcut: ``(activations memmap, labels of task, manifest)`` of a complete store
+    (the manifest with the label entry's keys ``task`` and ``label_vocab`` merged in)."""
+    store = open_store(path, task)
+    meta = dict(store.manifest)
+    if store.label_manifest is not None:
+        meta.update(task=store.task, label_vocab=store.label_vocab)
+    return store.activations, store.labels, meta
 
 
 # ---------------------------------------------------------------------------------------- integrity
@@ -596,22 +734,26 @@ def verify_store(path: Path | str, *, full: bool = True) -> StoreVerification:
     path = Path(path).expanduser()
     began = time.perf_counter()
     try:
-        store = open_store(path)
+        store = open_store(path, labels=False)
     except LexpInputError as exc:
         return StoreVerification(path, False, (str(exc),), None, 0, time.perf_counter() - began)
-    return check_integrity(store, full=full, began=began)
+    return check_integrity(store, full=full, all_labels=True, began=began)
 
 
-def check_integrity(store: Store, *, full: bool, began: float | None = None) -> StoreVerification:
+def check_integrity(
+    store: Store, *, full: bool, all_labels: bool | None = None, began: float | None = None
+) -> StoreVerification:
     """The integrity rule of an opened store, shared by reuse and ``lexp.verify``:
 
     - its directory name ends in the manifest's fingerprint (a renamed or copied-in store is refused);
     - the manifest's own checksum matches (an edited ``n_layers``, ``hidden`` or ``fingerprint``);
     - every ``.npy`` file has the size recorded when it was written, and the mtime; a file whose
       mtime differs (edited in place, or copied without ``cp -p``) is re-hashed against its recorded
-      checksum (``full``: every file is, and the activations are scanned for NaN/inf).
+      checksum (``full``: every file is, and the activations are scanned for NaN/inf);
+    - the same for the label entry the store was opened with (``all_labels``, default ``full``: for
+      every label entry), whose manifest must also name this store's fingerprint.
 
-    On an unchanged store this costs three ``stat`` calls and one hash of the manifest text.
+    On an unchanged store this costs a ``stat`` per file and one hash of each manifest's text.
     """
     began = time.perf_counter() if began is None else began
     path, manifest = store.path, store.manifest
@@ -624,23 +766,88 @@ def check_integrity(store: Store, *, full: bool, began: float | None = None) -> 
     if recorded_sum != manifest_checksum(manifest):
         problems.append(
             f"{MANIFEST} does not match its own checksum (recorded {recorded_sum!r}): the manifest was "
-            "edited after the store was written, so its facts (layers, width, labels, fingerprint) cannot "
+            "edited after the store was written, so its facts (layers, width, fingerprint) cannot "
             "be trusted."
         )
+    rehashed: list[str] = []
+    nbytes, non_finite = _check_files(store, path, manifest, _NPY_FILES, full, problems, rehashed, "")
+    if full if all_labels is None else all_labels:
+        entries = label_entries(path)
+    else:
+        entries = [store.label_path] if store.label_path is not None else []
+    for entry in entries:
+        nbytes += _check_label_entry(store, entry, full, problems, rehashed)
+    if non_finite:
+        problems.append(
+            f"{ACTIVATIONS} holds {non_finite:,} non-finite values (NaN/inf) that were not there when it "
+            "was written."
+        )
+    seconds = time.perf_counter() - began
+    return StoreVerification(
+        path, not problems, tuple(problems), non_finite, nbytes, seconds, tuple(rehashed)
+    )
+
+
+def _check_label_entry(
+    store: Store, entry: Path, full: bool, problems: list[str], rehashed: list[str]
+) -> int:
+    """The integrity rule for one label entry (see check_integrity); returns the bytes it holds."""
+    prefix = f"{LABELS_DIR}/{entry.name}/"
+    try:
+        _, manifest = _open_label_entry(entry, store.n_rows)
+    except LexpInputError as exc:
+        problems.append(f"{prefix}: {str(exc).removeprefix(f'{entry}: ')}")
+        return 0
+    fp = str(manifest.get("fingerprint", ""))
+    match = re.search(r"-([0-9a-f]{12})$", entry.name)
+    if match is None or not fp.startswith(match.group(1)):
+        problems.append(
+            f"{prefix}: the label manifest's fingerprint {fp[:12] or '(none)'} does not match the directory "
+            "name; the label entry was renamed or copied."
+        )
+    recorded_sum = manifest.get("manifest_checksum")
+    if recorded_sum != manifest_checksum(manifest):
+        problems.append(
+            f"{prefix}{MANIFEST} does not match its own checksum (recorded {recorded_sum!r}): the label "
+            "manifest was edited after it was written (task, label vocabulary or fingerprint)."
+        )
+    if manifest.get("store_fingerprint") != store.manifest.get("fingerprint"):
+        problems.append(
+            f"{prefix}: these labels were written for the store {str(manifest.get('store_fingerprint'))[:12]!r}, "
+            f"not this one ({str(store.manifest.get('fingerprint'))[:12]!r}); they were copied in by hand."
+        )
+    nbytes, _ = _check_files(store, entry, manifest, (LABELS,), full, problems, rehashed, prefix)
+    return nbytes
+
+
+def _check_files(
+    store: Store,
+    folder: Path,
+    manifest: Mapping[str, Any],
+    names: Sequence[str],
+    full: bool,
+    problems: list[str],
+    rehashed: list[str],
+    prefix: str,
+) -> tuple[int, int | None]:
+    """Size, mtime and (when changed, or ``full``) checksum of ``names`` in ``folder`` against
+    ``manifest``; appends to ``problems``/``rehashed``; returns (bytes, non-finite activations)."""
     files = manifest.get("files")
     if not isinstance(files, dict):
         files = {}
-    non_finite: int | None = 0
-    nbytes = 0
-    rehashed: list[str] = []
-    for name in _NPY_FILES:
-        file = path / name
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict):
+        sums = {}
+    nbytes, non_finite = 0, 0
+    for name in names:
+        file = folder / name
+        shown = f"{prefix}{name}"
         st = file.stat()
         nbytes += st.st_size
         rec = files.get(name)
         if not isinstance(rec, dict) or rec.get("bytes") != st.st_size:
             problems.append(
-                f"{name} is {st.st_size:,} bytes, the manifest recorded "
+                f"{shown} is {st.st_size:,} bytes, the manifest recorded "
                 f"{rec.get('bytes') if isinstance(rec, dict) else None!r} when the store was written "
                 "(replaced, truncated or extended since)."
             )
@@ -651,29 +858,21 @@ def check_integrity(store: Store, *, full: bool, began: float | None = None) -> 
             log.warning(
                 "%s: %s was modified after the store was written (its mtime changed); verifying its "
                 "content before reuse (copy stores with `cp -p` to keep the mtime and skip this)",
-                path,
-                name,
+                store.path,
+                shown,
             )
-        rehashed.append(name)
+        rehashed.append(shown)
         if name == ACTIVATIONS:
             actual, non_finite = _scan(file, int(store.activations.offset), store.dtype)
         else:
             actual, _ = _scan(file)
-        expected = manifest["checksums"][name]
+        expected = sums.get(name)
         if actual != expected:
             problems.append(
-                f"{name} does not match the checksum recorded when the store was written "
+                f"{shown} does not match the checksum recorded when the store was written "
                 f"(recorded {expected}, now {actual}): the file changed on disk since."
             )
-    if non_finite:
-        problems.append(
-            f"{ACTIVATIONS} holds {non_finite:,} non-finite values (NaN/inf) that were not there when it "
-            "was written."
-        )
-    seconds = time.perf_counter() - began
-    return StoreVerification(
-        path, not problems, tuple(problems), non_finite, nbytes, seconds, tuple(rehashed)
-    )
+    return nbytes, non_finite
 
 
 class StoreSpaceError(LexpInputError):
@@ -1019,19 +1218,33 @@ class StoreWriter:
 
     def finish(
         self,
-        labels: np.ndarray | Sequence[int] | Sequence[float],
+        labels: np.ndarray | Sequence[int] | Sequence[float] | None = None,
         offsets: np.ndarray | Sequence[int] | None = None,
         extra_manifest: Mapping[str, Any] | None = None,
+        *,
+        task: str | None = None,
+        label_vocab: Sequence[str] | None = None,
     ) -> Path:
-        """Check completeness, write labels/offsets/manifest, fsync, rename into place; return ``path``.
+        """Check completeness, write offsets/manifest (and ``labels`` as the label entry of ``task``),
+        fsync, rename into place; return ``path``.
 
         ``offsets`` defaults to one row per sentence (sentence classification: one [CLS] row each).
+        ``task`` / ``label_vocab`` default to the ``task`` / ``label_vocab`` keys of the writer's
+        manifest, which belong to the label entry and are moved there (``task`` default: "labels").
+        ``labels=None`` writes no label entry (a run adds its task's with :func:`ensure_labels`).
         A full disk while writing the remaining files raises :class:`StoreSpaceError`.
         """
         with self._lock:
-            return self._finish(labels, offsets, extra_manifest)
+            return self._finish(labels, offsets, extra_manifest, task, label_vocab)
 
-    def _finish(self, labels: Any, offsets: Any, extra_manifest: Mapping[str, Any] | None) -> Path:
+    def _finish(
+        self,
+        labels: Any,
+        offsets: Any,
+        extra_manifest: Mapping[str, Any] | None,
+        task: str | None = None,
+        label_vocab: Sequence[str] | None = None,
+    ) -> Path:
         if self._acts is None:
             raise RuntimeError("StoreWriter.finish outside the with block (or called twice)")
         if not self._written.all():
@@ -1039,9 +1252,14 @@ class StoreWriter:
                 f"{self.path}: {int((~self._written).sum())} of {self.n_rows} rows were never written "
                 f"(rows {_row_ranges(~self._written)}); the extraction missed sentences"
             )
-        labels = self._check_labels(labels)
+        if labels is not None:
+            labels = _check_label_values(labels, self.n_rows, self.path)
         offsets = self._check_offsets(offsets)
         manifest = dict(self.manifest)
+        task = str(task if task is not None else manifest.get("task", "labels"))
+        label_vocab = list(label_vocab if label_vocab is not None else manifest.get("label_vocab", []))
+        manifest.pop("task", None)
+        manifest.pop("label_vocab", None)
         if extra_manifest:
             clash = [
                 k
@@ -1060,7 +1278,6 @@ class StoreWriter:
             self._acts.flush()
             self._close()
             _fsync_path(self.partial / ACTIVATIONS)
-            _save_npy(self.partial / LABELS, labels)
             _save_npy(self.partial / OFFSETS, offsets)
             # The checksum is taken from the files as written (page cache), after the last write;
             # the non-finite count is measured by the same pass that verify_store runs, not assumed.
@@ -1088,6 +1305,16 @@ class StoreWriter:
                 fh.write(pretty + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+            if labels is not None:
+                folder = self.partial / LABELS_DIR
+                folder.mkdir()
+                fp = label_fingerprint(task, labels, label_vocab)
+                entry = folder / f"{_slug('task', task)}-{fp[:12]}"
+                entry.mkdir()
+                _write_label_entry(
+                    entry, task=task, labels=labels, label_vocab=label_vocab, fp=fp, store_manifest=manifest
+                )
+                _fsync_path(folder)
             _fsync_path(self.partial)
         except OSError as exc:
             if _is_space_error(exc):
@@ -1105,22 +1332,6 @@ class StoreWriter:
         _fsync_path(self.path.parent)
         self._finished = True
         return self.path
-
-    def _check_labels(self, labels: Any) -> np.ndarray:
-        y = np.asarray(labels)
-        if y.shape != (self.n_rows,):
-            raise LexpInputError(f"{self.path}: {y.shape[0] if y.ndim else 0} labels for {self.n_rows} rows")
-        if np.issubdtype(y.dtype, np.integer) or (y.dtype == bool):
-            y = y.astype(np.int64)
-            if y.size and y.min() < 0:
-                raise LexpInputError(f"{self.path}: class ids must be ≥ 0, got {y.min()}")
-            return y
-        if np.issubdtype(y.dtype, np.floating):
-            y = y.astype(np.float32)
-            if not np.isfinite(y).all():
-                raise LexpInputError(f"{self.path}: regression targets contain NaN or inf")
-            return y
-        raise LexpInputError(f"{self.path}: labels must be integer class ids or float targets, got {y.dtype}")
 
     def _check_offsets(self, offsets: Any) -> np.ndarray:
         if offsets is None:
@@ -1165,8 +1376,13 @@ def _check_unchanged(store: Store) -> None:
         log.info("%s: content verified against its checksums in %.1f s", store.path, report.seconds)
 
 
-def ensure_store(path: Path | str, build: Callable[[Path], None]) -> tuple[Store, bool]:
+def ensure_store(
+    path: Path | str, build: Callable[[Path], None], *, labels: bool = True
+) -> tuple[Store, bool]:
     """Open the complete store at ``path`` (reused=True), or call ``build(path)`` first (reused=False).
+
+    ``labels=False`` opens the activations only (a run then adds or opens its task's labels with
+    :func:`ensure_labels`); otherwise a store with one label entry opens with it (see open_store).
 
     ``build`` writes the store with ``StoreWriter(path, ...)``. Jobs wanting the same store agree
     through :func:`lexp.locks.ensure_entry` (an ``flock`` on ``<path>.lock``): any number of
@@ -1186,7 +1402,7 @@ def ensure_store(path: Path | str, build: Callable[[Path], None]) -> tuple[Store
         built = True
 
     def load(target: Path) -> Store:
-        store = open_store(target)
+        store = open_store(target, labels=labels)
         if built:
             _check_fingerprint(store)
         else:
@@ -1196,3 +1412,128 @@ def ensure_store(path: Path | str, build: Callable[[Path], None]) -> tuple[Store
     if path.exists():  # complete by construction (rename is atomic) and never deleted by lexp
         return load(path), True
     return ensure_entry(path, ready=Path.exists, build=make, load=load)
+
+
+# ------------------------------------------------------------------------------------------ labels
+def _check_label_values(labels: Any, n_rows: int, where: Path) -> np.ndarray:
+    """int64 class ids ≥ 0 or finite float32 targets, one per row; else one LexpInputError."""
+    y = np.asarray(labels)
+    if y.shape != (n_rows,):
+        raise LexpInputError(f"{where}: {y.shape[0] if y.ndim else 0} labels for {n_rows} rows")
+    if np.issubdtype(y.dtype, np.integer) or (y.dtype == bool):
+        y = y.astype(np.int64)
+        if y.size and y.min() < 0:
+            raise LexpInputError(f"{where}: class ids must be ≥ 0, got {y.min()}")
+        return y
+    if np.issubdtype(y.dtype, np.floating):
+        y = y.astype(np.float32)
+        if not np.isfinite(y).all():
+            raise LexpInputError(f"{where}: regression targets contain NaN or inf")
+        return y
+    raise LexpInputError(f"{where}: labels must be integer class ids or float targets, got {y.dtype}")
+
+
+def label_fingerprint(task: str, labels: np.ndarray, label_vocab: Sequence[str]) -> str:
+    """sha256 (hex) of a label entry's content: task name, vocabulary, dtype and label values. The
+    entry is named by it, so labels that changed (an edited data file) get a new entry, never a
+    stale one."""
+    h = hashlib.sha256()
+    header = {"labels_format": STORE_FORMAT_VERSION, "task": str(task), "label_vocab": list(label_vocab)}
+    h.update(_canonical_json(header, "label settings").encode("utf-8"))
+    y = np.ascontiguousarray(labels)
+    h.update(f"\0{y.dtype.str}\0{y.shape[0]}\0".encode())
+    h.update(memoryview(y).cast("B"))
+    return h.hexdigest()
+
+
+def _write_label_entry(
+    entry: Path,
+    *,
+    task: str,
+    labels: np.ndarray,
+    label_vocab: Sequence[str],
+    fp: str,
+    store_manifest: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``labels.npy`` and its manifest (checksum, size, mtime, own checksum) into ``entry``."""
+    _save_npy(entry / LABELS, labels)
+    checksum, _ = _scan(entry / LABELS)
+    manifest: dict[str, Any] = dict(extra or {})
+    manifest.update(
+        {
+            "task": str(task),
+            "split": store_manifest.get("split"),
+            "label_vocab": list(label_vocab),
+            "rows": int(labels.shape[0]),
+            "dtype": str(labels.dtype),
+            "fingerprint": fp,
+            "store_fingerprint": store_manifest.get("fingerprint"),
+            "format_version": STORE_FORMAT_VERSION,
+            "lexp_version": __version__,
+            "complete": True,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "checksums": {LABELS: checksum},
+            "files": {LABELS: _file_stat(entry / LABELS)},
+        }
+    )
+    manifest["manifest_checksum"] = manifest_checksum(manifest)
+    text = _canonical_json(manifest, f"{entry} manifest")
+    with open(entry / MANIFEST, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_path(entry)
+
+
+def ensure_labels(
+    store: Store,
+    task: str,
+    labels: np.ndarray | Sequence[int] | Sequence[float],
+    label_vocab: Sequence[str],
+    extra_manifest: Mapping[str, Any] | None = None,
+) -> tuple[Store, bool]:
+    """``(store with the labels of task, reused)``: open the label entry ``labels/<task>-<fp12>/`` of
+    these labels, or add it first (reused=False).
+
+    The entry is named by its content (:func:`label_fingerprint`), so identical labels are reused
+    and changed ones get a new entry. Concurrent runs (sem and ccg of one sweep adding their labels
+    to one store, or two jobs of one task) agree through :func:`lexp.locks.ensure_entry`: each entry
+    is written into ``<entry>.partial-<pid>/`` under its exclusive lock and renamed into place. A
+    reused entry is checked by :func:`check_integrity` first (a tampered label file is refused).
+    """
+    y = _check_label_values(labels, store.n_rows, store.path)
+    vocab = [str(v) for v in label_vocab]
+    fp = label_fingerprint(task, y, vocab)
+    entry = store.path / LABELS_DIR / f"{_slug('task', task)}-{fp[:12]}"
+
+    def build(target: Path) -> None:
+        remove_partials(target)  # under the exclusive lock every partial is stale
+        partial = target.with_name(f"{target.name}{_PARTIAL}{os.getpid()}")
+        partial.mkdir()
+        try:
+            _write_label_entry(
+                partial,
+                task=task,
+                labels=y,
+                label_vocab=vocab,
+                fp=fp,
+                store_manifest=store.manifest,
+                extra=extra_manifest,
+            )
+            os.rename(partial, target)
+            _fsync_path(target.parent)
+        except BaseException as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if _is_space_error(exc):
+                raise _space_error(target, int(y.nbytes) + _SPACE_SLACK, None, exc) from exc
+            raise
+
+    def load(target: Path) -> Store:
+        opened = _with_labels(store, target)
+        report = check_integrity(opened, full=False)
+        if not report.ok:
+            raise LexpInputError(report.message().removeprefix("FAILED").strip())
+        return opened
+
+    return ensure_entry(entry, ready=Path.exists, build=build, load=load)

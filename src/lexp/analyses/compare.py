@@ -71,9 +71,10 @@ def check_aligned(a: Any, b: Any) -> None:
     """The two stores hold the same words in the same order: same task, split, rows, sentence
     offsets and labels; else a LexpInputError naming both stores and what differs."""
     problems = []
-    for key in ("task", "split"):
-        if a.manifest.get(key) != b.manifest.get(key):
-            problems.append(f"{key} {a.manifest.get(key)!r} vs {b.manifest.get(key)!r}")
+    if a.task != b.task:  # the task whose labels each store was opened with
+        problems.append(f"task {a.task!r} vs {b.task!r}")
+    if a.manifest.get("split") != b.manifest.get("split"):
+        problems.append(f"split {a.manifest.get('split')!r} vs {b.manifest.get('split')!r}")
     if a.n_rows != b.n_rows:
         problems.append(f"{a.n_rows} vs {b.n_rows} rows")
     elif not np.array_equal(a.offsets, b.offsets):

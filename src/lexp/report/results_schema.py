@@ -56,7 +56,9 @@ device, dtype). After reading the task: ``task_kind`` (labelling | classificatio
 ``cls_position``, ``padding_side``, ``pad_token``, ``adds_special_tokens``, ``word_alignment``,
 ``sentence``: the resolved extract.sentence of sentence tasks, null for word tasks). After
 extraction: ``model_dir``, ``n_layers``, ``hidden``, ``n_neurons`` (= n_layers x hidden),
-``stores``, ``stores_reused``, ``rows`` (split -> rows: words or examples), ``extraction``
+``stores``, ``stores_reused``, ``store_labels`` (split -> the task's label entry in the store,
+``<task>-<fp12>``; open with ``open_store(stores[split], task=store_labels[split])``),
+``labels_reused``, ``rows`` (split -> rows: words or examples), ``extraction``
 (split -> batch/token counts, ``padding_ratio``, ``seconds``, ``words_per_second``), ``finetune``
 (sentence tasks: ``metrics`` split -> scores). ``oracle``: ``metric``, ``dev``/``test`` (metric ->
 score, ``<metric>_std``), ``best_epoch``, ``dev_history``, ``train_seconds``, ``heads_in_pass``;
