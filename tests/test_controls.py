@@ -17,7 +17,7 @@ from lexp.errors import LexpInputError
 from lexp.experiment import config_dir, run
 from lexp.probes import ElasticNetProbe, FusedHeads, train_probes
 from lexp.store import StoreWriter
-from lexp.tasks import load_task, store_settings
+from lexp.tasks import load_task
 from lexp.tasks.base import Sentence, TaskData, control_label_ids, type_uniform
 from tiny_models import save_model, tiny_bert
 
@@ -95,7 +95,6 @@ def test_task_config_control_key(tmp_path: Path) -> None:
         "control": True,
     }
     assert load_task(cfg).splits["train"][0].words == ("the", "dog")
-    assert "control" not in store_settings(cfg)  # the store does not depend on it
     with pytest.raises(LexpInputError, match="true or false"):
         load_task({**cfg, "control": "yes"})
     glue = {"name": "sst2", "reader": "glue", "files": {}, "control": True}

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from lexp.errors import LexpInputError
 from lexp.experiment import config_dir, run
 from lexp.schema import check_config
-from lexp.store import fingerprint, open_store
-from lexp.tasks import load_task, read_columns, store_settings
+from lexp.store import label_fingerprint, open_store, sentences_digest
+from lexp.tasks import load_task, read_columns
 from lexp.tasks.glue import read_glue
 from lexp.tasks.tabular import check_lengths
 
@@ -176,30 +176,34 @@ def test_offline_hf_cache_by_name_and_one_error_when_absent(ewt: dict, tmp_path:
     assert "conll2003" in message and str(cache) in message and "never downloads" in message
 
 
-def test_fingerprint_covers_data_files_and_column_choice(sst: dict, tmp_path: Path) -> None:
+def test_store_and_label_keys_follow_the_data_and_the_column_choice(sst: dict, tmp_path: Path) -> None:
+    """Stores are keyed by the split's texts (sentences_digest), labels by their content
+    (label_fingerprint): a column that picks other texts, or an edited label, gives a new key;
+    the same texts under another column name share the store."""
     d = tmp_path / "copy"
     d.mkdir()
     for name in ("train.csv", "dev.jsonl", "test.parquet"):
         (d / name).write_bytes((sst["dir"] / name).read_bytes())
     cfg = _sentences_cfg(d)
 
-    def fp(c: dict) -> str:
-        return fingerprint(store_settings(c), load_task(c).files)
+    def keys(c: dict, split: str = "dev") -> tuple[str, str]:
+        task = load_task(c)
+        labels, _ = task.encode_labels(split)
+        texts = sentences_digest((e.text_a, e.text_b) for e in task.splits[split])
+        return texts, label_fingerprint(task.name, labels, task.labels)
 
-    base = fp(cfg)
-    assert fp(cfg) == base
-    # the same texts under another column name: equal data, but the column choice is a setting
+    base = keys(cfg)
+    assert keys(cfg) == base
     both = d / "both.csv"
-    pd.read_csv(d / "train.csv").assign(copy=lambda f: f["sentence"]).to_csv(both, index=False)
+    frame = pd.read_csv(d / "train.csv")
+    frame.assign(copy=frame["sentence"], other=frame["sentence"].str.upper()).to_csv(both, index=False)
     one = {**cfg, "files": {"train": str(both), "dev": str(both)}}
-    other = {**one, "text_column": "copy"}
-    assert [e.text_a for e in load_task(one).splits["dev"]] == [
-        e.text_a for e in load_task(other).splits["dev"]
-    ]
-    assert fp(one) != fp(other)
+    assert keys({**one, "text_column": "copy"})[0] == keys(one)[0]  # same texts: one store
+    assert keys({**one, "text_column": "other"})[0] != keys(one)[0]  # other texts: another store
     text = (d / "dev.jsonl").read_text()
     (d / "dev.jsonl").write_text(text.replace("negative", "positive", 1))
-    assert fp(cfg) != base
+    edited = keys(cfg)
+    assert edited[0] == base[0] and edited[1] != base[1]  # same texts, changed labels: a new label entry
 
 
 # ----------------------------------------------------------------------------------------- bad input

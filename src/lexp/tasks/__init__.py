@@ -45,13 +45,9 @@ __all__ = [
     "read_columns",
     "read_glue",
     "seeded_split",
-    "store_settings",
 ]
 
 _COMMON_KEYS = {"name", "kind", "reader", "data_dir", "files", "control"}
-#: Settings of the run, not of the data: they never change what a task's files give (the store
-#: fingerprint leaves them out, see :func:`store_settings`).
-RUN_KEYS = ("control",)
 _COLUMN_DEFAULTS: dict[str, Any] = {
     "word_column": None,
     "label_column": None,
@@ -103,12 +99,6 @@ def load_task(task_cfg: Mapping) -> TaskData:
     raise LexpInputError(
         f"task {name}: `reader` must be 'columns', 'glue', 'table_sentences' or 'table_tokens', got {reader!r}"
     )
-
-
-def store_settings(task_cfg: Mapping) -> dict[str, Any]:
-    """The task config as activation stores are fingerprinted: without :data:`RUN_KEYS` (a control
-    task trains other heads on the same activations; the store is the same)."""
-    return {k: v for k, v in _plain(task_cfg).items() if k not in RUN_KEYS}
 
 
 # ------------------------------------------------------------------------------------ shared helpers
