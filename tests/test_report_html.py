@@ -342,7 +342,7 @@ def test_page_renders_in_headless_chromium(sweep: Path, page: Any, tmp_path: Pat
         assert image["complete"] and image["naturalWidth"] > 0 and image["naturalHeight"] > 0, image
         assert image["box"][0] > 0 and image["box"][1] > 0, image  # laid out, not hidden
     # the embedded run figures decode to the sizes they were written with
-    natural = sorted(i["naturalWidth"] for i in seen["images"] if i["alt"].endswith(".png"))
+    natural = sorted(i["naturalWidth"] for i in seen["images"] if i["source"].endswith(".png"))
     assert natural == sorted(Image.open(p).size[0] for p in sweep.rglob("figures/*.png"))
     rendered = {t["key"]: t for t in seen["tables"]}
     for table in load_tables([sweep], warn=lambda message: None, paper=True):

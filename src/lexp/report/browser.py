@@ -37,7 +37,7 @@ window.addEventListener("load", () => {{
   const box = (el) => {{ const r = el.getBoundingClientRect(); return [r.width, r.height]; }};
   const out = {{
     images: [...document.images].map((im) => ({{
-      alt: im.alt, complete: im.complete, naturalWidth: im.naturalWidth,
+      alt: im.alt, source: im.dataset.source || "", complete: im.complete, naturalWidth: im.naturalWidth,
       naturalHeight: im.naturalHeight, box: box(im) }})),
     tables: [...document.querySelectorAll("table[data-key]")].map((t) => ({{
       key: t.dataset.key, box: box(t), folded: t.closest("details:not([open])") !== null,
@@ -94,8 +94,8 @@ def _chromium(args: list[str], *, timeout: float) -> subprocess.CompletedProcess
 def inspect_page(html_path: str | Path, *, width: int = 1280, timeout: float = 120) -> dict[str, Any]:
     """Load the page in headless Chromium and return what it rendered.
 
-    ``images``: alt, complete, naturalWidth/Height and on-screen box of every ``<img>``; ``tables``:
-    key, box, folded (inside a closed ``<details>``), header and body cell texts of every
+    ``images``: alt, source (``data-source``: a run's file or 'generated'), complete,
+    naturalWidth/Height and on-screen box of every ``<img>``; ``tables``: key, box, folded (inside a closed ``<details>``), header and body cell texts of every
     ``table[data-key]``; ``height``/``width`` of the page.
     The page itself is not modified: a copy with the measuring script is loaded.
     """
