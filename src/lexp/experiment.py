@@ -178,9 +178,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise LexpInputError(problem)
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    from pytorch_lightning import seed_everything
-
-    seed_everything(int(cfg.seed), workers=True, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name, group = _run_group(cfg)
     report = Report(
@@ -194,7 +191,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         config=resolved,
     )
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    tracker = make_tracker(cfg.logger, run_dir, name=name, group=group, config=resolved)  # type: ignore[arg-type]
+    # The checks and the memory plan come first, with a no-op tracker: importing pytorch_lightning
+    # (seed_everything, the W&B/CSV loggers) takes ~10 s, and a plan that does not fit must fail
+    # in seconds. Nothing before the seed draws a random number (every choice takes cfg.seed).
+    tracker: Tracker = Tracker()
     ctx = RunContext(cfg=cfg, run_dir=run_dir, report=report, tracker=tracker)
     exit_code = 1  # until the run completes: the tracker marks an interrupted run failed
     try:
@@ -205,12 +205,17 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["device"] = describe_device(ctx.run_device())
         log.info("device: %s (%s)", report["device"]["device"], report["device"]["name"])
         check_model_source(cfg.model)  # a model path that is not there: before reading the data
-        # the family's facts first: a sentence vector it cannot give fails in seconds, before any work
-        _model_family(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
         kept_layers(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
         with stage(ctx, "read"):
             read_task(ctx)
-            plan_memory(ctx)  # seconds: the memory plan is printed (or refused) before any model work
+            plan_memory(ctx)  # seconds: config.json + row counts, before transformers is imported
+        # the family's facts (tokenizer): a sentence vector it cannot give fails before any model work
+        _model_family(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
+        from pytorch_lightning import seed_everything
+
+        seed_everything(int(cfg.seed), workers=True, verbose=False)
+        ctx.tracker = tracker = make_tracker(cfg.logger, run_dir, name=name, group=group, config=resolved)  # type: ignore[arg-type]
+        tracker.log_metrics({"time_s/read": report.data["timings_s"]["read"]})
         with stage(ctx, "extract"):
             build_stores(ctx)
         module = None
