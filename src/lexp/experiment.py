@@ -178,9 +178,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise LexpInputError(problem)
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    from pytorch_lightning import seed_everything
-
-    seed_everything(int(cfg.seed), workers=True, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name, group = _run_group(cfg)
     report = Report(
@@ -194,7 +191,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         config=resolved,
     )
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    tracker = make_tracker(cfg.logger, run_dir, name=name, group=group, config=resolved)  # type: ignore[arg-type]
+    # The checks and the memory plan come first, with a no-op tracker: importing pytorch_lightning
+    # (seed_everything, the W&B/CSV loggers) takes ~10 s, and a plan that does not fit must fail
+    # in seconds. Nothing before the seed draws a random number (every choice takes cfg.seed).
+    tracker: Tracker = Tracker()
     ctx = RunContext(cfg=cfg, run_dir=run_dir, report=report, tracker=tracker)
     exit_code = 1  # until the run completes: the tracker marks an interrupted run failed
     try:
@@ -205,11 +205,17 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["device"] = describe_device(ctx.run_device())
         log.info("device: %s (%s)", report["device"]["device"], report["device"]["name"])
         check_model_source(cfg.model)  # a model path that is not there: before reading the data
-        # the family's facts first: a sentence vector it cannot give fails in seconds, before any work
-        _model_family(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
+        kept_layers(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
         with stage(ctx, "read"):
             read_task(ctx)
-            plan_memory(ctx)  # seconds: the memory plan is printed (or refused) before any model work
+            plan_memory(ctx)  # seconds: config.json + row counts, before transformers is imported
+        # the family's facts (tokenizer): a sentence vector it cannot give fails before any model work
+        _model_family(ctx, OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
+        from pytorch_lightning import seed_everything
+
+        seed_everything(int(cfg.seed), workers=True, verbose=False)
+        ctx.tracker = tracker = make_tracker(cfg.logger, run_dir, name=name, group=group, config=resolved)  # type: ignore[arg-type]
+        tracker.log_metrics({"time_s/read": report.data["timings_s"]["read"]})
         with stage(ctx, "extract"):
             build_stores(ctx)
         module = None
@@ -299,32 +305,66 @@ def read_task(ctx: RunContext) -> None:
 def plan_memory(ctx: RunContext) -> None:
     """Print the memory plan (lexp.plan) from the task's row counts and the model's config, and
     stop with one error when it does not fit; ctx.plan carries the general analysis' method."""
-    from transformers import AutoConfig
-
     from lexp.plan import make_plan
 
     model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
-    try:
-        config = AutoConfig.from_pretrained(str(local_model_dir(model_cfg, ctx.cfg.cache_dir)))  # type: ignore[arg-type]
-    except (OSError, ValueError):
+    shape = model_shape(local_model_dir(model_cfg, ctx.cfg.cache_dir))  # type: ignore[arg-type]
+    if shape is None:
         return  # loading the model reports the problem with its own clear error
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if not hidden or not layers:
-        return
+    ids = kept_layers(ctx, model_cfg)  # type: ignore[arg-type]
+    n_layers, hidden = (shape[0] if ids is None else len(ids)), shape[1]  # the kept width
     task = ctx.task
     rows = {
         s: int(sum(len(x.words) for x in items)) if task.kind == "labelling" else len(items)
         for s, items in task.splits.items()
         if s in _split_names(ctx)
     }
-    plan = make_plan(
-        ctx.cfg, rows=rows, n_layers=int(layers) + 1, hidden=int(hidden), n_classes=len(task.labels)
-    )
+    plan = make_plan(ctx.cfg, rows=rows, n_layers=n_layers, hidden=hidden, n_classes=len(task.labels))
     for line in plan.lines():
         log.info("%s", line)
     ctx.plan = plan  # type: ignore[attr-defined]
     ctx.report["memory_plan"] = plan.as_dict()
+
+
+def model_shape(folder: str | Path) -> tuple[int, int] | None:
+    """(hidden states incl. the embeddings, hidden size): config.json read directly (no
+    transformers import: the memory plan is refused in seconds), else transformers' AutoConfig."""
+    from lexp.layers import config_shape
+
+    shape = config_shape(folder)
+    if shape is not None:
+        return shape
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return (int(layers) + 1, int(hidden)) if hidden and layers else None
+
+
+def kept_layers(ctx: RunContext, model_cfg: Mapping[str, Any]) -> list[int] | None:
+    """The model layer numbers ``model.layers`` keeps (None: all), checked against the model's
+    depth from its config before any data is read (lexp.layers)."""
+    from lexp.layers import resolve_layers
+
+    spec = model_cfg.get("layers")
+    if spec is None or spec == "all":
+        return None
+    folder = local_model_dir(model_cfg, ctx.cfg.cache_dir)
+    shape = model_shape(folder)
+    if shape is None:
+        raise LexpModelError(f"{folder}/config.json does not give the model's depth; model.layers needs it")
+    ids = resolve_layers(list(spec) if not isinstance(spec, str) else spec, shape[0], where=str(folder))
+    if ids is not None and str(ctx.cfg.analysis.name) == "layerdrop":
+        raise LexpInputError(
+            f"analysis=layerdrop needs every layer of the model, model.layers={spec} keeps {ids}: its "
+            "measures relate each layer to the next ones (Block Influence, d(l, l+n)) and its drop test "
+            "removes blocks of the model. Fix: model.layers=null"
+        )
+    return ids
 
 
 # ------------------------------------------------------------------------------------------ extract
@@ -408,6 +448,7 @@ def build_stores(ctx: RunContext) -> None:
     extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
     from lexp.encoders.loading import store_model_settings
 
+    layer_ids = kept_layers(ctx, model_cfg)  # type: ignore[arg-type]
     cache_root = Path(cfg.cache_dir)
     encoder = None
     reused: dict[str, bool] = {}
@@ -443,22 +484,24 @@ def build_stores(ctx: RunContext) -> None:
         }
         if family["sentence"] not in (None, "cls"):  # [CLS] stores keep the fingerprints they had
             settings["sentence"] = family["sentence"]
+        if layer_ids is not None:  # model.layers: a subset is another store (all layers: as before)
+            settings["layers"] = layer_ids
         fp = fingerprint(settings, [])
         plan.append((split, fp, settings, store_dir(cache_root, str(cfg.model.name), split, fp)))
     missing = [(split, path) for split, _, _, path in plan if not path.exists()]
-    _require_space_for(ctx, missing)
+    _require_space_for(ctx, missing, layer_ids)
     prepared: dict[str, Any] = {}
     if missing:  # every split's checks (sentence lengths, words) run before the first extraction
         encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
         with torch_threads(cfg.threads.extract):
-            prepared = {split: _prepare_extraction(ctx, encoder, split) for split, _ in missing}
+            prepared = {split: _prepare_extraction(ctx, encoder, split, layer_ids) for split, _ in missing}
     for split, fp, settings, path in plan:
 
         def build(target: Path, split: str = split, fp: str = fp, settings: dict = settings) -> None:
             nonlocal encoder
             if encoder is None:
                 encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
-            _write_store(ctx, encoder, split, target, fp, settings, prepared.pop(split, None))
+            _write_store(ctx, encoder, split, target, fp, settings, prepared.pop(split, None), layer_ids)
 
         with torch_threads(cfg.threads.extract):
             store, was_reused = ensure_store(path, build, labels=False)
@@ -490,11 +533,17 @@ def build_stores(ctx: RunContext) -> None:
         stream[0].close()
     _check_consistent_stores(ctx.stores)
     first = next(iter(ctx.stores.values()))
-    ctx.model_info = {"n_layers": first.n_layers, "hidden": first.hidden, "n_neurons": first.n_neurons}
+    ctx.model_info = {
+        "n_layers": first.n_layers,
+        "hidden": first.hidden,
+        "n_neurons": first.n_neurons,
+        "layer_ids": first.layer_ids,  # the model's number of each stored layer (model.layers)
+    }
     ctx.report.update(
         {
             "model_dir": str(ctx.model_dir),
             "n_layers": first.n_layers,
+            "layer_ids": first.layer_ids,
             "hidden": first.hidden,
             "n_neurons": first.n_neurons,
             "stores": paths,
@@ -519,6 +568,7 @@ def _check_consistent_stores(stores: Mapping[str, Any]) -> None:
         return {k: store.manifest.get(k) for k in keys} | {
             "task": store.task,
             "label_vocab": store.label_vocab,
+            "layer_ids": list(store.layer_ids),
         }
 
     want = facts(train)
@@ -553,25 +603,24 @@ def _model_family(ctx: RunContext, model_cfg: Mapping[str, Any]) -> dict[str, An
     return family
 
 
-def _require_space_for(ctx: RunContext, missing: list[tuple[str, Path]]) -> None:
+def _require_space_for(
+    ctx: RunContext, missing: list[tuple[str, Path]], layer_ids: list[int] | None = None
+) -> None:
     """Fail before the first extraction when the stores still to build do not fit on the disk
     (each StoreWriter checks and reserves its own store again)."""
     if not missing:
         return
-    from transformers import AutoConfig
-
     from lexp.store import require_free_space, store_nbytes
 
-    config = AutoConfig.from_pretrained(str(ctx.model_dir))
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if not hidden or not layers:
+    shape = model_shape(ctx.model_dir)  # type: ignore[arg-type]
+    if shape is None:
         return  # an unusual config: the per-store check still applies
+    layers = shape[0] if layer_ids is None else len(layer_ids)
     total = 0
     for split, _ in missing:
         items = ctx.task.splits[split]
         rows = sum(len(s.words) for s in items) if ctx.task.kind == "labelling" else len(items)
-        total += store_nbytes(rows, int(layers) + 1, int(hidden), str(ctx.cfg.store.dtype))
+        total += store_nbytes(rows, layers, shape[1], str(ctx.cfg.store.dtype))
     require_free_space(missing[0][1], total)
 
 
@@ -625,7 +674,9 @@ def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
     return encoder
 
 
-def _prepare_extraction(ctx: RunContext, encoder: Any, split: str) -> tuple[Any, np.ndarray, dict[str, Any]]:
+def _prepare_extraction(
+    ctx: RunContext, encoder: Any, split: str, layer_ids: list[int] | None = None
+) -> tuple[Any, np.ndarray, dict[str, Any]]:
     """The split's extraction stream (not started: tokenised and checked), its sentence offsets and
     batching facts. Building it runs every input check (too-long sentences, non-string words), so
     build_stores prepares all splits before the first one is extracted."""
@@ -653,6 +704,7 @@ def _prepare_extraction(ctx: RunContext, encoder: Any, split: str) -> tuple[Any,
             long_sentences=str(cfg.extract.long_sentences),
             progress=bool(cfg.progress),
             sources=[s.source for s in items],
+            layers=layer_ids,
         )
     else:
         offsets = np.arange(len(items) + 1, dtype=np.int64)
@@ -668,6 +720,7 @@ def _prepare_extraction(ctx: RunContext, encoder: Any, split: str) -> tuple[Any,
             progress=bool(cfg.progress),
             sources=[e.source for e in items],
             sentence=str((ctx.report.data.get("model_family") or {}).get("sentence") or "cls"),
+            layers=layer_ids,
         )
     facts = {"device": device, "precision": precision, "batch_size": batch_size, "max_tokens": max_tokens}
     return stream, offsets, facts
@@ -681,6 +734,7 @@ def _write_store(
     fp: str,
     settings: Mapping,
     prepared: tuple[Any, np.ndarray, dict[str, Any]] | None = None,
+    layer_ids: list[int] | None = None,
 ) -> None:
     """Extract one split into a new store (written to a partial dir, then renamed by the writer)."""
     from lexp.encoders.writer import write_extraction
@@ -688,6 +742,8 @@ def _write_store(
 
     cfg = ctx.cfg
     n_layers, hidden = int(encoder.info["n_layers"]), int(encoder.info["hidden"])
+    if layer_ids is not None:
+        n_layers = len(layer_ids)
     manifest = {
         "fingerprint": fp,
         "settings": settings,
@@ -696,7 +752,11 @@ def _write_store(
         "kind": settings["kind"],
         "split": split,
     }
-    stream, offsets, facts = prepared if prepared is not None else _prepare_extraction(ctx, encoder, split)
+    if layer_ids is not None:  # block j holds the model's layer layer_ids[j]
+        manifest["layer_ids"] = list(layer_ids)
+    stream, offsets, facts = (
+        prepared if prepared is not None else _prepare_extraction(ctx, encoder, split, layer_ids)
+    )
     device, precision = facts["device"], facts["precision"]
     batch_size, max_tokens = facts["batch_size"], facts["max_tokens"]
     with StoreWriter(

@@ -23,6 +23,46 @@ GB = 1e9
 DEFAULT_SHARE = 0.85
 
 
+def exact_peak_bytes(n_neurons: int, chunk_rows: int) -> int:
+    """Memory of the exact (dense) path: the float64 co-moment, reused as the correlations, the
+    float32 product buffer of the pass, scipy's condensed distances and their working copy
+    (≈ 16·N² bytes in all), plus the chunk buffers (two float32 chunks)."""
+    n = int(n_neurons)
+    return 16 * n * n + 8 * int(chunk_rows) * n
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How the blocked path uses its budget: resident rows or a stream, the panel height."""
+
+    resident: bool
+    panel: int
+    chunk_rows: int
+    peak_bytes: int
+
+
+def blocked_plan(n_rows: int, n_neurons: int, budget: float, chunk_rows: int, compute: str) -> BlockPlan:
+    """Resident centred rows when they take at most half of ``budget``; panels of at most a quarter
+    of it (and 2 GB: beyond that a panel only adds memory, not speed)."""
+    n = int(n_neurons)
+    item = 2 if compute == "bfloat16" else 4
+    data = int(n_rows) * n * item
+    resident = data <= budget / 2
+    rows = min(int(chunk_rows), int(n_rows)) if not resident else min(int(chunk_rows), int(n_rows))
+    if not resident:  # two float32 chunk buffers per pass
+        rows = max(64, min(rows, int(budget / 4 / (8 * n))))
+    stream_bytes = data if resident else 8 * rows * n
+    panel_bytes = max(min(budget / 4, 2 * GB), 0)
+    # per panel row: float64 accumulator + float32 product + float64 |corr| temp over ≤ N columns
+    panel = int(max(64, min(n, panel_bytes // (20 * n))))
+    return BlockPlan(resident, panel, rows, int(stream_bytes + 20 * panel * n))
+
+
+def blocked_peak_bytes(n_rows: int, n_neurons: int, budget: float, chunk_rows: int, compute: str) -> int:
+    """Memory of the blocked path before the component linkage (which is checked when it is known)."""
+    return blocked_plan(n_rows, n_neurons, budget, chunk_rows, compute).peak_bytes
+
+
 def machine_memory() -> dict[str, int]:
     """Total and currently available RAM in bytes (psutil; /proc/meminfo semantics)."""
     import psutil
@@ -91,7 +131,6 @@ def general_method(
 ) -> tuple[str, int]:
     """(method, peak bytes) of the general analysis: ``exact`` when it fits (or is asked for),
     ``blocked`` otherwise (or when asked for)."""
-    from lexp.redundancy.wide import blocked_peak_bytes, exact_peak_bytes
 
     exact = exact_peak_bytes(n_neurons, min(chunk_rows, rows))
     if requested == "exact" or (requested == "auto" and exact <= budget):
@@ -137,8 +176,6 @@ def make_plan(
         )
         plan.general_method = method
         if method == "exact":
-            from lexp.redundancy.wide import blocked_peak_bytes
-
             plan.blocked_alternative = blocked_peak_bytes(
                 n_rows, n, budget, int(analysis.chunk_rows), str(analysis.compute)
             )

@@ -419,6 +419,13 @@ SCHEMA: dict[str, Rule] = {
         doc="encoder weights; float16 on a GPU only",
         example="float32",
     ),
+    "model.layers": Rule(
+        "null (all), 'all', a list of distinct layer numbers >= 0 or 'every:N'",
+        lambda v: _layers_problem(v),
+        "hidden states kept in the stores (0 = embeddings; every:N adds the last layer); checked "
+        "against the model's depth before any data is read",
+        "[0,4,8]",
+    ),
     "model.random_init": Bool(doc="same architecture, seeded random weights (baseline)", example="false"),
     "model.init_seed": Int(doc="seed of random_init's weights; conf: the run seed", example=42),
     # probe
@@ -570,6 +577,12 @@ ANALYSIS_KEYS["layerdrop"] = {
     "ppl_sentences": Int(1, doc="causal LMs: sentences for the perplexity", example=200),
     "chunk_rows": Int(1, doc="rows per streaming chunk", example=8192),
 }
+
+
+def _layers_problem(value: Any) -> str | None:
+    from lexp.layers import spec_problem
+
+    return spec_problem(value)
 
 
 def _inherit(rule: Rule, key: str) -> Rule:

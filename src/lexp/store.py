@@ -345,19 +345,30 @@ class Store:
             return []
         return list(self.label_manifest.get("label_vocab", []))
 
+    @property
+    def layer_ids(self) -> list[int]:
+        """The model's layer number of each column block (``model.layers``; all: 0..n_layers-1)."""
+        ids = self.manifest.get("layer_ids")
+        return list(range(self.n_layers)) if ids is None else [int(x) for x in ids]
+
     def layer_columns(self, layers: Iterable[int]) -> np.ndarray:
-        """Column indices of the given layers, in the order given (layer l → l·hidden … (l+1)·hidden−1)."""
+        """Column indices of the given model layers, in the order given (the layer stored in block j
+        → j·hidden … (j+1)·hidden−1; block j = layer j unless the store keeps a subset)."""
         layers = [int(layer) for layer in layers]
-        bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
+        ids = self.layer_ids
+        block = {layer: j for j, layer in enumerate(ids)}
+        bad = [layer for layer in layers if layer not in block]
         if bad:
+            held = f"0..{ids[-1]}" if ids == list(range(len(ids))) else str(ids)
             raise LexpInputError(
-                f"{self.path}: layers {bad} do not exist; this store has layers 0..{self.n_layers - 1} "
-                "(0 = embeddings)"
+                f"{self.path}: layers {bad} are not in this store; it holds layers {held} (0 = embeddings)"
             )
         h = self.hidden
         if not layers:
             return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.arange(layer * h, (layer + 1) * h, dtype=np.int64) for layer in layers])
+        return np.concatenate(
+            [np.arange(block[layer] * h, (block[layer] + 1) * h, dtype=np.int64) for layer in layers]
+        )
 
     def column_index(self, columns: np.ndarray | Sequence[int] | None) -> np.ndarray | None:
         """Validated int64 neuron indices (``None`` = all columns); LexpInputError if out of range."""
@@ -1051,6 +1062,11 @@ class StoreWriter:
         if clash:
             raise LexpInputError(
                 f"StoreWriter: manifest keys {clash} are set by the writer; do not pass them"
+            )
+        ids = self.manifest.get("layer_ids")  # model.layers: the model's number of each block
+        if ids is not None and (len(ids) != self.n_layers or sorted(set(ids)) != list(ids)):
+            raise LexpInputError(
+                f"StoreWriter: layer_ids={ids!r} must be {self.n_layers} increasing layer numbers"
             )
         self.manifest.update(own)
         self.partial = self.path.with_name(f"{self.path.name}{_PARTIAL}{os.getpid()}")

@@ -210,10 +210,17 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         "models": [label_a, label_b],
         "split": split,
         "rows": result["rows"],
-        "model_a": {"config": model_a, "n_layers": la, "hidden": a.hidden, "store": str(a.path)},
+        "model_a": {
+            "config": model_a,
+            "n_layers": la,
+            "layer_ids": a.layer_ids,  # the model's layer number of each row (model.layers)
+            "hidden": a.hidden,
+            "store": str(a.path),
+        },
         "model_b": {
             "config": model_b,
             "n_layers": b.n_layers,
+            "layer_ids": b.layer_ids,
             "hidden": b.hidden,
             "store": str(b.path),
             "store_reused": sibling.report.data.get("stores_reused", {}).get(split),
@@ -226,14 +233,14 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         "cka_b": full[la:, la:],
         "cka_a_debiased": full_d[:la, :la],
         "cka_b_debiased": full_d[la:, la:],
-        # for each layer of A, the most similar layer of B (biased CKA; layer indices)
-        "best_b_layers": [int(j) for j in np.argmax(cross, axis=1)],
+        # for each layer of A, the most similar layer of B (biased CKA; B's layer numbers)
+        "best_b_layers": [int(b.layer_ids[j]) for j in np.argmax(cross, axis=1)],
         "cache": str(result["path"]),
         "cache_reused": bool(result["reused"]),
     }
     if "pass_s" in result:
         block["pass_s"] = round(float(result["pass_s"]), 3)
-    if la == b.n_layers:
+    if la == b.n_layers and a.layer_ids == b.layer_ids:
         block["diagonal"] = [float(cross[i, i]) for i in range(la)]
         block["diagonal_debiased"] = [float(cross_d[i, i]) for i in range(la)]
     ctx.report["compare"] = block
@@ -247,6 +254,8 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
             f"{ctx.task.name}: {what}, {label_a} vs {label_b}",
             xlabel=f"{label_b} layer",
             ylabel=f"{label_a} layer",
+            row_layers=a.layer_ids,
+            col_layers=b.layer_ids,
         )
         ctx.report.figure(path)
         ctx.tracker.log_image(f"compare/{name.removesuffix('.png')}", path)
@@ -256,9 +265,10 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
             | {f"compare/diagonal_debiased/{i}": v for i, v in enumerate(block["diagonal_debiased"])}
         )
     lines = [f"CKA {label_a} (rows) vs {label_b} (columns), {result['rows']} {split} rows:"]
+    best = np.argmax(cross, axis=1)
     lines += [
-        f"  A layer {i}: best B layer {block['best_b_layers'][i]} (CKA {cross[i].max():.3f}, "
-        f"debiased {cross_d[i, block['best_b_layers'][i]]:.3f})"
+        f"  A layer {a.layer_ids[i]}: best B layer {block['best_b_layers'][i]} (CKA {cross[i].max():.3f}, "
+        f"debiased {cross_d[i, best[i]]:.3f})"
         for i in range(la)
     ]
     ctx.report["summary_lines"] = lines

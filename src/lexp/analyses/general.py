@@ -194,7 +194,9 @@ def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
     cached = clustering_cache(ctx, store, None, "general")
     cts = thresholds(cfg.ct)
     labels_at = clustering.cut_many(cached["linkage"], cts)
-    neuron_layer = np.arange(store.n_neurons) // store.hidden
+    from lexp.layers import neuron_layers
+
+    neuron_layer = neuron_layers(store.layer_ids, store.hidden)  # the model's layer numbers
     state: dict[str, Any] = {"cached": cached, "cts": cts, "clusters": {}}
     heads: dict[str, np.ndarray] = {}
     for ct in cts:
@@ -258,12 +260,15 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
     if "cka" in state["cached"]:
         cka = np.asarray(state["cached"]["cka"])
         result["cka"] = cka
+        result["cka_layers"] = store.layer_ids  # the model's layer of each row/column (model.layers)
+        # neighbouring stored layers: with a model.layers subset, the kept layers next to each other
         adjacent = [float(cka[i, i + 1]) for i in range(len(cka) - 1)]
         result["cka_adjacent"] = adjacent
         path = figures.cka_heatmap(
             cka,
             ctx.run_dir / "figures" / "cka.png",
             f"{ctx.cfg.model.name}: linear CKA between layers (Fig. 1)",
+            layers=store.layer_ids,
         )
         ctx.report.figure(path)
         ctx.tracker.log_image("general/figure1_cka", path)
@@ -275,6 +280,7 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
             debiased,
             ctx.run_dir / "figures" / "cka_debiased.png",
             f"{ctx.cfg.model.name}: debiased linear CKA between layers",
+            layers=store.layer_ids,
         )
         ctx.report.figure(path)
         ctx.tracker.log_image("general/figure1_cka_debiased", path)

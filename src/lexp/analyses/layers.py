@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,17 +12,22 @@ from lexp.report import figures
 
 
 def layer_heads(store: Any, incremental: bool = True) -> dict[str, np.ndarray]:
-    """One head per layer, and (optionally) one per prefix of layers 0..k (k < L-1; 0..L-1 = oracle)."""
-    heads = {f"layer_{layer}": store.layer_columns([layer]) for layer in range(store.n_layers)}
+    """One head per stored layer, and (optionally) one per prefix of layers 0..k (k below the top
+    stored layer; all = oracle). Names carry the model's layer numbers (``store.layer_ids``):
+    with ``model.layers=[0,4,8]``, ``layer_4`` and ``layers_0_4`` (= the stored layers 0 and 4)."""
+    ids = store.layer_ids
+    heads = {f"layer_{layer}": store.layer_columns([layer]) for layer in ids}
     if incremental:
-        for k in range(store.n_layers - 1):
-            heads[f"layers_0_{k}"] = store.layer_columns(range(k + 1))
+        for k in range(len(ids) - 1):
+            heads[f"layers_0_{ids[k]}"] = store.layer_columns(ids[: k + 1])
     return heads
 
 
-def incremental_scores(heads: dict[str, Any], n_layers: int, split: str, metric: str) -> list[float]:
-    """Scores of the probes on layers 0..k for k = 0..L-1 (the last one is the oracle)."""
-    return [float(heads[f"layers_0_{k}"][split][metric]) for k in range(n_layers - 1)] + [
+def incremental_scores(
+    heads: dict[str, Any], layer_ids: Sequence[int], split: str, metric: str
+) -> list[float]:
+    """Scores of the probes on the stored layers 0..k, k over ``layer_ids`` (the last: the oracle)."""
+    return [float(heads[f"layers_0_{k}"][split][metric]) for k in layer_ids[:-1]] + [
         float(heads["oracle"][split][metric])
     ]
 
@@ -62,12 +67,12 @@ def prepare(ctx: RunContext) -> dict[str, np.ndarray]:
 def run(ctx: RunContext, heads: dict[str, Any]) -> None:
     cfg = ctx.cfg.analysis
     metric = ctx.metric
-    n_layers = ctx.stores["train"].n_layers
+    layer_ids = ctx.stores["train"].layer_ids  # the model's layer numbers (model.layers)
     threshold = float(cfg.redundancy_threshold)
     oracle = score_fields(ctx.oracle, metric, dev="oracle_dev", test="oracle_test", prefix="oracle_")
     oracle_dev = float(oracle["oracle_dev"])
     rows = []
-    for layer in range(n_layers):
+    for layer in layer_ids:
         head = heads[f"layer_{layer}"]
         fields = score_fields(head, metric)
         row = {
@@ -82,7 +87,7 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
                 for s, o in zip(head["per_seed"], ctx.oracle["per_seed"], strict=True)
             ]
         if cfg.incremental:
-            inc = heads[f"layers_0_{layer}"] if layer < n_layers - 1 else heads["oracle"]
+            inc = heads[f"layers_0_{layer}"] if layer < layer_ids[-1] else heads["oracle"]
             row.update(
                 {
                     k: v
@@ -122,6 +127,7 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         ctx.run_dir / "figures" / "layers.png",
         f"{ctx.task.name} · {ctx.cfg.model.name}: per-layer probes (Fig. 4)",
         control=[r["control_dev"] for r in rows] if "control_dev" in rows[0] else None,
+        layers=layer_ids,
     )
     ctx.report.figure(path)
     ctx.tracker.log_image("layers/figure4", path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,12 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
     cfg = ctx.cfg.analysis
     metric = ctx.metric
     n_layers = ctx.model_info["n_layers"]
+    layer_ids = ctx.stores["train"].layer_ids  # the model's layer of each stored layer (model.layers)
     seeds = seeds_of(ctx)
     # one LS + CCFS per probe seed (its own oracle, prefixes, CC probe, ranking and minimal set);
     # every probe of every seed in one pass per step
     incrementals = {
-        i: [Outcome.of_seed(heads[f"layers_0_{k}"], i, metric) for k in range(n_layers - 1)]
+        i: [Outcome.of_seed(heads[f"layers_0_{k}"], i, metric) for k in layer_ids[:-1]]
         + [Outcome.of_seed(ctx.oracle, i, metric)]
         for i in range(len(seeds))
     }
@@ -116,6 +118,9 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         steps=int(cfg.ranking_steps),
         batch=int(cfg.batch),
     )
+    # LS chose the k-th stored layer: results name the model's layer number (ls_n_layers stays the
+    # number of stored layers the probe read; equal to ls_layer + 1 without model.layers)
+    by_seed = {i: replace(r, ls_layer=int(layer_ids[r.ls_layer])) for i, r in by_seed.items()}
     result = by_seed[0]  # the first seed's decisions build the extractor and the timings
     log.info(
         "pipeline: LS kept layers 0..%d, CCFS kept %d neurons, in %.1f s",
@@ -334,6 +339,7 @@ def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
     """Write extractor/ and check that it reproduces the reported test score."""
     from lexp.encoders.loading import load_encoder
     from lexp.extractor import save_reduced_extractor
+    from lexp.layers import model_columns
     from lexp.redundancy.timing import truncate_encoder
 
     model_cfg = OmegaConf.to_container(ctx.cfg.model, resolve=True)
@@ -350,7 +356,8 @@ def save_extractor(ctx: RunContext, result: Any, final: dict[str, Any]) -> None:
         model=truncated,
         tokenizer=encoder.tokenizer,
         n_layers_kept=int(result.ls_layer) + 1,
-        columns=final["columns"],
+        # store columns -> the truncated model's columns (layer l's unit u = l * hidden + u)
+        columns=model_columns(final["columns"], ctx.stores["train"].layer_ids, int(ctx.model_info["hidden"])),
         weights=final["weights"],
         bias=final["bias"],
         labels=ctx.task.labels,

@@ -141,12 +141,14 @@ class Extraction(Iterator[tuple[int, np.ndarray]]):
 # --------------------------------------------------------------------------------------------
 
 
-def _hidden_states(output: Any) -> tuple[torch.Tensor, ...]:
-    """Every layer's states, embeddings first. transformers 5's BERT records them at the layers'
-    inputs, so an encoder truncated to its embeddings (a reduced extractor with LayerSelector layer
-    0) returns none: its one state is then ``last_hidden_state``."""
+def _hidden_states(output: Any, layers: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Every layer's states, embeddings first (``layers``: only these model layers, in that order;
+    ``model.layers``). transformers 5's BERT records them at the layers' inputs, so an encoder
+    truncated to its embeddings (a reduced extractor with LayerSelector layer 0) returns none: its
+    one state is then ``last_hidden_state``."""
     states = output.hidden_states
-    return tuple(states) if states else (output.last_hidden_state,)
+    states = tuple(states) if states else (output.last_hidden_state,)
+    return states if layers is None else tuple(states[layer] for layer in layers)
 
 
 def _forward_options(model: torch.nn.Module) -> tuple[bool, dict[str, Any]]:
@@ -375,6 +377,15 @@ def _mean(hidden_states: Sequence[torch.Tensor], weights: torch.Tensor) -> torch
     return torch.stack(rows, dim=1).reshape(len(weights), -1)
 
 
+def _check_layers(model: torch.nn.Module, layers: Sequence[int] | None) -> list[int] | None:
+    """``layers`` as sorted model layer numbers within the model's depth (None: all)."""
+    if layers is None:
+        return None
+    from lexp.layers import resolve_layers
+
+    return resolve_layers(list(layers), int(model.config.num_hidden_layers) + 1) or None
+
+
 def _check_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise LexpModelError(
@@ -524,6 +535,7 @@ def extract_words(
     max_tokens: int | str | None = None,
     precision: str = "32",
     rows_dtype: str = "float32",
+    layers: Sequence[int] | None = None,
 ) -> Extraction:
     """One activation row per word: yields ``(sentence index, float32 (n_words, n_layers*hidden))``.
 
@@ -551,6 +563,8 @@ def extract_words(
             the copy to the host — half the transfer, and a float16 store then takes them as they
             are (the same IEEE round-to-nearest as casting on the host; values beyond ±65504 become
             inf, which the store refuses).
+        layers: keep only these hidden states (model layer numbers, 0 = embeddings; None: all):
+            the columns are then ``len(layers) * hidden`` (``model.layers``).
 
     Rows are yielded in processing order (longest first); place them by index. Words that tokenise
     to zero subwords (control or zero-width characters) are encoded as the unknown token and counted
@@ -619,7 +633,8 @@ def extract_words(
         stats.n_windows = len(window_pieces)
     pieces.sort(key=lambda p: -len(p.ids))  # stable: ties keep sentence order
 
-    n_layers = int(model.config.num_hidden_layers) + 1
+    layers = _check_layers(model, layers)
+    n_layers = int(model.config.num_hidden_layers) + 1 if layers is None else len(layers)
     hidden = int(model.config.hidden_size)
     left = getattr(tokenizer, "padding_side", "right") == "left"
     total_words = sum(len(ws) for ws in words)
@@ -668,12 +683,12 @@ def extract_words(
             for part in _batches([len(p.ids) for p in pieces], batch_size, max_tokens):
                 batch = pieces[part]
                 rows = _run_word_batch(
-                    model, tokenizer, batch, subword, left, want_types, forward_kwargs, precision, st
+                    model, tokenizer, batch, subword, left, want_types, forward_kwargs, precision, st, layers
                 )
                 if rows.shape[1] != n_layers * hidden:
                     raise LexpModelError(
                         f"the model returned {rows.shape[1]} activations per token, expected "
-                        f"(num_hidden_layers + 1) * hidden_size = {n_layers * hidden}; lexp supports "
+                        f"{n_layers} layers * hidden_size = {n_layers * hidden}; lexp supports "
                         "encoders whose hidden_states are the embeddings plus one output per layer."
                     )
                 in_flight.append((batch, *copier.start(rows.to(out_dtype))))
@@ -789,6 +804,7 @@ def _run_word_batch(
     forward_kwargs: dict[str, Any],
     precision: str,
     stats: ExtractionStats,
+    layers: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Forward one batch and gather one row per taken word on the model's device: float32
     (n_words, n_layers*hidden). On CUDA the work is only queued; nothing waits for it here."""
@@ -822,7 +838,7 @@ def _run_word_batch(
     gather = _to_device(gather, device)
     more = [(gather[f"rows{k}"], gather[f"tokens{k}"]) for k in range(1, n_more + 1)]
     with _inference(model, precision):
-        hidden_states = _hidden_states(model(**inputs, **forward_kwargs))
+        hidden_states = _hidden_states(model(**inputs, **forward_kwargs), layers)
         return _gather(hidden_states, gather["index"], more, gather.get("lengths"))
 
 
@@ -844,6 +860,7 @@ def extract_cls(
     precision: str = "32",
     rows_dtype: str = "float32",
     sentence: str = "cls",
+    layers: Sequence[int] | None = None,
 ) -> Extraction:
     """The sentence representation of each example: yields ``(index, float32 (n_layers*hidden,))``.
 
@@ -853,7 +870,7 @@ def extract_cls(
     longer than ``max_length`` tokens are truncated (longest sequence first); their number is in
     ``.stats.n_truncated`` and logged. The token is located from the tokenizer (`cls_position`):
     BERT's [CLS] is first, XLNet's <cls> is last (and XLNet pads on the left). ``sources``,
-    ``max_tokens``, ``precision`` and ``rows_dtype`` are as in `extract_words`.
+    ``max_tokens``, ``precision``, ``rows_dtype`` and ``layers`` are as in `extract_words`.
 
     ``sentence``: ``"cls"`` (the classification token, the paper's), ``"last"`` (the last non-padding
     token: what a decoder's sequence-classification head reads; either padding side), ``"mean"``
@@ -868,6 +885,7 @@ def extract_cls(
     out_dtype = _rows_dtype(rows_dtype)
     _check_fast(tokenizer)
     _check_sources(sources, len(examples), "examples")
+    layers = _check_layers(model, layers)
     model_limit = model_max_tokens(model, tokenizer)
     if model_limit is not None and max_length > model_limit:
         raise LexpInputError(
@@ -986,7 +1004,7 @@ def extract_cls(
                 index_d = moved.pop("_index")
                 weights_d = moved.pop("_weights", None)
                 with _inference(model, precision):
-                    hidden_states = _hidden_states(model(**moved, **forward_kwargs))
+                    hidden_states = _hidden_states(model(**moved, **forward_kwargs), layers)
                     rows = (
                         _gather(hidden_states, index_d)
                         if weights_d is None

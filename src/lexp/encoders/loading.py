@@ -507,6 +507,7 @@ def store_model_settings(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     seed = init_seed(model_cfg)
     out.pop("random_init", None)
     out.pop("init_seed", None)
+    out.pop("layers", None)  # model.layers: the store settings name a subset as "layers"
     if seed is not None:
         out["random_init"], out["init_seed"] = True, seed
     return out

@@ -44,10 +44,13 @@ from scipy.sparse.csgraph import connected_components
 
 from lexp.device import exact_float32_matmul
 from lexp.errors import LexpInputError
+from lexp.plan import GB, BlockPlan, blocked_peak_bytes, blocked_plan, exact_peak_bytes
 from lexp.redundancy.covariance import _CONSTANT_RTOL, _iter_source, _raise_not_finite
 
-__all__ = [
+__all__ = [  # the peak-memory formulas live in lexp.plan (no torch/scipy import for the plan)
     "GB",
+    "BlockPlan",
+    "blocked_plan",
     "WideResult",
     "exact_peak_bytes",
     "blocked_peak_bytes",
@@ -55,7 +58,6 @@ __all__ = [
     "merge_component_linkages",
 ]
 
-GB = 1e9
 #: Margin on the threshold of the component graph: rounding can only add edges, never drop one.
 _EDGE_MARGIN = 1e-6
 #: Pairs above the threshold collected before the union-find is updated (2 int64 arrays each).
@@ -63,46 +65,6 @@ _PAIR_FLUSH = 8_000_000
 #: Bytes per neuron pair of scipy's average linkage on one component: float64 correlations, the
 #: condensed distances and nn_chain's working copy of them.
 _LINKAGE_BYTES_PER_PAIR = 16
-
-
-def exact_peak_bytes(n_neurons: int, chunk_rows: int) -> int:
-    """Memory of the exact (dense) path: the float64 co-moment, reused as the correlations, the
-    float32 product buffer of the pass, scipy's condensed distances and their working copy
-    (≈ 16·N² bytes in all), plus the chunk buffers (two float32 chunks)."""
-    n = int(n_neurons)
-    return 16 * n * n + 8 * int(chunk_rows) * n
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """How the blocked path uses its budget: resident rows or a stream, the panel height."""
-
-    resident: bool
-    panel: int
-    chunk_rows: int
-    peak_bytes: int
-
-
-def blocked_plan(n_rows: int, n_neurons: int, budget: float, chunk_rows: int, compute: str) -> BlockPlan:
-    """Resident centred rows when they take at most half of ``budget``; panels of at most a quarter
-    of it (and 2 GB: beyond that a panel only adds memory, not speed)."""
-    n = int(n_neurons)
-    item = 2 if compute == "bfloat16" else 4
-    data = int(n_rows) * n * item
-    resident = data <= budget / 2
-    rows = min(int(chunk_rows), int(n_rows)) if not resident else min(int(chunk_rows), int(n_rows))
-    if not resident:  # two float32 chunk buffers per pass
-        rows = max(64, min(rows, int(budget / 4 / (8 * n))))
-    stream_bytes = data if resident else 8 * rows * n
-    panel_bytes = max(min(budget / 4, 2 * GB), 0)
-    # per panel row: float64 accumulator + float32 product + float64 |corr| temp over ≤ N columns
-    panel = int(max(64, min(n, panel_bytes // (20 * n))))
-    return BlockPlan(resident, panel, rows, int(stream_bytes + 20 * panel * n))
-
-
-def blocked_peak_bytes(n_rows: int, n_neurons: int, budget: float, chunk_rows: int, compute: str) -> int:
-    """Memory of the blocked path before the component linkage (which is checked when it is known)."""
-    return blocked_plan(n_rows, n_neurons, budget, chunk_rows, compute).peak_bytes
 
 
 @dataclass

@@ -21,17 +21,22 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def layer_names(n_layers: int) -> list[str]:
-    return ["emb"] + [str(i) for i in range(1, n_layers)]
+def layer_names(n_layers: int | Sequence[int]) -> list[str]:
+    """Tick labels: ``emb, 1, 2, ...`` for ``n_layers`` layers, or the model's layer numbers of a
+    subset (``model.layers``: block j is the model's layer ``layers[j]``)."""
+    ids = range(n_layers) if isinstance(n_layers, int) else n_layers
+    return ["emb" if int(i) == 0 else str(int(i)) for i in ids]
 
 
-def cka_heatmap(cka: np.ndarray, path: Path, title: str) -> Path:
-    """Figure 1: pairwise linear CKA between layers (brighter = more similar)."""
+def cka_heatmap(cka: np.ndarray, path: Path, title: str, layers: Sequence[int] | None = None) -> Path:
+    """Figure 1: pairwise linear CKA between layers (brighter = more similar); ``layers``: the
+    model's layer number of each row (a ``model.layers`` subset)."""
     n = cka.shape[0]
+    names = layer_names(n if layers is None else layers)
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
     im = ax.imshow(cka, cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
-    ax.set_xticks(range(n), layer_names(n))
-    ax.set_yticks(range(n), layer_names(n))
+    ax.set_xticks(range(n), names)
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
     ax.set_title(title)
@@ -90,6 +95,7 @@ def layer_scores(
     path: Path,
     title: str,
     control: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> Path:
     """Figure 4 / Table 7: per-layer (and incremental 0..k) probe scores against the oracle line.
 
@@ -108,7 +114,7 @@ def layer_scores(
         ax.plot(x, np.asarray(control) * 100, "x-", color="tab:orange", label="control task (layer l)")
     ax.axhline(oracle * 100, color="k", ls="--", lw=1, label="oracle")
     ax.axhline(threshold * oracle * 100, color="tab:red", ls=":", lw=1, label=f"{threshold:.0%} of oracle")
-    ax.set_xticks(x, layer_names(n))
+    ax.set_xticks(x, layer_names(n if layers is None else layers))
     lo = min(min(per_layer), min(incremental) if incremental else 1.0, min(control) if control else 1.0)
     ax.set_ylim(max(0, lo * 100 - 5), 100)
     ax.set_xlabel("layer")
@@ -214,14 +220,22 @@ def layer_curves(
     return _save(fig, path)
 
 
-def cka_cross_heatmap(cka: np.ndarray, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+def cka_cross_heatmap(
+    cka: np.ndarray,
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    row_layers: Sequence[int] | None = None,
+    col_layers: Sequence[int] | None = None,
+) -> Path:
     """Cross-model CKA: layer i of model A (rows) against layer j of model B (columns)."""
     cka = np.asarray(cka, dtype=float)
     rows, cols = cka.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * cols, 0.9 + 0.5 * rows))
     im = ax.imshow(cka, cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
-    ax.set_xticks(range(cols), layer_names(cols))
-    ax.set_yticks(range(rows), layer_names(rows))
+    ax.set_xticks(range(cols), layer_names(cols if col_layers is None else col_layers))
+    ax.set_yticks(range(rows), layer_names(rows if row_layers is None else row_layers))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

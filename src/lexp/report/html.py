@@ -445,6 +445,7 @@ class ReportBuilder:
                     figures.cka_heatmap,
                     _matrix(cka),
                     title=f"{run.model} ({run.task}): linear CKA",
+                    layers=_layer_ids(run.data, len(cka)),
                 )
             if fig is not None:
                 figs.append(fig)
@@ -456,6 +457,7 @@ class ReportBuilder:
                         figures.cka_heatmap,
                         _matrix(debiased),
                         title=f"{run.model} ({run.task}): debiased CKA",
+                        layers=_layer_ids(run.data, len(debiased)),
                     )
                 )
         cross = self.cross_model_cka()
@@ -851,3 +853,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         _stderr(f"wrote {shot}")
     return 0
+
+
+def _layer_ids(data: Mapping[str, Any], n: int) -> list[int] | None:
+    """The model's layer number of each of ``n`` stored layers (results.json ``layer_ids``, written
+    for ``model.layers`` subsets too); None when absent or of another length."""
+    ids = data.get("layer_ids")
+    return [int(i) for i in ids] if isinstance(ids, list) and len(ids) == n else None

@@ -727,6 +727,8 @@ def _cka_payload(run: Run) -> list[tuple[Any, dict[str, Any]]]:
                 "debiased": None
                 if debiased is None
                 else [need_num(general, "cka_adjacent_debiased", i) for i in range(len(debiased))],
+                # the model's layer numbers of a model.layers subset (absent: 0, 1, 2, ...)
+                "layers": general.get("cka_layers"),
             },
         )
     ]
@@ -741,10 +743,12 @@ def cka_table(runs: Sequence[Run], problems: Problems) -> Table | None:
     key_cols, key_values, suffix = _key_columns(kept)
     debiased = any(e.payload["debiased"] is not None for e in kept)
     width = max(len(e.payload[k] or []) for e in kept for k in ("adjacent", "debiased"))
+    ids = [list(e.payload.get("layers") or range(len(e.payload["adjacent"]) + 1)) for e in kept]
+    same = all(i == ids[0] for i in ids) and len(ids[0]) == width + 1  # subsets: the model's numbers
     columns = (
         key_cols
         + ([Column("estimator")] if debiased else [])
-        + [Column(f"{i}-{i + 1}", "ratio") for i in range(width)]
+        + [Column(f"{ids[0][i]}-{ids[0][i + 1]}" if same else f"{i}-{i + 1}", "ratio") for i in range(width)]
     )
     rows = []
     for e in kept:
