@@ -34,7 +34,7 @@ endif
 env:  # every target that runs lexp: a clear line when `make install` has not run yet
 	@command -v "$(PYTHON)" >/dev/null 2>&1 || { echo "make: $(PYTHON) not found: run \`make install\` first"; exit 1; }
 
-test: env  ## the test suite (offline; fails when no test ran); some files: make test ARGS="tests/test_schema.py -x"
+test: env  ## the test suite (offline; fails when no test ran); some files: make test ARGS="tests/test_config.py -x"
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -16,6 +16,8 @@ are the pinned Hydra plugins (conf/hydra/launcher/ documents their settings).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -65,9 +67,18 @@ def _main(cfg: DictConfig) -> float | None:
     from lexp.experiment import friendly_errors, run
 
     quiet_third_party()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if multirun and _main_thread() else None
     try:
         results = run(cfg, run_dir)
+    except JobKilled as exc:  # SLURM's time limit or preemption, scancel: never left at "running"
+        return _job_killed(cfg, run_dir, str(exc))
+    except SystemExit:
+        if multirun and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            _job_requeued(cfg, run_dir)  # submitit's USR2 handler requeued the job and exits
+        raise
     except Exception as exc:  # known input/model problems get one clear line, not a traceback
+        if type(exc).__name__ == "UncompletedJobError":  # submitit's USR2 handler: no requeue left
+            return _job_killed(cfg, run_dir, f"time limit: {str(exc).strip()}")
         message = friendly_errors(exc)
         if message is None:
             if not multirun:
@@ -76,6 +87,10 @@ def _main(cfg: DictConfig) -> float | None:
             logging.getLogger("lexp").exception("job %s failed", hc.job.get("num"))
             message = f"{type(exc).__name__}: {exc}"
         return _job_failed(cfg, run_dir, message, multirun)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _record_slurm_restarts(run_dir)
     oracle = results.get("oracle") or {}
     metric = "pearson" if results.get("task_kind") == "regression" else "accuracy"
     return (oracle.get("dev") or {}).get(metric)  # the value a Hydra sweeper would optimise
@@ -93,6 +108,53 @@ def _job_failed(cfg: DictConfig, run_dir: Path, message: str, multirun: bool) ->
     write_failure(run_dir, cfg, message)
     print(f"lexp: job failed ({run_dir.name}): {message.splitlines()[0]}", file=sys.stderr, flush=True)
     return None
+
+
+class JobKilled(BaseException):
+    """SIGTERM reached a multirun job (SLURM's time limit or preemption, ``scancel``): raised in the
+    main thread by :func:`_on_sigterm` wherever the job is, caught in :func:`_main`, which records
+    ``status: killed (SIGTERM)``. A BaseException, so that no ``except Exception`` swallows it."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise JobKilled(signal.Signals(signum).name)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _job_killed(cfg: DictConfig, run_dir: Path, reason: str) -> None:
+    """results.json says ``killed (<reason>)``. Under submitit the job then ends normally (its result
+    is what tells the launching process that the job is over); a job of the basic or joblib
+    launcher stops the sweep with 143, as SIGTERM would have."""
+    from lexp.sweep import write_status
+
+    write_status(run_dir, cfg, f"killed ({reason})")
+    print(f"lexp: job killed ({run_dir.name}): {reason}", file=sys.stderr, flush=True)
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        raise SystemExit(143)
+    return None
+
+
+def _job_requeued(cfg: DictConfig, run_dir: Path) -> None:
+    """submitit requeued this SLURM job (its USR2 handler exits after ``scontrol requeue``): not
+    final, the job resumes from lexp's caches when SLURM starts it again."""
+    from lexp.sweep import write_status
+
+    write_status(run_dir, cfg, "requeued (SLURM time limit or preemption): resumes from the caches")
+
+
+def _record_slurm_restarts(run_dir: Path) -> None:
+    """A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) says so in its results.json (``slurm``)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+    if not restarts.isdigit() or int(restarts) == 0:
+        return
+    from lexp.sweep import update_results
+
+    update_results(run_dir, {"slurm": {"job_id": os.environ.get("SLURM_JOB_ID"), "restarts": int(restarts)}})
 
 
 def override_problem(argv: list[str]) -> str | None:

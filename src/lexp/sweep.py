@@ -33,11 +33,22 @@ RESULTS = "results.json"
 #: seconds between two looks at the sweep directory
 POLL_S = 2.0
 
-__all__ = ["SweepCallback", "failure_record", "headline", "job_info", "progress_line", "write_failure"]
+__all__ = [
+    "SweepCallback",
+    "failure_record",
+    "headline",
+    "job_info",
+    "progress_line",
+    "update_results",
+    "write_failure",
+    "write_status",
+]
 
 
 def _final(status: Any) -> bool:
-    return isinstance(status, str) and (status == "complete" or status.startswith("failed"))
+    """complete, ``failed: ...`` or ``killed (...)`` (SIGTERM, a SLURM time limit); ``running`` and
+    ``requeued (...)`` (SLURM starts the job again) are not."""
+    return isinstance(status, str) and (status == "complete" or status.startswith(("failed", "killed")))
 
 
 def headline(data: Mapping[str, Any]) -> str:
@@ -90,15 +101,18 @@ def progress_line(job_dir: Path, data: Mapping[str, Any], done: int | None = Non
         seconds = max(0.0, (job_dir / RESULTS).stat().st_mtime - ref.stat().st_mtime)
     status = str(data.get("status"))
     what = headline(data) if status == "complete" else _one_line(status)
+    restarts = (data.get("slurm") or {}).get("restarts")
     parts = [
         f"job {num if num is not None else job_dir.name}",
         str(data.get("task", "?")),
         str(data.get("model", "?")),
         str(data.get("analysis", "?")),
-        "complete" if status == "complete" else "FAILED",
+        "complete" if status == "complete" else ("KILLED" if status.startswith("killed") else "FAILED"),
         what,
         f"{float(seconds):.1f} s",
     ]
+    if restarts:
+        parts.append(f"requeued by SLURM {restarts}x, resumed from the caches")
     count = f" {done} done," if done is not None else ""
     return f"[lexp sweep]{count} " + " · ".join(parts)
 
@@ -124,7 +138,7 @@ def failure_record(cfg: Any, message: str) -> dict[str, Any]:
 
     return {
         "schema_version": SCHEMA_VERSION,
-        "status": f"failed: {message}",
+        "status": message if message.startswith(("failed", "killed", "requeued")) else f"failed: {message}",
         "task": name("task"),
         "model": name("model"),
         "analysis": name("analysis"),
@@ -136,12 +150,29 @@ def failure_record(cfg: Any, message: str) -> dict[str, Any]:
 
 def write_failure(run_dir: Path, cfg: Any, message: str) -> None:
     """Set ``status: failed: <message>`` in a job's results.json (the one run() wrote, else a new one)."""
+    write_status(run_dir, cfg, f"failed: {message}")
+
+
+def write_status(run_dir: Path, cfg: Any, status: str) -> None:
+    """Set ``status`` in a job's results.json (the one run() wrote, else a new one from ``cfg``)."""
     path = Path(run_dir) / RESULTS
     try:
-        data = json.loads(path.read_text()) if path.exists() else failure_record(cfg, message)
+        data = json.loads(path.read_text()) if path.exists() else failure_record(cfg, status)
     except ValueError:
-        data = failure_record(cfg, message)
-    data["status"] = f"failed: {message}"
+        data = failure_record(cfg, status)
+    data["status"] = status
+    _write(path, data)
+
+
+def update_results(run_dir: Path, values: Mapping[str, Any]) -> None:
+    """Add top-level keys to a job's finished results.json."""
+    path = Path(run_dir) / RESULTS
+    data = json.loads(path.read_text())
+    data.update(values)
+    _write(path, data)
+
+
+def _write(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -149,7 +180,7 @@ def write_failure(run_dir: Path, cfg: Any, message: str) -> None:
 
 
 def _one_line(status: str) -> str:
-    """``failed: lexp: error: ...`` -> ``lexp: error: ...`` (first line only)."""
+    """``failed: lexp: error: ...`` -> ``lexp: error: ...`` (first line only); ``killed (...)`` stays."""
     text = status.removeprefix("failed:").strip()
     return text.splitlines()[0] if text else status
 
@@ -183,6 +214,16 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self._sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self._started = time.time()
+        self._watcher = None
+        from omegaconf import OmegaConf
+
+        if str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith("SlurmLauncher"):
+            from contextlib import ExitStack
+
+            from lexp.slurm_watch import quiet_slurm_watcher
+
+            self._watcher = ExitStack()
+            self._watcher.enter_context(quiet_slurm_watcher(self._sacct_notice))
         self._thread = threading.Thread(target=self._watch, name="lexp-sweep-progress", daemon=True)
         self._thread.start()
 
@@ -190,6 +231,8 @@ class SweepCallback(Callback):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.close()
         if self._sweep_dir is None:
             return
         self._scan()
@@ -197,12 +240,20 @@ class SweepCallback(Callback):
         jobs = self.job_dirs()
         out = self.stream or sys.stderr
         complete = sum(1 for d in jobs if self._seen.get(d) == "complete")
+        killed = sum(1 for d in jobs if str(self._seen.get(d, "")).startswith("killed"))
         print(
             f"[lexp sweep] {len(jobs)} jobs in {time.time() - self._started:.1f} s: {complete} complete, "
-            f"{len(failed)} failed ({self._sweep_dir})",
+            f"{len(failed)} failed{f' ({killed} killed)' if killed else ''} ({self._sweep_dir})",
             file=out,
             flush=True,
         )
+        requeued = {d: (_read(d / RESULTS) or {}).get("slurm") or {} for d in jobs}
+        requeued = {d: r["restarts"] for d, r in requeued.items() if r.get("restarts")}
+        if requeued:
+            names = ", ".join(f"job {job_info(d)['num']} ({n}x)" for d, n in requeued.items())
+            print(
+                f"[lexp sweep] requeued by SLURM and resumed from the caches: {names}", file=out, flush=True
+            )
         if failed:
             infos = {d: job_info(d) for d in jobs}
             # name a job by the overrides that tell it from the others (the swept ones)
@@ -214,6 +265,14 @@ class SweepCallback(Callback):
             raise SystemExit(1)
 
     # ------------------------------------------------------------------------------------ internals
+    def _sacct_notice(self, error: str) -> None:
+        """One line per sweep instead of submitit's sacct warnings at every poll (lexp.slurm_watch)."""
+        print(
+            f"[lexp sweep] sacct gives no job states ({error}): following the jobs with squeue",
+            file=self.stream or sys.stderr,
+            flush=True,
+        )
+
     def job_dirs(self) -> list[Path]:
         """Every job directory of the sweep (Hydra writes ``.hydra/`` when a job starts)."""
         assert self._sweep_dir is not None
@@ -235,6 +294,8 @@ class SweepCallback(Callback):
                 status = str(data.get("status")) if data else None
             if status is None:
                 message = "no results.json: the job died before lexp started (see its log)"
+            elif status.startswith("killed"):
+                message = f"{status}: stopped by a signal (SLURM time limit, preemption or scancel)"
             elif not status.startswith("failed"):
                 message = f"results.json still says {status!r}: the job was killed (see its log)"
             else:
