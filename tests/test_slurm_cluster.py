@@ -193,13 +193,27 @@ def _stage_done(sweep_dir: Path, stage: str):
     return check
 
 
+def _state(cluster: LocalSlurm, job: str) -> str:
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", "%T", "-j", job],
+        capture_output=True,
+        text=True,
+        env=cluster.env(),
+    )
+    return out.stdout.strip()
+
+
 def _signal_job(cluster: LocalSlurm, sweep_dir: Path, sig: str) -> str:
-    job = f"{_array_id(sweep_dir)}_0"
-    subprocess.run(["scancel", f"--signal={sig}", job], check=True, env=cluster.env(), capture_output=True)
+    # a one-job sweep is one plain SLURM job (no array): its id names its .submitit folder
+    (job,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name[0].isdigit()]
+    done = subprocess.run(
+        ["scancel", f"--signal={sig}", job], env=cluster.env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
     return job
 
 
-EPOCHS = 150  # an oracle stage of several seconds to stop the job in
+LONG = ["limit.train=200", "probe.epochs=200"]  # an oracle stage of ~10 s to stop the job in
 
 
 @pytest.mark.parametrize(
@@ -225,7 +239,7 @@ def test_a_job_stopped_by_slurm_resumes_or_ends_killed(
         _command(
             tmp_path,
             tiny_model,
-            f"probe.epochs={EPOCHS}",
+            *LONG,
             f"hydra.launcher.max_num_timeout={max_num_timeout}",
         ),
         stdout=subprocess.PIPE,
@@ -236,7 +250,13 @@ def test_a_job_stopped_by_slurm_resumes_or_ends_killed(
     try:
         _wait_for(_stage_done(sweep_dir, "extract"), 240, "the stores", proc)
         time.sleep(1)  # into the oracle stage
-        _signal_job(cluster, sweep_dir, signal_name)
+        job = _signal_job(cluster, sweep_dir, signal_name)
+        if signal_name == "USR2" and max_num_timeout > 0:
+            # slurmctld holds a requeued job back for two minutes (BeginTime): let it start now
+            _wait_for(lambda: _state(cluster, job) == "PENDING", 60, "the requeue", proc)
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env(), check=True
+            )
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -67,9 +66,11 @@ def _main(cfg: DictConfig) -> float | None:
     from lexp.experiment import friendly_errors, run
 
     quiet_third_party()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if multirun and _main_thread() else None
+    from lexp.jobsignals import JobKilled, job_signals
+
     try:
-        results = run(cfg, run_dir)
+        with job_signals(multirun):
+            results = run(cfg, run_dir)
     except JobKilled as exc:  # SLURM's time limit or preemption, scancel: never left at "running"
         return _job_killed(cfg, run_dir, str(exc))
     except SystemExit:
@@ -87,9 +88,6 @@ def _main(cfg: DictConfig) -> float | None:
             logging.getLogger("lexp").exception("job %s failed", hc.job.get("num"))
             message = f"{type(exc).__name__}: {exc}"
         return _job_failed(cfg, run_dir, message, multirun)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     _record_slurm_restarts(run_dir)
     oracle = results.get("oracle") or {}
     metric = "pearson" if results.get("task_kind") == "regression" else "accuracy"
@@ -108,22 +106,6 @@ def _job_failed(cfg: DictConfig, run_dir: Path, message: str, multirun: bool) ->
     write_failure(run_dir, cfg, message)
     print(f"lexp: job failed ({run_dir.name}): {message.splitlines()[0]}", file=sys.stderr, flush=True)
     return None
-
-
-class JobKilled(BaseException):
-    """SIGTERM reached a multirun job (SLURM's time limit or preemption, ``scancel``): raised in the
-    main thread by :func:`_on_sigterm` wherever the job is, caught in :func:`_main`, which records
-    ``status: killed (SIGTERM)``. A BaseException, so that no ``except Exception`` swallows it."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise JobKilled(signal.Signals(signum).name)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _job_killed(cfg: DictConfig, run_dir: Path, reason: str) -> None:
