@@ -206,6 +206,22 @@ def _state(cluster: LocalSlurm, job: str) -> str:
 def _signal_job(cluster: LocalSlurm, sweep_dir: Path, sig: str) -> str:
     # a one-job sweep is one plain SLURM job (no array): its id names its .submitit folder
     (job,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name[0].isdigit()]
+    if sig == "KILL":  # as the OOM killer would: scancel --signal=KILL cancels the job with SIGTERM first
+        out = subprocess.run(
+            ["scontrol", "listpids", job], capture_output=True, text=True, env=cluster.env()
+        ).stdout
+        pids = [
+            int(line.split()[0])
+            for line in out.splitlines()[1:]
+            if line.split() and line.split()[0].isdigit()
+        ]
+        python = [
+            pid for pid in pids if "submitit" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        ]
+        assert python, out
+        for pid in python:
+            os.kill(pid, 9)
+        return job
     done = subprocess.run(
         ["scancel", f"--signal={sig}", job], env=cluster.env(), capture_output=True, text=True
     )
@@ -218,8 +234,8 @@ LONG = ["limit.train=200", "probe.epochs=200"]  # an oracle stage of ~10 s to st
 
 @pytest.mark.parametrize(
     ("signal_name", "max_num_timeout"),
-    [("USR2", 1), ("USR2", 0), ("TERM", 1)],
-    ids=["time-limit-requeued", "time-limit-no-requeue-left", "sigterm-preempted"],
+    [("USR2", 1), ("USR2", 0), ("TERM", 1), ("KILL", 1)],
+    ids=["time-limit-requeued", "time-limit-no-requeue-left", "sigterm-preempted", "sigkill-no-result"],
 )
 def test_a_job_stopped_by_slurm_resumes_or_ends_killed(
     cluster: LocalSlurm,
@@ -233,7 +249,8 @@ def test_a_job_stopped_by_slurm_resumes_or_ends_killed(
     stops it with SIGTERM. USR2 with a requeue left (hydra.launcher.max_num_timeout): submitit
     requeues the job, which resumes from lexp's complete stores and completes. USR2 without one, or
     SIGTERM: results.json says ``killed (...)``, the sweep lists the job and exits 1. Never a
-    results.json left at ``running``."""
+    results.json left at ``running``, also after a SIGKILL (an OOM kill, the end of KillWait): the
+    launcher (lexp.launchers.SlurmLauncher) records it from SLURM's state."""
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.Popen(
         _command(
@@ -276,6 +293,9 @@ def test_a_job_stopped_by_slurm_resumes_or_ends_killed(
     assert proc.returncode == 1, stderr[-4000:]
     if signal_name == "TERM":
         assert status == "killed (SIGTERM)"
+    elif signal_name == "KILL":  # no handler runs: the launcher records what SLURM says
+        assert status.startswith("killed (SLURM: FAILED, no result; its log: "), status
+        assert status.endswith("_0_log.err)")
     else:
         assert status.startswith("killed (time limit: Job not requeued because: timed-out too many times"), (
             status

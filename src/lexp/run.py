@@ -78,8 +78,9 @@ def _main(cfg: DictConfig) -> float | None:
             _job_requeued(cfg, run_dir)  # submitit's USR2 handler requeued the job and exits
         raise
     except Exception as exc:  # known input/model problems get one clear line, not a traceback
-        if type(exc).__name__ == "UncompletedJobError":  # submitit's USR2 handler: no requeue left
-            return _job_killed(cfg, run_dir, f"time limit: {str(exc).strip()}")
+        timed_out = _uncompleted(exc)
+        if timed_out is not None:  # submitit's USR2 handler: no requeue left
+            return _job_killed(cfg, run_dir, f"time limit: {str(timed_out).strip()}")
         message = friendly_errors(exc)
         if message is None:
             if not multirun:
@@ -105,6 +106,18 @@ def _job_failed(cfg: DictConfig, run_dir: Path, message: str, multirun: bool) ->
 
     write_failure(run_dir, cfg, message)
     print(f"lexp: job failed ({run_dir.name}): {message.splitlines()[0]}", file=sys.stderr, flush=True)
+    return None
+
+
+def _uncompleted(exc: BaseException) -> BaseException | None:
+    """submitit's UncompletedJobError, raised by its USR2 handler wherever the job was: also when a
+    library's ``except Exception`` turned it into another error (``raise ... from``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if type(exc).__name__ == "UncompletedJobError":
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return None
 
 

@@ -1,4 +1,4 @@
-"""How a sweep follows its SLURM jobs where ``sacct`` does not answer (accounting off).
+"""How a sweep follows its SLURM jobs: without ``sacct`` (accounting off), and jobs lost by SLURM.
 
 submitit (under ``hydra/launcher=slurm``) asks ``sacct`` for the state of the sweep's jobs at every
 poll. On a cluster without accounting (no slurmdbd, as on many small clusters) each call fails:
@@ -8,20 +8,33 @@ without a result (killed at its time limit, cancelled) stays "UNKNOWN", so the s
 
 :class:`QuietSlurmWatcher` is submitit's own watcher with one change: when sacct fails it says so
 once per sweep and asks ``squeue`` (which slurmctld answers without accounting) for the states
-instead. :func:`quiet_slurm_watcher` puts it in place for the time of a sweep
-(:class:`lexp.sweep.SweepCallback` does, in the launching process).
+instead.
+
+A job that SLURM ended without a result (SIGKILL after its time limit's grace period, an OOM kill,
+a node failure) makes submitit raise in the launching process, which would end the sweep with a
+traceback, no summary, and the job's results.json still at ``running``. While a sweep waits, such
+a job's results.json says ``killed (SLURM: <state>, no result; its log: ...)`` instead and the sweep goes
+on; its summary lists the job.
+
+:func:`follow_slurm_jobs` puts both in place for the time of a sweep (:class:`lexp.sweep.SweepCallback`
+does, in the launching process, for ``hydra/launcher=slurm`` and ``submitit_slurm``).
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
-__all__ = ["QuietSlurmWatcher", "quiet_slurm_watcher"]
+__all__ = ["QuietSlurmWatcher", "follow_slurm_jobs"]
+
+log = logging.getLogger("lexp")
 
 
 class QuietSlurmWatcher(SlurmInfoWatcher):
@@ -74,12 +87,51 @@ class QuietSlurmWatcher(SlurmInfoWatcher):
 
 
 @contextmanager
-def quiet_slurm_watcher(notice: Callable[[str], None]) -> Iterator[QuietSlurmWatcher]:
-    """Every SlurmJob of this process polls through a :class:`QuietSlurmWatcher` inside the block."""
+def follow_slurm_jobs(sweep_dir: Path, notice: Callable[[str], None]) -> Iterator[QuietSlurmWatcher]:
+    """Inside the block, every SlurmJob of this process polls through a :class:`QuietSlurmWatcher`,
+    and a job without a result is recorded as killed (see the module's docstring)."""
+    from submitit.core import core, utils
+
     previous = SlurmJob.watcher
     watcher = QuietSlurmWatcher(notice, delay_s=previous._delay_s)
+    real_results = core.Job.results
+
+    def results(job: Any) -> list[Any]:
+        try:
+            return real_results(job)
+        except (utils.UncompletedJobError, utils.FailedJobError) as exc:
+            if not isinstance(job, SlurmJob):
+                raise
+            return [_lost(job, exc, sweep_dir)]
+
     SlurmJob.watcher = watcher
+    core.Job.results = results  # type: ignore[method-assign]  # what the plugin's launch() waits on
     try:
         yield watcher
     finally:
         SlurmJob.watcher = previous
+        core.Job.results = real_results  # type: ignore[method-assign]
+
+
+def _lost(job: SlurmJob, exc: BaseException, sweep_dir: Path) -> Any:
+    """Record the end of a job that left no result; the sweep goes on (a completed JobReturn: the
+    job's results.json carries the outcome, as for every lexp job)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from lexp.sweep import RESULTS, _final, _read, job_info, write_status
+
+    try:
+        overrides, _, job_num, *_ = job.submission().args
+    except Exception:  # no submission pickle: nothing to name the job by
+        overrides, job_num = [], None
+    state = job.watcher.get_state(job.job_id, mode="cache")
+    for hydra_dir in sorted(Path(sweep_dir).glob("*/.hydra")):
+        job_dir = hydra_dir.parent
+        if job_info(job_dir)["num"] != job_num:
+            continue
+        if not _final((_read(job_dir / RESULTS) or {}).get("status")):  # else lexp finished its record
+            status = f"killed (SLURM: {state}, no result; its log: {job.paths.stderr})"
+            write_status(job_dir, None, status)
+            log.warning("job %s (SLURM job %s): %s", job_num, job.job_id, status)
+        break
+    return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)

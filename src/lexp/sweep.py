@@ -220,10 +220,10 @@ class SweepCallback(Callback):
         if str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith("SlurmLauncher"):
             from contextlib import ExitStack
 
-            from lexp.slurm_watch import quiet_slurm_watcher
+            from lexp.slurm_watch import follow_slurm_jobs
 
             self._watcher = ExitStack()
-            self._watcher.enter_context(quiet_slurm_watcher(self._sacct_notice))
+            self._watcher.enter_context(follow_slurm_jobs(self._sweep_dir, self._sacct_notice))
         self._thread = threading.Thread(target=self._watch, name="lexp-sweep-progress", daemon=True)
         self._thread.start()
 
