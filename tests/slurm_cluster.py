@@ -8,7 +8,7 @@ touched, and two clusters on one machine do not meet. Accounting is off (no slur
 small clusters, so ``sacct`` fails, which submitit works around.
 
 By hand (root): ``python tests/slurm_cluster.py /tmp/slurm`` starts one and prints the
-``SLURM_CONF`` line to export; Ctrl-C stops it.
+``SLURM_CONF`` line to export; Ctrl-C (or SIGTERM) stops it.
 """
 
 from __future__ import annotations
@@ -73,13 +73,18 @@ class LocalSlurm:
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
         self.munge_socket = r / "munge" / "munge.socket"
+        ports = [_free_port()]
+        while len(ports) < 2:
+            port = _free_port()
+            if port not in ports:
+                ports.append(port)
         self.conf.write_text(
             "\n".join(
                 [
                     "ClusterName=lexptest",
                     f"SlurmctldHost={self.node}(127.0.0.1)",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    f"SlurmctldPort={ports[0]}",
+                    f"SlurmdPort={ports[1]}",
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "AuthType=auth/munge",
@@ -220,6 +225,13 @@ if __name__ == "__main__":
     why = missing()
     if why:
         sys.exit(f"cannot start a cluster: {why}")
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C or kill: also when started in the background (where a shell ignores SIGINT)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     cluster = LocalSlurm(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lexp-slurm"))
     cluster.start()
     print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C stops munged, slurmctld and slurmd", flush=True)
