@@ -53,6 +53,7 @@ def job_signals(enabled: bool) -> Iterator[None]:
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
+    _requeueing.clear()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm)}
     usr2 = signal.getsignal(signal.SIGUSR2)
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and callable(usr2):
