@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lexp.jobsignals import JobKilled, job_signals
+from lexp.jobsignals import JobKilled, job_signals, requeueing
 from lexp.run import _uncompleted
 
 
@@ -57,6 +57,7 @@ def test_sigterm_after_submitits_requeue_is_left_to_submitit(monkeypatch: pytest
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.5)
         assert calls == ["requeue", "after SIGTERM"]  # not JobKilled: the job exits for its requeue
+        assert requeueing()  # lexp.run records results.json as requeued, not failed
         assert signal.getsignal(signal.SIGUSR2) is submitit_usr2  # restored
 
         def no_requeue_left(signum: int, frame: object) -> None:

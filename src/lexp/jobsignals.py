@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["JobKilled", "job_signals"]
+__all__ = ["JobKilled", "job_signals", "requeueing"]
 
 
 class JobKilled(BaseException):
@@ -25,6 +25,11 @@ class JobKilled(BaseException):
 
 
 _requeueing = threading.Event()
+
+
+def requeueing() -> bool:
+    """True once submitit's USR2 handler began requeueing this job (it then exits)."""
+    return _requeueing.is_set()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -66,7 +66,7 @@ def _main(cfg: DictConfig) -> float | None:
     from lexp.experiment import friendly_errors, run
 
     quiet_third_party()
-    from lexp.jobsignals import JobKilled, job_signals
+    from lexp.jobsignals import JobKilled, job_signals, requeueing
 
     try:
         with job_signals(multirun):
@@ -74,7 +74,7 @@ def _main(cfg: DictConfig) -> float | None:
     except JobKilled as exc:  # SLURM's time limit or preemption, scancel: never left at "running"
         return _job_killed(cfg, run_dir, str(exc))
     except SystemExit:
-        if multirun and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        if multirun and requeueing():
             _job_requeued(cfg, run_dir)  # submitit's USR2 handler requeued the job and exits
         raise
     except Exception as exc:  # known input/model problems get one clear line, not a traceback

@@ -138,7 +138,7 @@ def failure_record(cfg: Any, message: str) -> dict[str, Any]:
 
     return {
         "schema_version": SCHEMA_VERSION,
-        "status": message if message.startswith(("failed", "killed", "requeued")) else f"failed: {message}",
+        "status": f"failed: {message}",
         "task": name("task"),
         "model": name("model"),
         "analysis": name("analysis"),
