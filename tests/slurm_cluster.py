@@ -54,7 +54,7 @@ class LocalSlurm:
     more CPUs than the machine has let several tiny jobs run at once).
     """
 
-    def __init__(self, root: Path, *, cpus: int = 4, memory_mb: int = 8000) -> None:
+    def __init__(self, root: Path, *, cpus: int = 4, memory_mb: int = 16000) -> None:
         self.root = Path(root).resolve()
         self.cpus = cpus
         self.memory_mb = memory_mb
