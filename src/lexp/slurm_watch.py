@@ -97,6 +97,12 @@ def follow_slurm_jobs(sweep_dir: Path, notice: Callable[[str], None]) -> Iterato
     real_results = core.Job.results
 
     def results(job: Any) -> list[Any]:
+        if isinstance(job, SlurmJob):
+            job.wait()
+            if job.watcher.get_state(job.job_id, mode="cache") not in ("COMPLETED", "UNKNOWN"):
+                # over without success (cancelled before it started, killed): its result file, if
+                # any, is there by now; submitit would wait 15 s for each such job, one by one
+                job._results_timeout_s = 2
         try:
             return real_results(job)
         except (utils.UncompletedJobError, utils.FailedJobError) as exc:
