@@ -304,3 +304,38 @@ def test_a_job_stopped_by_slurm_resumes_or_ends_killed(
         assert status.startswith(("killed (time limit: Job not requeued", "killed (SIGTERM)")), status
     assert "1 complete" not in stderr and "0 complete, 1 failed (1 killed)" in stderr
     assert "stopped by a signal (SLURM time limit, preemption or scancel)" in stderr
+
+
+def test_scancel_of_the_whole_array_lists_the_running_and_the_pending_jobs(
+    cluster: LocalSlurm, tiny_model: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """``scancel <array>`` while one job runs and one waits (array_parallelism=1): the running one
+    ends ``killed (SIGTERM)``, the pending one never started; the summary counts and names both
+    and the sweep ends at once (no wait for result files that cannot come)."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        _command(tmp_path, tiny_model, *LONG, "probe.lr=0.01,0.02", "hydra.launcher.array_parallelism=1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(cluster, data_root),
+    )
+    try:
+        _wait_for(_stage_done(sweep_dir, "extract"), 240, "the stores", proc)
+        array = _array_id(sweep_dir)
+        assert _state(cluster, f"{array}_1") == "PENDING"
+        subprocess.run(["scancel", array], env=cluster.env(), check=True)
+        cancelled = time.time()
+        stdout, stderr = proc.communicate(timeout=120)
+        after_cancel = time.time() - cancelled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr[-4000:]
+    results = _results(sweep_dir)
+    assert sorted(results) == [0] and results[0]["status"] == "killed (SIGTERM)"
+    assert "[lexp sweep] 2 jobs in" in stderr and "0 complete, 2 failed (1 killed)" in stderr
+    assert "  job 0 (probe.lr=0.01): killed (SIGTERM): stopped by a signal" in stderr
+    assert "  job 1 (probe.lr=0.02): never started (SLURM: CANCELLED)" in stderr
+    assert after_cancel < 30, after_cancel

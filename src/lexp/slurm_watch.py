@@ -44,6 +44,8 @@ class QuietSlurmWatcher(SlurmInfoWatcher):
         super().__init__(delay_s=delay_s)
         self._notice = notice
         self.sacct_failures = 0
+        #: (Hydra job number, overrides, why) of the jobs SLURM ended before lexp started
+        self.never_started: list[tuple[int | None, list[str], str]] = []
 
     def update(self) -> None:
         command = self._make_command()
@@ -105,10 +107,10 @@ def follow_slurm_jobs(sweep_dir: Path, notice: Callable[[str], None]) -> Iterato
                 job._results_timeout_s = 2
         try:
             return real_results(job)
-        except (utils.UncompletedJobError, utils.FailedJobError) as exc:
+        except (utils.UncompletedJobError, utils.FailedJobError):
             if not isinstance(job, SlurmJob):
                 raise
-            return [_lost(job, exc, sweep_dir)]
+            return [_lost(job, sweep_dir, watcher)]
 
     SlurmJob.watcher = watcher
     core.Job.results = results  # type: ignore[method-assign]  # what the plugin's launch() waits on
@@ -119,9 +121,10 @@ def follow_slurm_jobs(sweep_dir: Path, notice: Callable[[str], None]) -> Iterato
         core.Job.results = real_results  # type: ignore[method-assign]
 
 
-def _lost(job: SlurmJob, exc: BaseException, sweep_dir: Path) -> Any:
+def _lost(job: SlurmJob, sweep_dir: Path, watcher: QuietSlurmWatcher) -> Any:
     """Record the end of a job that left no result; the sweep goes on (a completed JobReturn: the
-    job's results.json carries the outcome, as for every lexp job)."""
+    job's results.json carries the outcome, as for every lexp job). A job that never started
+    (cancelled while pending) has no job directory: ``watcher.never_started`` names it."""
     from hydra.core.utils import JobReturn, JobStatus
 
     from lexp.sweep import RESULTS, _final, _read, job_info, write_status
@@ -140,4 +143,6 @@ def _lost(job: SlurmJob, exc: BaseException, sweep_dir: Path) -> Any:
             write_status(job_dir, None, status)
             log.warning("job %s (SLURM job %s): %s", job_num, job.job_id, status)
         break
+    else:
+        watcher.never_started.append((job_num, list(overrides), f"never started (SLURM: {state})"))
     return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)

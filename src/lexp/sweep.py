@@ -215,6 +215,7 @@ class SweepCallback(Callback):
         self._sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self._started = time.time()
         self._watcher = None
+        self._slurm = None
         from omegaconf import OmegaConf
 
         if str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith("SlurmLauncher"):
@@ -223,7 +224,7 @@ class SweepCallback(Callback):
             from lexp.slurm_watch import follow_slurm_jobs
 
             self._watcher = ExitStack()
-            self._watcher.enter_context(follow_slurm_jobs(self._sweep_dir, self._sacct_notice))
+            self._slurm = self._watcher.enter_context(follow_slurm_jobs(self._sweep_dir, self._sacct_notice))
         self._thread = threading.Thread(target=self._watch, name="lexp-sweep-progress", daemon=True)
         self._thread.start()
 
@@ -241,9 +242,11 @@ class SweepCallback(Callback):
         out = self.stream or sys.stderr
         complete = sum(1 for d in jobs if self._seen.get(d) == "complete")
         killed = sum(1 for d in jobs if str(self._seen.get(d, "")).startswith("killed"))
+        unstarted = list(getattr(self._slurm, "never_started", None) or [])  # cancelled while pending
+        total, n_failed = len(jobs) + len(unstarted), len(failed) + len(unstarted)
         print(
-            f"[lexp sweep] {len(jobs)} jobs in {time.time() - self._started:.1f} s: {complete} complete, "
-            f"{len(failed)} failed{f' ({killed} killed)' if killed else ''} ({self._sweep_dir})",
+            f"[lexp sweep] {total} jobs in {time.time() - self._started:.1f} s: {complete} complete, "
+            f"{n_failed} failed{f' ({killed} killed)' if killed else ''} ({self._sweep_dir})",
             file=out,
             flush=True,
         )
@@ -254,14 +257,20 @@ class SweepCallback(Callback):
             print(
                 f"[lexp sweep] requeued by SLURM and resumed from the caches: {names}", file=out, flush=True
             )
-        if failed:
+        if failed or unstarted:
             infos = {d: job_info(d) for d in jobs}
             # name a job by the overrides that tell it from the others (the swept ones)
-            common = set.intersection(*(set(i["overrides"]) for i in infos.values())) if infos else set()
+            every = [set(i["overrides"]) for i in infos.values()] + [set(o) for _, o, _ in unstarted]
+            common = set.intersection(*every) if every else set()
             for job_dir, message in failed:
                 info = infos.get(job_dir) or job_info(job_dir)
                 own = " ".join(o for o in info["overrides"] if o not in common) or job_dir.name
                 print(f"  job {info['num']} ({own}): {message}", file=out, flush=True)
+            for num, overrides, why in unstarted[:10]:
+                own = " ".join(o for o in overrides if o not in common)
+                print(f"  job {num} ({own}): {why}", file=out, flush=True)
+            if len(unstarted) > 10:
+                print(f"  ... and {len(unstarted) - 10} more jobs that never started", file=out, flush=True)
             raise SystemExit(1)
 
     # ------------------------------------------------------------------------------------ internals
