@@ -36,6 +36,9 @@ __all__ = ["QuietSlurmWatcher", "follow_slurm_jobs"]
 
 log = logging.getLogger("lexp")
 
+#: the longest pause between two asks for the sweep's job states (sacct, else squeue)
+REFRESH_S = 30
+
 
 class QuietSlurmWatcher(SlurmInfoWatcher):
     """submitit's SlurmInfoWatcher; states from ``squeue -t all`` when sacct fails (said once)."""
@@ -95,7 +98,9 @@ def follow_slurm_jobs(sweep_dir: Path, notice: Callable[[str], None]) -> Iterato
     from submitit.core import core, utils
 
     previous = SlurmJob.watcher
-    watcher = QuietSlurmWatcher(notice, delay_s=previous._delay_s)
+    # submitit asks at most every 600 s once its jobs are old: a job killed without a result (it
+    # has no result file to be seen by) would keep a long sweep waiting for up to 10 minutes
+    watcher = QuietSlurmWatcher(notice, delay_s=min(previous._delay_s, REFRESH_S))
     real_results = core.Job.results
 
     def results(job: Any) -> list[Any]:
