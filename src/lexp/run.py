@@ -16,6 +16,7 @@ are the pinned Hydra plugins (conf/hydra/launcher/ documents their settings).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -65,9 +66,21 @@ def _main(cfg: DictConfig) -> float | None:
     from lexp.experiment import friendly_errors, run
 
     quiet_third_party()
+    from lexp.jobsignals import JobKilled, job_signals, requeueing
+
     try:
-        results = run(cfg, run_dir)
+        with job_signals(multirun):
+            results = run(cfg, run_dir)
+    except JobKilled as exc:  # SLURM's time limit or preemption, scancel: never left at "running"
+        return _job_killed(cfg, run_dir, str(exc))
+    except SystemExit:
+        if multirun and requeueing():
+            _job_requeued(cfg, run_dir)  # submitit's USR2 handler requeued the job and exits
+        raise
     except Exception as exc:  # known input/model problems get one clear line, not a traceback
+        timed_out = _uncompleted(exc)
+        if timed_out is not None:  # submitit's USR2 handler: no requeue left
+            return _job_killed(cfg, run_dir, f"time limit: {str(timed_out).strip()}")
         message = friendly_errors(exc)
         if message is None:
             if not multirun:
@@ -76,6 +89,7 @@ def _main(cfg: DictConfig) -> float | None:
             logging.getLogger("lexp").exception("job %s failed", hc.job.get("num"))
             message = f"{type(exc).__name__}: {exc}"
         return _job_failed(cfg, run_dir, message, multirun)
+    _record_slurm_restarts(run_dir)
     oracle = results.get("oracle") or {}
     metric = "pearson" if results.get("task_kind") == "regression" else "accuracy"
     return (oracle.get("dev") or {}).get(metric)  # the value a Hydra sweeper would optimise
@@ -93,6 +107,49 @@ def _job_failed(cfg: DictConfig, run_dir: Path, message: str, multirun: bool) ->
     write_failure(run_dir, cfg, message)
     print(f"lexp: job failed ({run_dir.name}): {message.splitlines()[0]}", file=sys.stderr, flush=True)
     return None
+
+
+def _uncompleted(exc: BaseException) -> BaseException | None:
+    """submitit's UncompletedJobError, raised by its USR2 handler wherever the job was: also when a
+    library's ``except Exception`` turned it into another error (``raise ... from``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if type(exc).__name__ == "UncompletedJobError":
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def _job_killed(cfg: DictConfig, run_dir: Path, reason: str) -> None:
+    """results.json says ``killed (<reason>)``. Under submitit the job then ends normally (its result
+    is what tells the launching process that the job is over); a job of the basic or joblib
+    launcher stops the sweep with 143, as SIGTERM would have."""
+    from lexp.sweep import write_status
+
+    write_status(run_dir, cfg, f"killed ({reason})")
+    print(f"lexp: job killed ({run_dir.name}): {reason}", file=sys.stderr, flush=True)
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        raise SystemExit(143)
+    return None
+
+
+def _job_requeued(cfg: DictConfig, run_dir: Path) -> None:
+    """submitit requeued this SLURM job (its USR2 handler exits after ``scontrol requeue``): not
+    final, the job resumes from lexp's caches when SLURM starts it again."""
+    from lexp.sweep import write_status
+
+    write_status(run_dir, cfg, "requeued (SLURM time limit or preemption): resumes from the caches")
+
+
+def _record_slurm_restarts(run_dir: Path) -> None:
+    """A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) says so in its results.json (``slurm``)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+    if not restarts.isdigit() or int(restarts) == 0:
+        return
+    from lexp.sweep import update_results
+
+    update_results(run_dir, {"slurm": {"job_id": os.environ.get("SLURM_JOB_ID"), "restarts": int(restarts)}})
 
 
 def override_problem(argv: list[str]) -> str | None:

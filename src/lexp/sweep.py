@@ -33,11 +33,22 @@ RESULTS = "results.json"
 #: seconds between two looks at the sweep directory
 POLL_S = 2.0
 
-__all__ = ["SweepCallback", "failure_record", "headline", "job_info", "progress_line", "write_failure"]
+__all__ = [
+    "SweepCallback",
+    "failure_record",
+    "headline",
+    "job_info",
+    "progress_line",
+    "update_results",
+    "write_failure",
+    "write_status",
+]
 
 
 def _final(status: Any) -> bool:
-    return isinstance(status, str) and (status == "complete" or status.startswith("failed"))
+    """complete, ``failed: ...`` or ``killed (...)`` (SIGTERM, a SLURM time limit); ``running`` and
+    ``requeued (...)`` (SLURM starts the job again) are not."""
+    return isinstance(status, str) and (status == "complete" or status.startswith(("failed", "killed")))
 
 
 def headline(data: Mapping[str, Any]) -> str:
@@ -90,15 +101,18 @@ def progress_line(job_dir: Path, data: Mapping[str, Any], done: int | None = Non
         seconds = max(0.0, (job_dir / RESULTS).stat().st_mtime - ref.stat().st_mtime)
     status = str(data.get("status"))
     what = headline(data) if status == "complete" else _one_line(status)
+    restarts = (data.get("slurm") or {}).get("restarts")
     parts = [
         f"job {num if num is not None else job_dir.name}",
         str(data.get("task", "?")),
         str(data.get("model", "?")),
         str(data.get("analysis", "?")),
-        "complete" if status == "complete" else "FAILED",
+        "complete" if status == "complete" else ("KILLED" if status.startswith("killed") else "FAILED"),
         what,
         f"{float(seconds):.1f} s",
     ]
+    if restarts:
+        parts.append(f"requeued by SLURM {restarts}x, resumed from the caches")
     count = f" {done} done," if done is not None else ""
     return f"[lexp sweep]{count} " + " · ".join(parts)
 
@@ -136,12 +150,29 @@ def failure_record(cfg: Any, message: str) -> dict[str, Any]:
 
 def write_failure(run_dir: Path, cfg: Any, message: str) -> None:
     """Set ``status: failed: <message>`` in a job's results.json (the one run() wrote, else a new one)."""
+    write_status(run_dir, cfg, f"failed: {message}")
+
+
+def write_status(run_dir: Path, cfg: Any, status: str) -> None:
+    """Set ``status`` in a job's results.json (the one run() wrote, else a new one from ``cfg``)."""
     path = Path(run_dir) / RESULTS
     try:
-        data = json.loads(path.read_text()) if path.exists() else failure_record(cfg, message)
+        data = json.loads(path.read_text()) if path.exists() else failure_record(cfg, status)
     except ValueError:
-        data = failure_record(cfg, message)
-    data["status"] = f"failed: {message}"
+        data = failure_record(cfg, status)
+    data["status"] = status
+    _write(path, data)
+
+
+def update_results(run_dir: Path, values: Mapping[str, Any]) -> None:
+    """Add top-level keys to a job's finished results.json."""
+    path = Path(run_dir) / RESULTS
+    data = json.loads(path.read_text())
+    data.update(values)
+    _write(path, data)
+
+
+def _write(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -149,7 +180,7 @@ def write_failure(run_dir: Path, cfg: Any, message: str) -> None:
 
 
 def _one_line(status: str) -> str:
-    """``failed: lexp: error: ...`` -> ``lexp: error: ...`` (first line only)."""
+    """``failed: lexp: error: ...`` -> ``lexp: error: ...`` (first line only); ``killed (...)`` stays."""
     text = status.removeprefix("failed:").strip()
     return text.splitlines()[0] if text else status
 
@@ -198,6 +229,17 @@ class SweepCallback(Callback):
         _require_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
         self._sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self._started = time.time()
+        self._watcher = None
+        self._slurm = None
+        from omegaconf import OmegaConf
+
+        if str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith("SlurmLauncher"):
+            from contextlib import ExitStack
+
+            from lexp.slurm_watch import follow_slurm_jobs
+
+            self._watcher = ExitStack()
+            self._slurm = self._watcher.enter_context(follow_slurm_jobs(self._sweep_dir, self._sacct_notice))
         self._thread = threading.Thread(target=self._watch, name="lexp-sweep-progress", daemon=True)
         self._thread.start()
 
@@ -205,6 +247,8 @@ class SweepCallback(Callback):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.close()
         if self._sweep_dir is None:
             return
         self._scan()
@@ -212,23 +256,47 @@ class SweepCallback(Callback):
         jobs = self.job_dirs()
         out = self.stream or sys.stderr
         complete = sum(1 for d in jobs if self._seen.get(d) == "complete")
+        killed = sum(1 for d in jobs if str(self._seen.get(d, "")).startswith("killed"))
+        unstarted = list(getattr(self._slurm, "never_started", None) or [])  # cancelled while pending
+        total, n_failed = len(jobs) + len(unstarted), len(failed) + len(unstarted)
         print(
-            f"[lexp sweep] {len(jobs)} jobs in {time.time() - self._started:.1f} s: {complete} complete, "
-            f"{len(failed)} failed ({self._sweep_dir})",
+            f"[lexp sweep] {total} jobs in {time.time() - self._started:.1f} s: {complete} complete, "
+            f"{n_failed} failed{f' ({killed} killed)' if killed else ''} ({self._sweep_dir})",
             file=out,
             flush=True,
         )
-        if failed:
+        requeued = {d: (_read(d / RESULTS) or {}).get("slurm") or {} for d in jobs}
+        requeued = {d: r["restarts"] for d, r in requeued.items() if r.get("restarts")}
+        if requeued:
+            names = ", ".join(f"job {job_info(d)['num']} ({n}x)" for d, n in requeued.items())
+            print(
+                f"[lexp sweep] requeued by SLURM and resumed from the caches: {names}", file=out, flush=True
+            )
+        if failed or unstarted:
             infos = {d: job_info(d) for d in jobs}
             # name a job by the overrides that tell it from the others (the swept ones)
-            common = set.intersection(*(set(i["overrides"]) for i in infos.values())) if infos else set()
+            every = [set(i["overrides"]) for i in infos.values()] + [set(o) for _, o, _ in unstarted]
+            common = set.intersection(*every) if every else set()
             for job_dir, message in failed:
                 info = infos.get(job_dir) or job_info(job_dir)
                 own = " ".join(o for o in info["overrides"] if o not in common) or job_dir.name
                 print(f"  job {info['num']} ({own}): {message}", file=out, flush=True)
+            for num, overrides, why in unstarted[:10]:
+                own = " ".join(o for o in overrides if o not in common)
+                print(f"  job {num} ({own}): {why}", file=out, flush=True)
+            if len(unstarted) > 10:
+                print(f"  ... and {len(unstarted) - 10} more jobs that never started", file=out, flush=True)
             raise SystemExit(1)
 
     # ------------------------------------------------------------------------------------ internals
+    def _sacct_notice(self, error: str) -> None:
+        """One line per sweep instead of submitit's sacct warnings at every poll (lexp.slurm_watch)."""
+        print(
+            f"[lexp sweep] sacct gives no job states ({error}): following the jobs with squeue",
+            file=self.stream or sys.stderr,
+            flush=True,
+        )
+
     def job_dirs(self) -> list[Path]:
         """Every job directory of the sweep (Hydra writes ``.hydra/`` when a job starts)."""
         assert self._sweep_dir is not None
@@ -250,6 +318,8 @@ class SweepCallback(Callback):
                 status = str(data.get("status")) if data else None
             if status is None:
                 message = "no results.json: the job died before lexp started (see its log)"
+            elif status.startswith("killed"):
+                message = f"{status}: stopped by a signal (SLURM time limit, preemption or scancel)"
             elif not status.startswith("failed"):
                 message = f"results.json still says {status!r}: the job was killed (see its log)"
             else:

@@ -46,7 +46,10 @@ layer). ``general.table6`` (Table 6, one row per ct) keeps its version-1 name in
 Keys (v2)
 ---------
 Top level, every run: ``schema_version`` (int), ``status`` (``running`` | ``complete`` |
-``failed: <message>``), ``task``, ``model``, ``analysis``, ``lexp_version``, ``command``, ``python``,
+``failed: <message>`` | multirun jobs: ``killed (<why>)`` (SIGTERM, a SLURM time limit, a job
+SLURM ended without a result) | ``requeued (...)`` (until the requeued SLURM job starts again)),
+``slurm`` (a requeued SLURM job: ``job_id``, ``restarts``), ``task``, ``model``, ``analysis``,
+``lexp_version``, ``command``, ``python``,
 ``config``, ``timings_s`` (stage -> seconds; ``total``), ``figures`` (paths relative to the run
 directory), ``device`` (``device``, ``type``, ``name``, ``threads``), ``device_stages`` (stage ->
 device, dtype). After reading the task: ``task_kind`` (labelling | classification | regression),
