@@ -1,4 +1,4 @@
-"""SIGTERM in a multirun job (lexp.jobsignals), without a cluster: the signal raises JobKilled
+"""SIGTERM in a multirun job (lexp.jobsignals), without a cluster: the signal raises RunKilled
 wherever the job is, the handlers are restored afterwards, and the SIGTERM that follows submitit's
 own requeue (USR2) is left to submitit. tests/test_slurm_cluster.py runs the same on SLURM."""
 
@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from lexp.jobsignals import JobKilled, job_signals, requeueing
+from lexp.errors import RunKilled
+from lexp.jobsignals import job_signals, requeueing
 from lexp.run import _uncompleted
 
 
@@ -19,10 +20,10 @@ def _term_self() -> None:
     time.sleep(0.5)  # the handler runs in the main thread at the next bytecode
 
 
-def test_sigterm_raises_jobkilled_through_except_exception_and_handlers_come_back() -> None:
+def test_sigterm_raises_runkilled_through_except_exception_and_handlers_come_back() -> None:
     before = signal.getsignal(signal.SIGTERM)
     caught_by_library = False
-    with pytest.raises(JobKilled, match="SIGTERM"), job_signals(True):
+    with pytest.raises(RunKilled, match="SIGTERM"), job_signals(True):
         try:
             _term_self()
         except Exception:  # a library's broad except must not swallow it
@@ -56,7 +57,7 @@ def test_sigterm_after_submitits_requeue_is_left_to_submitit(monkeypatch: pytest
         with pytest.raises(SystemExit), job_signals(True):
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.5)
-        assert calls == ["requeue", "after SIGTERM"]  # not JobKilled: the job exits for its requeue
+        assert calls == ["requeue", "after SIGTERM"]  # not RunKilled: the job exits for its requeue
         assert requeueing()  # lexp.run records results.json as requeued, not failed
         assert signal.getsignal(signal.SIGUSR2) is submitit_usr2  # restored
 
@@ -67,7 +68,7 @@ def test_sigterm_after_submitits_requeue_is_left_to_submitit(monkeypatch: pytest
         with pytest.raises(UncompletedJobError), job_signals(True):
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.5)
-        with pytest.raises(JobKilled), job_signals(True):  # a later SIGTERM kills again
+        with pytest.raises(RunKilled), job_signals(True):  # a later SIGTERM kills again
             _term_self()
     finally:
         signal.signal(signal.SIGUSR2, previous)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-import signal
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -135,25 +133,6 @@ def _run_group(cfg: DictConfig) -> tuple[str, str]:
     return name, "single"
 
 
-@contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM (how SLURM and every cluster stop a job) raises :class:`RunKilled` in the main thread,
-    so the run unwinds like on Ctrl-C: partial stores removed, results.json says ``killed``. The
-    previous handler comes back afterwards; outside the main thread nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise RunKilled(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _final_status(exc: BaseException) -> str:
     if isinstance(exc, RunKilled):
         return f"killed ({exc.name})"
@@ -164,7 +143,9 @@ def _final_status(exc: BaseException) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage named by the config and return the contents of results.json."""
-    with stop_on_sigterm():
+    from lexp.jobsignals import job_signals
+
+    with job_signals():  # SIGTERM (SLURM, kill): RunKilled, results.json says killed (SIGTERM)
         return _run(cfg, run_dir)
 
 

@@ -1,8 +1,10 @@
-"""SIGTERM in a multirun job: results.json says ``killed (SIGTERM)`` instead of ``running``.
+"""SIGTERM in a run or a multirun job: results.json says ``killed (SIGTERM)`` instead of ``running``.
 
 SLURM stops a job with SIGTERM (then SIGKILL after ``KillWait``) at its time limit, at preemption
-and on ``scancel``. :func:`job_signals` makes SIGTERM raise :class:`JobKilled` in the main thread,
-wherever the job is; :mod:`lexp.run` catches it and finalises results.json. Under submitit on SLURM,
+and on ``scancel``; ``kill`` does the same to a single run. :func:`job_signals` (entered by
+:func:`lexp.experiment.run`) makes SIGTERM raise :class:`lexp.errors.RunKilled` in the main thread,
+wherever the run is: the run unwinds like on Ctrl-C (partial stores removed), results.json records
+the kill, and :mod:`lexp.run` exits 143 (a multirun job under submitit returns instead). Under submitit on SLURM,
 the time-limit warning (USR2, ``--signal=USR2@<signal_delay_s>``) first reaches submitit's handler,
 which may requeue the job (``scontrol requeue``, then exit): the SIGTERM that SLURM sends the
 requeued job is then left alone, so that the job ends as submitit intends and starts again.
@@ -17,11 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["JobKilled", "job_signals", "requeueing"]
+from lexp.errors import RunKilled
 
-
-class JobKilled(BaseException):
-    """SIGTERM reached the job. A BaseException, so that no ``except Exception`` swallows it."""
+__all__ = ["job_signals", "requeueing"]
 
 
 _requeueing = threading.Event()
@@ -35,7 +35,7 @@ def requeueing() -> bool:
 def _on_sigterm(signum: int, frame: Any) -> None:
     if _requeueing.is_set():  # submitit is requeueing the job: it exits by itself
         return
-    raise JobKilled(signal.Signals(signum).name)
+    raise RunKilled(signum)
 
 
 def _chain_usr2(submitit_handler: Any):
@@ -53,8 +53,9 @@ def _chain_usr2(submitit_handler: Any):
 
 
 @contextmanager
-def job_signals(enabled: bool) -> Iterator[None]:
-    """Inside the block, SIGTERM raises :class:`JobKilled` (main thread only; no-op when not enabled)."""
+def job_signals(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`~lexp.errors.RunKilled` (main thread only; no-op when
+    not enabled); the previous handlers come back afterwards."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -66,13 +66,15 @@ def _main(cfg: DictConfig) -> float | None:
     from lexp.experiment import friendly_errors, run
 
     quiet_third_party()
-    from lexp.jobsignals import JobKilled, job_signals, requeueing
+    from lexp.errors import RunKilled
+    from lexp.jobsignals import requeueing
 
     try:
-        with job_signals(multirun):
-            results = run(cfg, run_dir)
-    except JobKilled as exc:  # SLURM's time limit or preemption, scancel: never left at "running"
-        return _job_killed(cfg, run_dir, str(exc))
+        results = run(cfg, run_dir)
+    except RunKilled as exc:  # SLURM's time limit or preemption, scancel, kill: never left at "running"
+        if not multirun:
+            raise  # main(): one line, exit 143
+        return _job_killed(cfg, run_dir, exc.name)
     except SystemExit:
         if multirun and requeueing():
             _job_requeued(cfg, run_dir)  # submitit's USR2 handler requeued the job and exits
