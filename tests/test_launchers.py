@@ -347,8 +347,34 @@ def test_a_failed_run_is_marked_failed_in_wandb(tmp_path: Path, data_root: Path,
                 f"task.files.train={tmp_path / 'missing.conllu'}",
             ],
         )
+    # A run that fails its checks (before the tracker starts, so a bad setting costs seconds, not
+    # the ~10 s of Lightning imports) opens no W&B run; results.json records the failure.
     with pytest.raises(LexpInputError, match="missing.conllu"):
         run(cfg, tmp_path / "run")
-    assert codes == [1]
+    assert codes == []
     status = json.loads((tmp_path / "run" / "results.json").read_text())["status"]
     assert status.startswith("failed: LexpInputError:") and "missing.conllu" in status
+    # A run that fails after the tracker started is marked failed there.
+    import lexp.experiment as experiment
+
+    def broken_stores(ctx) -> None:
+        raise LexpInputError(f"{tmp_path / 'store.npy'}: unreadable")
+
+    monkeypatch.setattr(experiment, "build_stores", broken_stores)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                f"data_root={data_root}",
+                f"cache_dir={tmp_path / 'cache'}",
+                "logger=wandb",
+                "limit.train=20",
+                "limit.dev=10",
+                "limit.test=10",
+            ],
+        )
+    with pytest.raises(LexpInputError, match="store.npy"):
+        run(cfg, tmp_path / "run2")
+    assert codes == [1]
+    status = json.loads((tmp_path / "run2" / "results.json").read_text())["status"]
+    assert status.startswith("failed: LexpInputError:") and "store.npy" in status
