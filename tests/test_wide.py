@@ -224,3 +224,28 @@ def test_cli_plan_that_does_not_fit_fails_fast(data_root: Path, tmp_path: Path) 
     assert len(errors) == 1 and "does not fit in memory" in errors[0] and "2,688 neurons" in errors[0]
     assert not (tmp_path / "stores").exists()  # stopped before any model work or extraction
     assert elapsed < 90  # seconds when idle (imports + reading EWT); generous for a loaded 2-core machine
+
+
+def test_general_without_a_test_split(data_root: Path, tmp_path: Path) -> None:
+    """extract.splits=[train,dev]: the oracle has no test score, so results.json says None (it used
+    to stop with KeyError: 'accuracy'); the dev scores of every ct are there."""
+    overrides = [
+        f"data_root={data_root}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "logger=none",
+        "limit.train=60",
+        "limit.dev=30",
+        "probe.epochs=1",
+        "progress=false",
+        "extract.splits=[train,dev]",
+        "analysis=general",
+        "analysis.ct=[0.3]",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    general = run(cfg, tmp_path / "run")["general"]
+    assert general["oracle_test"] is None and 0 < general["oracle_dev"] <= 1
+    (row,) = general["table6"]
+    assert row["test"] is None and 0 < row["dev"] <= 1
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["general"]["oracle_test"] is None

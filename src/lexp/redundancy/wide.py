@@ -33,9 +33,10 @@ same two results without any N × N matrix:
   CPUs) only *find* the components, with the threshold lowered by :data:`_BF16_MARGIN`, more than
   the largest error a bfloat16 product can make on a correlation (inputs rounded to 2⁻⁹ relative,
   the product rounded to 2⁻⁹ of ``‖x_i‖‖x_j‖`` by Cauchy–Schwarz, float32 sums inside a chunk:
-  ≤ 3·2⁻⁹ + chunk·2⁻²⁴ ≈ 0.006 < 2⁻⁶). Screen components are then unions of the exact ones, and
+  ≤ 3·2⁻⁹ + 65,536·2⁻²⁴ ≈ 0.01 < 2⁻⁶). Screen components are then unions of the exact ones, and
   the linkage inside them is float32-exact, so the flat clusters at ct ≤ ct_max are the float32
-  ones; only the layer CKA carries the bfloat16 rounding (≈ 1e-3).
+  ones; only the layer CKA carries the bfloat16 rounding (≈ 1e-3). The panel sums are float32
+  there (float64 under float32 compute): half the memory traffic of the elementwise steps.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ GB = 1e9
 _EDGE_MARGIN = 1e-6
 #: Margin of the bfloat16 screen: above the worst error of a bfloat16 correlation (module docstring).
 _BF16_MARGIN = 2.0**-6
+#: Rows of one bfloat16 product over resident rows (its float32 sums: ≤ 65,536 · 2⁻²⁴ ≈ 0.004).
+_BF16_GEMM_ROWS = 65536
 #: Pairs above the threshold collected before the union-find is updated (2 int64 arrays each).
 _PAIR_FLUSH = 8_000_000
 #: Bytes per neuron pair of scipy's average linkage on one component: float64 correlations, the
@@ -186,8 +189,10 @@ class _Rows:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.resident is not None:
-            for r0 in range(0, self.resident.shape[0], self.plan.chunk_rows):
-                yield self.resident[r0 : r0 + self.plan.chunk_rows]
+            # bfloat16: as few products as possible (each rounds its result to bfloat16 once)
+            step = self.plan.chunk_rows if self.low is None else _BF16_GEMM_ROWS
+            for r0 in range(0, self.resident.shape[0], step):
+                yield self.resident[r0 : r0 + step]
             return
         self.passes += 1
         if not self.plan.resident:
@@ -317,15 +322,21 @@ def wide_general(
     layer_of = None if bounds is None else np.repeat(np.arange(g), np.diff(bounds))
     thr = 1.0 - float(ct_max) - (_EDGE_MARGIN if low is None else _BF16_MARGIN)
     comps = _Components(n_feat)
-    scale_t = torch.from_numpy(scale).to(dev)
+    scale_t = torch.from_numpy(scale).to(dev).to(torch.float64 if low is None else torch.float32)
     const_t = torch.from_numpy(const).to(dev)
     n_panels = math.ceil(n_feat / plan.panel)
+    acc_dtype = torch.float64 if low is None else torch.float32
     with exact_float32_matmul(), torch.inference_mode():
         for p, i0 in enumerate(range(0, n_feat, plan.panel)):
             i1 = min(i0 + plan.panel, n_feat)
-            acc = torch.zeros((i1 - i0, n_feat - i0), dtype=torch.float64, device=dev)
+            acc: torch.Tensor | None = None
             for x in rows:
-                acc.add_(x[:, i0:i1].T @ x[:, i0:])
+                prod = x[:, i0:i1].T @ x[:, i0:]
+                if acc is None:
+                    acc = prod.to(acc_dtype)
+                else:
+                    acc.add_(prod)
+                del prod
                 if p == 0 and g:  # per-row layer norms of the centred rows: Q of the debiased CKA
                     r = torch.stack(
                         [
