@@ -73,3 +73,35 @@ def test_minimal_set_search_keeps_one_outcome_not_every_candidate() -> None:
     # the best so far: O(batch · N · classes)
     assert peak < (batch + 2) * N * (classes * 4 + 8)
     assert peak < sum(int(n) for n in grid) * classes * 4 / 4  # far below keeping every candidate
+
+
+class _Cfg(dict):
+    __getattr__ = dict.__getitem__
+
+    def get(self, key, default=None):  # noqa: D102 - mapping access as OmegaConf gives it
+        return dict.get(self, key, default)
+
+
+def test_plan_counts_one_round_of_the_search() -> None:
+    """The memory plan states the search's widest round (batch probes on all N neurons: weights,
+    gradients, two Adam moments) and names analysis.batch when it does not fit."""
+    import pytest
+
+    from lexp.errors import LexpInputError
+    from lexp.plan import make_plan
+
+    machine = {"total": 24 * 10**9, "available": 20 * 10**9}
+
+    def cfg(batch: int, gb: float) -> _Cfg:
+        analysis = _Cfg(name="neurons", batch=batch, max_memory_gb=gb)
+        return _Cfg(analysis=analysis, store=_Cfg(dtype="float16"))
+
+    n, classes = 33 * 4096, 50
+    plan = make_plan(
+        cfg(16, 8), rows={"train": 3000}, n_layers=33, hidden=4096, n_classes=classes, machine=machine
+    )
+    assert plan.stages["probes (minimal-set search, one round)"] >= 16 * 16 * n * classes
+    with pytest.raises(LexpInputError, match=r"minimal-set search.*analysis.batch"):
+        make_plan(
+            cfg(64, 8), rows={"train": 3000}, n_layers=33, hidden=4096, n_classes=classes, machine=machine
+        )

@@ -122,6 +122,14 @@ def make_plan(
         plan.stages["probes (oracle, per layer, layers 0..k)"] = probe_bytes(
             [n] + [hidden] * n_layers + [hidden * (k + 1) for k in range(n_layers)], n_classes
         )
+    if name == "pipeline":  # the probes on layers 0..k train in the oracle's pass
+        plan.stages["probes (oracle, layers 0..k)"] = probe_bytes(
+            [n] + [hidden * (k + 1) for k in range(n_layers - 1)], n_classes
+        )
+    if name in ("neurons", "pipeline"):  # one round of the minimal-set search, at worst all N wide
+        plan.stages["probes (minimal-set search, one round)"] = probe_bytes(
+            [n] * int(analysis.get("batch", 16)), n_classes
+        )
     if name in ("general", "pipeline"):
         split = str(analysis.get("split", "train"))
         n_rows = int(rows.get(split, max(rows.values())))
@@ -165,6 +173,8 @@ def _check(plan: Plan, n_layers: int, hidden: int) -> None:
     stage, need = max(over.items(), key=lambda kv: kv[1])
     fixes = [f"analysis.max_memory_gb={math.ceil(need / GB * 1.1)}"]
     blocked = plan.blocked_alternative
+    if stage.startswith("probes (minimal-set search"):
+        fixes.append("a smaller analysis.batch (probes trained per round of the search)")
     if stage.startswith("general (exact)") and blocked is not None and blocked <= plan.budget:
         fixes.insert(0, f"analysis.method=auto (the blocked path needs ≈ {blocked / GB:.2f} GB)")
     raise LexpInputError(
