@@ -224,8 +224,10 @@ class _Rows:
         self.passes += 1
         mean = self.mean32[cols]
         for chunk in _chunks(self.source, self.plan.chunk_rows, self.columns):
-            # numpy's a[:, idx] is column-major: made C-contiguous so column slices are cheap
-            sub = np.ascontiguousarray(np.subtract(np.asarray(chunk)[:, cols], mean, dtype=np.float32))
+            # np.take gives C-contiguous columns (a[:, idx] is column-major): cheap column slices,
+            # one float32 copy of the gathered columns
+            sub = np.take(np.asarray(chunk), cols, axis=1).astype(np.float32, copy=False)
+            sub -= mean
             yield torch.from_numpy(sub).to(self.device)
 
 
