@@ -68,6 +68,32 @@ def test_blocked_clusters_and_cka_equal_the_exact_path(signed: bool, budget: flo
     np.testing.assert_allclose(out.cka_debiased, exact_ckd, atol=1e-6)
 
 
+@pytest.mark.parametrize("budget", [1 * GB, 120_000.0])  # bfloat16 rows resident | streamed
+def test_bfloat16_screen_gives_the_float32_clusters(budget: float) -> None:
+    """compute=bfloat16 only finds the components (threshold lowered by the bfloat16 error bound);
+    the linkage inside them is float32, so every cut up to ct_max is the exact path's partition,
+    and only the CKA carries bfloat16 rounding."""
+    x = _layered(2)
+    with pytest.warns(RuntimeWarning, match="constant"):
+        m = covariance.streaming_moments(x, chunk_rows=256, layer_sizes=[H] * L)
+        exact_z = clustering.neuron_linkage(covariance.correlation(m))
+        exact_cka = cka.cka_matrix(m, L, H)
+    cts = [0.0, 0.05, 0.1, 0.2, 0.3]
+    with pytest.warns(RuntimeWarning, match="constant"):
+        out = wide.wide_general(
+            x, ct_max=0.3, budget_bytes=budget, chunk_rows=256, compute="bfloat16", layer_sizes=[H] * L
+        )
+    assert out.info["screen"] == "bfloat16"
+    for ct in cts:
+        a, b = clustering.flat_clusters(exact_z, ct), clustering.flat_clusters(out.linkage, ct)
+        assert _same_partition(a, b), ct
+        # the heights below ct_max are float32 correlations, not bfloat16 ones
+    below = exact_z[exact_z[:, 2] <= 0.3, 2]
+    np.testing.assert_allclose(np.sort(out.linkage[out.linkage[:, 2] <= 0.3, 2]), np.sort(below), atol=1e-6)
+    diff = np.abs(out.cka - exact_cka).max()
+    assert 0 < diff < 1e-2  # bfloat16 products: close, not equal
+
+
 def test_merged_linkage_is_a_valid_scipy_tree() -> None:
     from scipy.cluster.hierarchy import is_monotonic, is_valid_linkage
 
@@ -198,3 +224,28 @@ def test_cli_plan_that_does_not_fit_fails_fast(data_root: Path, tmp_path: Path) 
     assert len(errors) == 1 and "does not fit in memory" in errors[0] and "2,688 neurons" in errors[0]
     assert not (tmp_path / "stores").exists()  # stopped before any model work or extraction
     assert elapsed < 90  # seconds when idle (imports + reading EWT); generous for a loaded 2-core machine
+
+
+def test_general_without_a_test_split(data_root: Path, tmp_path: Path) -> None:
+    """extract.splits=[train,dev]: the oracle has no test score, so results.json says None (it used
+    to stop with KeyError: 'accuracy'); the dev scores of every ct are there."""
+    overrides = [
+        f"data_root={data_root}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "logger=none",
+        "limit.train=60",
+        "limit.dev=30",
+        "probe.epochs=1",
+        "progress=false",
+        "extract.splits=[train,dev]",
+        "analysis=general",
+        "analysis.ct=[0.3]",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    general = run(cfg, tmp_path / "run")["general"]
+    assert general["oracle_test"] is None and 0 < general["oracle_dev"] <= 1
+    (row,) = general["table6"]
+    assert row["test"] is None and 0 < row["dev"] <= 1
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["general"]["oracle_test"] is None

@@ -42,16 +42,16 @@ class BlockPlan:
 
 
 def blocked_plan(n_rows: int, n_neurons: int, budget: float, chunk_rows: int, compute: str) -> BlockPlan:
-    """Resident centred rows when they take at most half of ``budget``; panels of at most a quarter
-    of it (and 2 GB: beyond that a panel only adds memory, not speed)."""
+    """Resident centred rows when they take at most half of ``budget``; chunks of at most an eighth
+    of it (a float32 read and its centred copy); panels of at most a quarter of it (and 2 GB:
+    beyond that a panel only adds memory, not speed)."""
     n = int(n_neurons)
     item = 2 if compute == "bfloat16" else 4
     data = int(n_rows) * n * item
     resident = data <= budget / 2
-    rows = min(int(chunk_rows), int(n_rows)) if not resident else min(int(chunk_rows), int(n_rows))
-    if not resident:  # two float32 chunk buffers per pass
-        rows = max(64, min(rows, int(budget / 4 / (8 * n))))
-    stream_bytes = data if resident else 8 * rows * n
+    rows = max(64, min(int(chunk_rows), int(n_rows), int(budget / 4 / (8 * n))))
+    chunk_bytes = 8 * rows * n  # the float32 chunk as read and its centred copy
+    stream_bytes = data + chunk_bytes if resident else chunk_bytes
     panel_bytes = max(min(budget / 4, 2 * GB), 0)
     # per panel row: float64 accumulator + float32 product + float64 |corr| temp over ≤ N columns
     panel = int(max(64, min(n, panel_bytes // (20 * n))))
@@ -161,6 +161,14 @@ def make_plan(
         plan.stages["probes (oracle, per layer, layers 0..k)"] = probe_bytes(
             [n] + [hidden] * n_layers + [hidden * (k + 1) for k in range(n_layers)], n_classes
         )
+    if name == "pipeline":  # the probes on layers 0..k train in the oracle's pass
+        plan.stages["probes (oracle, layers 0..k)"] = probe_bytes(
+            [n] + [hidden * (k + 1) for k in range(n_layers - 1)], n_classes
+        )
+    if name in ("neurons", "pipeline"):  # one round of the minimal-set search, at worst all N wide
+        plan.stages["probes (minimal-set search, one round)"] = probe_bytes(
+            [n] * int(analysis.get("batch", 16)), n_classes
+        )
     if name in ("general", "pipeline"):
         split = str(analysis.get("split", "train"))
         n_rows = int(rows.get(split, max(rows.values())))
@@ -202,6 +210,8 @@ def _check(plan: Plan, n_layers: int, hidden: int) -> None:
     stage, need = max(over.items(), key=lambda kv: kv[1])
     fixes = [f"analysis.max_memory_gb={math.ceil(need / GB * 1.1)}"]
     blocked = plan.blocked_alternative
+    if stage.startswith("probes (minimal-set search"):
+        fixes.append("a smaller analysis.batch (probes trained per round of the search)")
     if stage.startswith("general (exact)") and blocked is not None and blocked <= plan.budget:
         fixes.insert(0, f"analysis.method=auto (the blocked path needs ≈ {blocked / GB:.2f} GB)")
     raise LexpInputError(

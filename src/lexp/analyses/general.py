@@ -249,7 +249,10 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
         "split": str(cfg.split),
         "n_neurons_total": n,
         "oracle_dev": float(ctx.oracle["dev"][metric]),
-        "oracle_test": float(ctx.oracle["test"][metric]) if "test" in ctx.oracle else None,
+        # None without a test store (extract.splits=[train,dev]: the probe's "test" block is empty)
+        "oracle_test": float(ctx.oracle["test"][metric])
+        if metric in (ctx.oracle.get("test") or {})
+        else None,
         "cache": str(state["cached"]["path"]),
         "cache_reused": bool(state["cached"]["reused"]),
         # exact (dense, as NeuroX) or blocked-components (exact up to exact_up_to_ct; lexp.redundancy.wide)

@@ -166,7 +166,7 @@ def run(ctx: RunContext, heads: dict[str, Any]) -> None:
             probe = _probe(ctx, _dropped_stores(ctx, best["blocks"], folder))
             row["probe"] = public(probe)
             for split in ("dev", "test"):
-                if split in probe and split in full:
+                if metric in (probe.get(split) or {}) and metric in (full.get(split) or {}):
                     row[f"probe_{split}"] = float(probe[split][metric])
                     row[f"full_{split}"] = float(full[split][metric])
                     row[f"delta_{split}"] = row[f"probe_{split}"] - row[f"full_{split}"]

@@ -282,7 +282,7 @@ def minimal_sets(
             "sizes": sizes,
             "next": 0,
             "evaluated": [],
-            "outcomes": {},
+            "best": None,  # (n, score, outcome) of the best candidate so far
         }
     results: dict[Any, MinimalSetResult] = {}
     while len(results) < len(state):
@@ -304,24 +304,29 @@ def minimal_sets(
             missing = sorted(set(names) - set(got))
             if missing:
                 raise LexpInputError(f"minimal_set: evaluate returned no score for {missing}")
-            reached = []
-            for name, n in names.items():
+            # Only the chosen candidate's outcome (its probe weights: classes × n) is kept: the
+            # first that reaches the target or the best so far. Keeping every candidate's would
+            # hold Σ n · classes weights over the grid — O(N² · classes / step) at LLM width.
+            reached = None
+            for name, n in names.items():  # ascending n
                 score = _dev_score(name, got[name])
                 st["evaluated"].append((n, score))
-                st["outcomes"][n] = got[name]
-                if score >= st["target"]:
-                    reached.append((n, score))
+                if reached is None and score >= st["target"]:
+                    reached = (n, score, got[name])
+                best = st["best"]
+                if best is None or score > best[1]:  # best score; smallest n on ties
+                    st["best"] = (n, score, got[name])
+            del got
             order, target, evaluated = st["order"], st["target"], st["evaluated"]
-            if reached:
-                n, score = reached[0]
-                results[key] = MinimalSetResult(
-                    n, order[:n].copy(), score, True, target, evaluated, st["outcomes"][n]
-                )
+            if reached is not None:
+                n, score, outcome = reached
+                results[key] = MinimalSetResult(n, order[:n].copy(), score, True, target, evaluated, outcome)
             elif st["next"] >= st["sizes"].size:
-                n, score = max(evaluated, key=lambda ns: (ns[1], -ns[0]))  # best score; smallest n on ties
-                results[key] = MinimalSetResult(
-                    n, order[:n].copy(), score, False, target, evaluated, st["outcomes"][n]
-                )
+                n, score, outcome = st["best"]
+                results[key] = MinimalSetResult(n, order[:n].copy(), score, False, target, evaluated, outcome)
+            if key in results:
+                st["best"] = None
+        del returned  # before the next round is trained: one round's probes alive at a time
     return {key: results[key] for key in orderings}
 
 

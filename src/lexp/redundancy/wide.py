@@ -10,7 +10,8 @@ same two results without any N × N matrix:
   at a time (rows i0..i1, columns i0..N, float64 accumulation of float32 or bfloat16 products;
   torch, on the run's device). When the centred rows fit in the budget they are read once and kept
   (float32, or bfloat16 under ``compute="bfloat16"``); otherwise every panel streams the store
-  again. Each panel is used and dropped.
+  again. Each panel is used and dropped. Chunks are at most an eighth of the budget (float32 read
+  plus its centred copy), so the transient read buffers stay bounded at any width.
 - **Layer CKA from per-layer-pair blocks.** Every panel adds ``Σ C_ij²`` over its upper-triangle
   entries to a (G, G) table per pair of layers; with the diagonal, the layer traces and the
   per-row layer norms (debiased CKA) this is exactly what :func:`lexp.redundancy.cka.cka_blocks`
@@ -21,12 +22,21 @@ same two results without any N × N matrix:
   ct equals the one computed on the component alone. The panels therefore only find the
   components of the graph at the largest requested ct (union-find over the pairs above the
   threshold, with a 1e-6 margin so rounding can only make components larger); scipy's average
-  linkage then runs on each component (its columns gathered, its correlations recomputed); the
+  linkage then runs on each component (its columns gathered, its correlations recomputed in
+  float32 products with float64 sums — under ``compute="bfloat16"`` too, from the store); the
   component trees are merged into one scipy linkage matrix whose top joins (components with each
   other) sit at the maximal distance. Cutting it at any ct ≤ ct_max gives the exact flat clusters
   of the dense path; above ct_max it is not the paper's tree, so the cache and results.json
   record ``exact_up_to_ct``. Memory of this step is set by the largest component (≈ 16·S² bytes);
   a component that does not fit stops with one error naming S, ct and the budget.
+- **bfloat16 as a screen.** Under ``compute="bfloat16"`` the panels (≈ 3× faster on AVX-512-BF16
+  CPUs) only *find* the components, with the threshold lowered by :data:`_BF16_MARGIN`, more than
+  the largest error a bfloat16 product can make on a correlation (inputs rounded to 2⁻⁹ relative,
+  the product rounded to 2⁻⁹ of ``‖x_i‖‖x_j‖`` by Cauchy–Schwarz, float32 sums inside a chunk:
+  ≤ 3·2⁻⁹ + 65,536·2⁻²⁴ ≈ 0.01 < 2⁻⁶). Screen components are then unions of the exact ones, and
+  the linkage inside them is float32-exact, so the flat clusters at ct ≤ ct_max are the float32
+  ones; only the layer CKA carries the bfloat16 rounding (≈ 1e-3). The panel sums are float32
+  there (float64 under float32 compute): half the memory traffic of the elementwise steps.
 """
 
 from __future__ import annotations
@@ -60,6 +70,10 @@ __all__ = [  # the peak-memory formulas live in lexp.plan (no torch/scipy import
 
 #: Margin on the threshold of the component graph: rounding can only add edges, never drop one.
 _EDGE_MARGIN = 1e-6
+#: Margin of the bfloat16 screen: above the worst error of a bfloat16 correlation (module docstring).
+_BF16_MARGIN = 2.0**-6
+#: Rows of one bfloat16 product over resident rows (its float32 sums: ≤ 65,536 · 2⁻²⁴ ≈ 0.004).
+_BF16_GEMM_ROWS = 65536
 #: Pairs above the threshold collected before the union-find is updated (2 int64 arrays each).
 _PAIR_FLUSH = 8_000_000
 #: Bytes per neuron pair of scipy's average linkage on one component: float64 correlations, the
@@ -123,9 +137,11 @@ class _Rows:
         plan: BlockPlan,
         low: torch.dtype | None,
         device: torch.device,
+        n_rows: int,
     ) -> None:
         self.source, self.columns, self.plan, self.low, self.device = source, columns, plan, low, device
         self.mean32 = mean.astype(np.float32)
+        self.n_rows = int(n_rows)
         self.resident: torch.Tensor | None = None
         self.passes = 0
 
@@ -135,20 +151,46 @@ class _Rows:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.resident is not None:
-            for r0 in range(0, self.resident.shape[0], self.plan.chunk_rows):
-                yield self.resident[r0 : r0 + self.plan.chunk_rows]
+            # bfloat16: as few products as possible (each rounds its result to bfloat16 once)
+            step = self.plan.chunk_rows if self.low is None else _BF16_GEMM_ROWS
+            for r0 in range(0, self.resident.shape[0], step):
+                yield self.resident[r0 : r0 + step]
             return
         self.passes += 1
         if not self.plan.resident:
             for chunk in _chunks(self.source, self.plan.chunk_rows, self.columns):
                 yield self._centred(chunk)
             return
-        parts = []
+        # filled in place (no list + cat: that would hold the rows twice)
+        store = torch.empty(
+            (self.n_rows, self.mean32.size), dtype=self.low or torch.float32, device=self.device
+        )
+        r0 = 0
         for chunk in _chunks(self.source, self.plan.chunk_rows, self.columns):
-            parts.append(self._centred(chunk))
-            yield parts[-1]
-        self.resident = torch.cat(parts) if len(parts) > 1 else parts[0]
-        del parts
+            x = self._centred(chunk)
+            store[r0 : r0 + x.shape[0]] = x
+            r0 += x.shape[0]
+            yield store[r0 - x.shape[0] : r0]
+        if r0 != self.n_rows:
+            raise LexpInputError(f"the store gave {r0} rows on a second pass, {self.n_rows} on the first")
+        self.resident = store
+
+    def exact(self, cols: np.ndarray) -> Iterator[torch.Tensor]:
+        """Float32 centred rows of columns ``cols`` only: the resident float32 rows, or (bfloat16
+        rows or no resident copy) a pass over the store."""
+        if self.low is None and self.resident is not None:
+            idx = torch.from_numpy(cols).to(self.device)
+            for x in self:
+                yield x.index_select(1, idx).contiguous()
+            return
+        self.passes += 1
+        mean = self.mean32[cols]
+        for chunk in _chunks(self.source, self.plan.chunk_rows, self.columns):
+            # np.take gives C-contiguous columns (a[:, idx] is column-major): cheap column slices,
+            # one float32 copy of the gathered columns
+            sub = np.take(np.asarray(chunk), cols, axis=1).astype(np.float32, copy=False)
+            sub -= mean
+            yield torch.from_numpy(sub).to(self.device)
 
 
 # ------------------------------------------------------------------------------------ union-find
@@ -219,11 +261,12 @@ def wide_general(
             "linked and the blocked path has nothing to split — use a smaller ct"
         )
     say = progress or (lambda _msg: None)
-    n, mean, m2 = _column_stats(source, chunk_rows, columns, name)
+    stats_rows = max(64, min(int(chunk_rows), int(budget_bytes / 4 / (8 * _n_columns(source, columns)))))
+    n, mean, m2 = _column_stats(source, stats_rows, columns, name)
     n_feat = mean.size
     plan = blocked_plan(n, n_feat, budget_bytes, chunk_rows, compute)
     low = torch.bfloat16 if compute == "bfloat16" else None
-    rows = _Rows(source, columns, mean, plan, low, dev)
+    rows = _Rows(source, columns, mean, plan, low, dev, n)
     const = m2 / max(n, 1) <= (_CONSTANT_RTOL * np.abs(mean)) ** 2
     scale = np.sqrt(np.where(const, 1.0, m2))
     if const.any():
@@ -241,17 +284,23 @@ def wide_general(
     diag_sq = np.zeros(g)
     q = torch.zeros((g, g), dtype=torch.float64, device=dev)
     layer_of = None if bounds is None else np.repeat(np.arange(g), np.diff(bounds))
-    thr = 1.0 - float(ct_max) - _EDGE_MARGIN
+    thr = 1.0 - float(ct_max) - (_EDGE_MARGIN if low is None else _BF16_MARGIN)
     comps = _Components(n_feat)
-    scale_t = torch.from_numpy(scale).to(dev)
+    scale_t = torch.from_numpy(scale).to(dev).to(torch.float64 if low is None else torch.float32)
     const_t = torch.from_numpy(const).to(dev)
     n_panels = math.ceil(n_feat / plan.panel)
+    acc_dtype = torch.float64 if low is None else torch.float32
     with exact_float32_matmul(), torch.inference_mode():
         for p, i0 in enumerate(range(0, n_feat, plan.panel)):
             i1 = min(i0 + plan.panel, n_feat)
-            acc = torch.zeros((i1 - i0, n_feat - i0), dtype=torch.float64, device=dev)
+            acc: torch.Tensor | None = None
             for x in rows:
-                acc.add_(x[:, i0:i1].T @ x[:, i0:])
+                prod = x[:, i0:i1].T @ x[:, i0:]
+                if acc is None:
+                    acc = prod.to(acc_dtype)
+                else:
+                    acc.add_(prod)
+                del prod
                 if p == 0 and g:  # per-row layer norms of the centred rows: Q of the debiased CKA
                     r = torch.stack(
                         [
@@ -311,8 +360,8 @@ def wide_general(
         "panels": n_panels,
         "panel_rows": plan.panel,
         "resident_rows": bool(plan.resident),
-        "passes_over_store": 2
-        + (0 if plan.resident else n_panels + _component_passes(members, n, budget_bytes)),
+        "passes_over_store": rows.passes + 1,
+        "screen": compute,
         "edges": int(comps.n_edges),
         "n_components_multi": len(members),
         "largest_component": largest,
@@ -347,8 +396,14 @@ def _add_cka_terms(
             sq_upper[a, col_layers] += per_col[rows_layer == a].sum(axis=0)
 
 
-def _component_passes(members: list[np.ndarray], n_rows: int, budget: float) -> int:
-    return len(_component_batches(members, n_rows, budget))
+def _n_columns(source: Any, columns: np.ndarray | None) -> int:
+    if columns is not None:
+        return max(1, len(columns))
+    n = getattr(source, "n_neurons", None)
+    if n is None:
+        shape = getattr(source, "shape", None)
+        n = shape[1] if shape is not None and len(shape) == 2 else 1
+    return max(1, int(n))
 
 
 def _component_batches(members: list[np.ndarray], n_rows: int, budget: float) -> list[list[int]]:
@@ -384,11 +439,13 @@ def _component_linkages(
     batches = _component_batches(members, n_rows, budget)
     with exact_float32_matmul(), torch.inference_mode():
         for batch in batches:
-            idx = [torch.from_numpy(members[k]).to(dev) for k in batch]
-            accs = [torch.zeros((m.numel(), m.numel()), dtype=torch.float64, device=dev) for m in idx]
-            for x in rows:
-                for acc, m in zip(accs, idx, strict=True):
-                    xs = x.index_select(1, m)
+            union = np.concatenate([members[k] for k in batch])
+            ends = np.cumsum([members[k].size for k in batch]).tolist()
+            spans = list(zip([0, *ends[:-1]], ends, strict=True))  # each component's gathered columns
+            accs = [torch.zeros((b - a, b - a), dtype=torch.float64, device=dev) for a, b in spans]
+            for x in rows.exact(union):
+                for acc, (a, b) in zip(accs, spans, strict=True):
+                    xs = x[:, a:b]
                     acc.add_(xs.T @ xs)
             for k, acc in zip(batch, accs, strict=True):
                 m = members[k]
