@@ -43,6 +43,7 @@ def _png(path: Path, width: int, height: int = 30) -> bytes:
 def _with_run_fields(data: dict[str, Any], root: Path, name: str, figures: list[str], seq: list[int]) -> dict:
     """What every real run adds: device, data files, stage timings and its figures (written here)."""
     data["device"] = {"device": "cpu", "type": "cpu", "name": "x86_64", "threads": 2}
+    data["model_family"] = {"family": "bert", "tokenizer_kind": "wordpiece", "sentence": None}
     data["data_files"] = [f"/data/{data['task']}/train.conllu", f"/data/{HOSTILE}"]
     data["timings_s"] = {"read": 1.4, "extract": 11.36, "probes": 1.0, data["analysis"]: 2.5, "total": 23.48}
     data["figures"] = [f"figures/{f}" for f in figures]
@@ -215,6 +216,9 @@ def test_tables_hold_the_numbers_of_the_results_files(sweep: Path, page: Any) ->
         "compare_oracle", "compare_general", "compare_cka", "compare_layers", "compare_neurons", "compare_pipeline",
     }  # fmt: skip
     assert set(parsed.tables) == {t.key for t in tables} | {"runs", "models", "data", "timings"}
+    for model in MODELS:  # the family each run recorded (results.json's model_family)
+        row = _row(parsed.tables["models"], model=model)
+        assert (row["family"], row["tokenizer"], row["sentence vector"]) == ("bert", "wordpiece", "")
     for table in tables:
         assert parsed.tables[table.key]["rows"] == table.cells(), table.key
     # and those are the numbers in the files (read here without lexp)

@@ -359,9 +359,16 @@ class ReportBuilder:
         models: dict[str, Run] = {}
         for group in newest_runs(self.runs).values():
             models.setdefault(group[0].model, group[0])
+        sentence_vectors: dict[str, set[str]] = {}
+        for run in self.runs:  # the representation sentence tasks used (word tasks record none)
+            family = run.data.get("model_family")
+            if isinstance(family, Mapping) and family.get("sentence"):
+                sentence_vectors.setdefault(run.model, set()).add(str(family["sentence"]))
         model_rows = []
         for name in tb.model_order(models):
             run = models[name]
+            family = run.data.get("model_family")
+            family = family if isinstance(family, Mapping) else {}
             config = tb.get(run.data, "config", "model")
             config = config if isinstance(config, Mapping) else {}
             other = {
@@ -376,6 +383,9 @@ class ReportBuilder:
                     tb.get(run.data, "n_layers"),
                     tb.get(run.data, "hidden"),
                     tb.get(run.data, "n_neurons"),
+                    str(family.get("family") or "not recorded"),
+                    str(family.get("tokenizer_kind") or ""),
+                    ", ".join(sorted(sentence_vectors.get(name, ()))),
                     ", ".join(f"{k}={json.dumps(v)}" for k, v in other.items()),
                 ]
             )
@@ -388,6 +398,9 @@ class ReportBuilder:
                 Column("layers", "int"),
                 Column("hidden", "int"),
                 Column("neurons", "int"),
+                Column("family"),
+                Column("tokenizer"),
+                Column("sentence vector"),
                 Column("model settings"),
             ],
             model_rows,
