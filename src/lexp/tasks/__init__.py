@@ -280,36 +280,9 @@ def _load_labelling(cfg: dict[str, Any]) -> TaskData:
         "sentences_read": len(train),
         "tokens_read": _n_tokens(train),
     }
-    if dev_fraction is not None:
-        fraction = _fraction(name, "dev_from_train", dev_fraction)
-        n_dev = _round(len(train) * fraction)
-        if not 0 < n_dev < len(train):
-            raise LexpInputError(
-                f"task {name}: dev_from_train={fraction} of {len(train)} train sentences leaves an empty split"
-            )
-        train, splits["dev"] = train[:-n_dev], train[-n_dev:]
-        notes["dev"] = {
-            "file": str(paths["train"]),
-            "carved_from_train": (
-                f"the last {fraction:.0%} of train sentences in file order ({n_dev} sentences, from "
-                f"{splits['dev'][0].source}), carved before the token cap; disjoint from train"
-            ),
-            "sentences": n_dev,
-            "tokens": _n_tokens(splits["dev"]),
-        }
-    if max_train_tokens is not None:
-        kept = cap_tokens(train, max_train_tokens)
-        if not kept:
-            raise LexpInputError(
-                f"task {name}: max_train_tokens={max_train_tokens} is smaller than the first train "
-                f"sentence ({train[0].source}); raise it or set it to null"
-            )
-        notes["train"]["max_train_tokens"] = max_train_tokens
-        notes["train"]["cap"] = (
-            "first whole sentences whose cumulative token count stays <= max_train_tokens; the "
-            "sentence that would cross the cap and all later ones are left out"
-        )
-        train = kept
+    train = carve_and_cap(
+        name, train, dev_fraction, max_train_tokens, {"file": str(paths["train"])}, splits, notes
+    )
     splits["train"] = train
     notes["train"].update(sentences=len(train), tokens=_n_tokens(train))
     for split in ("dev", "test"):
@@ -513,6 +486,53 @@ def _load_glue(cfg: dict[str, Any]) -> TaskData:
         files=list(dict.fromkeys(reader.files)),
         notes=notes,
     )
+
+
+def carve_and_cap(
+    name: str,
+    train: list[Sentence],
+    dev_fraction: Any,
+    max_train_tokens: int | None,
+    where: dict[str, str],
+    splits: dict[str, list[Sentence]],
+    notes: dict[str, Any],
+) -> list[Sentence]:
+    """The word-task protocol on the train sentences read: ``dev_from_train`` carves the last
+    sentences into ``splits["dev"]`` (before the cap), then ``max_train_tokens`` keeps the first
+    whole sentences within the cap. Returns the train split; ``notes`` says what was done, with
+    ``where`` (``{"file": ...}`` or ``{"source": ...}``) naming the input. Shared by the column
+    reader and ``lexp.tasks.tabular``'s custom_tokens."""
+    if dev_fraction is not None:
+        fraction = _fraction(name, "dev_from_train", dev_fraction)
+        n_dev = _round(len(train) * fraction)
+        if not 0 < n_dev < len(train):
+            raise LexpInputError(
+                f"task {name}: dev_from_train={fraction} of {len(train)} train sentences leaves an empty split"
+            )
+        train, splits["dev"] = train[:-n_dev], train[-n_dev:]
+        notes["dev"] = {
+            **where,
+            "carved_from_train": (
+                f"the last {fraction:.0%} of train sentences in file order ({n_dev} sentences, from "
+                f"{splits['dev'][0].source}), carved before the token cap; disjoint from train"
+            ),
+            "sentences": n_dev,
+            "tokens": _n_tokens(splits["dev"]),
+        }
+    if max_train_tokens is not None:
+        kept = cap_tokens(train, max_train_tokens)
+        if not kept:
+            raise LexpInputError(
+                f"task {name}: max_train_tokens={max_train_tokens} is smaller than the first train "
+                f"sentence ({train[0].source}); raise it or set it to null"
+            )
+        notes["train"]["max_train_tokens"] = max_train_tokens
+        notes["train"]["cap"] = (
+            "first whole sentences whose cumulative token count stays <= max_train_tokens; the "
+            "sentence that would cross the cap and all later ones are left out"
+        )
+        train = kept
+    return train
 
 
 def protocol_splits(cfg: dict[str, Any], reader: Any) -> tuple[dict[str, list], dict[str, Any]]:

@@ -616,7 +616,7 @@ def load_table_tokens(cfg: dict[str, Any]) -> TaskData:
     The splits follow the column reader: ``dev_from_train`` carves the last sentences of train
     (before the cap), ``max_train_tokens`` keeps the first whole sentences within the cap.
     """
-    from lexp.tasks import _check_files_keys, _fraction, _n_tokens, _optional_int, _round, cap_tokens
+    from lexp.tasks import _check_files_keys, _n_tokens, _optional_int, carve_and_cap
 
     name = cfg["name"]
     if (cfg.get("kind") or "labelling") != "labelling":
@@ -642,30 +642,8 @@ def load_table_tokens(cfg: dict[str, Any]) -> TaskData:
     train = read_sentences(t, cfg)
     reader.declare(t, cfg["tags_column"])
     notes["train"] = {"source": t.name, "sentences_read": len(train), "tokens_read": _n_tokens(train)}
-    if dev_fraction is not None:
-        fraction = _fraction(name, "dev_from_train", dev_fraction)
-        n_dev = _round(len(train) * fraction)
-        if not 0 < n_dev < len(train):
-            raise LexpInputError(
-                f"task {name}: dev_from_train={fraction} of {len(train)} train sentences leaves an empty split"
-            )
-        train, splits["dev"] = train[:-n_dev], train[-n_dev:]
-        notes["dev"] = {
-            "source": t.name,
-            "carved_from_train": f"the last {fraction:.0%} of train sentences ({n_dev}), before the token cap",
-            "sentences": n_dev,
-            "tokens": _n_tokens(splits["dev"]),
-        }
     max_train_tokens = _optional_int(cfg, "max_train_tokens")
-    if max_train_tokens is not None:
-        kept = cap_tokens(train, max_train_tokens)
-        if not kept:
-            raise LexpInputError(
-                f"task {name}: max_train_tokens={max_train_tokens} is smaller than the first train sentence "
-                f"({train[0].source}); raise it or set it to null"
-            )
-        notes["train"]["max_train_tokens"] = max_train_tokens
-        train = kept
+    train = carve_and_cap(name, train, dev_fraction, max_train_tokens, {"source": t.name}, splits, notes)
     splits["train"] = train
     notes["train"].update(sentences=len(train), tokens=_n_tokens(train))
     for split in ("dev", "test"):
