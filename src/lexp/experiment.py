@@ -760,16 +760,21 @@ def _write_store(
 
 
 # ------------------------------------------------------------------------------------------- oracle
-def datamodule(ctx: RunContext, columns: np.ndarray | None = None) -> Any:
+def datamodule(
+    ctx: RunContext, columns: np.ndarray | None = None, stores: Mapping[str, Any] | None = None
+) -> Any:
     """The only way probes see data: a seeded stream over the stores (held on the run's device
-    when ``probe.resident`` says so: by default on a GPU, when a split fits)."""
+    when ``probe.resident`` says so: by default on a GPU, when a split fits). ``stores``: other
+    stores than the run's (analysis=layerdrop's dropped model), without the control task."""
     from lexp.datamodules import ActivationDataModule
     from lexp.probes import PROBE_DEFAULTS
 
+    own = stores is None
+    stores = ctx.stores if stores is None else stores
     return ActivationDataModule(
-        ctx.stores["train"],
-        ctx.stores.get("dev"),
-        ctx.stores.get("test"),
+        stores["train"],
+        stores.get("dev"),
+        stores.get("test"),
         columns=columns,
         batch_size=int(ctx.cfg.probe.batch_size),
         seed=int(ctx.cfg.probe.seed),
@@ -777,7 +782,7 @@ def datamodule(ctx: RunContext, columns: np.ndarray | None = None) -> Any:
         read_steps=int(ctx.cfg.probe.get("read_steps", PROBE_DEFAULTS["read_steps"])),
         resident=ctx.cfg.probe.get("resident", PROBE_DEFAULTS["resident"]),
         device=ctx.run_device(),
-        extra_labels=ctx.control_labels,  # task.control: the control task as label vector 1
+        extra_labels=ctx.control_labels if own else None,  # task.control: the control task as label vector 1
     )
 
 

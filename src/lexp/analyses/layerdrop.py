@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lexp.experiment import RunContext, public, torch_threads
+from lexp.experiment import RunContext, datamodule, public, torch_threads
 from lexp.report import figures
 
 log = logging.getLogger("lexp")
@@ -96,23 +96,14 @@ def _dropped_stores(ctx: RunContext, blocks: list[int], folder: Path) -> dict[st
 
 
 def _probe(ctx: RunContext, stores: dict[str, Any]) -> dict[str, Any]:
-    from lexp.datamodules import ActivationDataModule
-    from lexp.probes import PROBE_DEFAULTS, train_probes
+    from lexp.probes import train_probes
 
-    dm = ActivationDataModule(
-        stores["train"],
-        stores.get("dev"),
-        stores.get("test"),
-        batch_size=int(ctx.cfg.probe.batch_size),
-        seed=int(ctx.cfg.probe.seed),
-        regression=ctx.regression,
-        read_steps=int(ctx.cfg.probe.get("read_steps", PROBE_DEFAULTS["read_steps"])),
-        resident=ctx.cfg.probe.get("resident", PROBE_DEFAULTS["resident"]),
-        device=ctx.run_device(),
-    )
     with torch_threads(ctx.cfg.threads.probes):
         return train_probes(
-            dm, None, probe_cfg=ctx.probe_cfg(), trainer_kwargs=ctx.trainer_kwargs(one_process=True)
+            datamodule(ctx, stores=stores),
+            None,
+            probe_cfg=ctx.probe_cfg(),
+            trainer_kwargs=ctx.trainer_kwargs(one_process=True),
         )["all"]
 
 
