@@ -147,6 +147,28 @@ def test_plan_picks_exact_below_the_budget_and_blocked_above() -> None:
     assert llama.general_method == "blocked"
     assert llama.stages["general (blocked)"] <= 8 * GB
     assert any("general clustering method: blocked" in line for line in llama.lines())
+    # auto is exact only within half the budget: at 34,816 neurons the dense path (≈ 19.4 GB) would
+    # fit a 21 GB budget (an idle 24 GB machine's default), yet blocked gives the same clusters in a few GB
+    roomy = make_plan(
+        _cfg("general", max_memory_gb=21),
+        rows={"train": 2_983},
+        n_layers=17,
+        hidden=2048,
+        n_classes=17,
+        machine={"total": 25 * 10**9, "available": 24 * 10**9},
+    )
+    assert roomy.general_method == "blocked" and roomy.stages["general (blocked)"] <= 8 * GB
+    assert (
+        make_plan(  # the same width with a budget twice the dense path's: exact
+            _cfg("general", max_memory_gb=60),
+            rows={"train": 2_983},
+            n_layers=17,
+            hidden=2048,
+            n_classes=17,
+            machine={"total": 128 * 10**9, "available": 120 * 10**9},
+        ).general_method
+        == "exact"
+    )
 
 
 def test_plan_that_does_not_fit_names_numbers_and_fixes() -> None:
