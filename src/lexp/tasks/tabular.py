@@ -309,13 +309,17 @@ def _texts(t: Table, column: str, key: str, task: str) -> list[str]:
         )
     values = col.to_pylist()
     _no_nulls(t, values, column, task)
+    _no_empty(t, values, column, task, "text", "remove the row or fill in its text")
+    return values
+
+
+def _no_empty(t: Table, values: Sequence[str], column: str, task: str, what: str, fix: str) -> None:
+    """One error naming the first blank string of ``column`` (texts and labels alike)."""
     for i, v in enumerate(values):
         if not v.strip():
             raise LexpInputError(
-                f"task {task}: {t.row(i)}: column {column!r} holds an empty text. Fix: remove the row or "
-                "fill in its text"
+                f"task {task}: {t.row(i)}: column {column!r} holds an empty {what}. Fix: {fix}"
             )
-    return values
 
 
 def _int_labels(
@@ -368,12 +372,7 @@ def _labels(t: Table, column: str, kind: str, task: str) -> list[str] | list[flo
     if pa.types.is_boolean(typ):
         return [str(v).lower() for v in values]
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        for i, v in enumerate(values):
-            if not v.strip():
-                raise LexpInputError(
-                    f"task {task}: {t.row(i)}: column {column!r} holds an empty label. Fix: fill it in or "
-                    "remove the row"
-                )
+        _no_empty(t, values, column, task, "label", "fill it in or remove the row")
         return values
     raise LexpInputError(
         f"task {task}: column {column!r} of {t.name} holds {typ} values; a class label must be a string, "
