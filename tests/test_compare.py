@@ -94,6 +94,12 @@ def test_model_b_config_and_names() -> None:
         "minilm[dtype=bfloat16]",
     )
     assert model_labels(a, a) == ("minilm (A)", "minilm (B)")
+    # model.layers belongs to A's depth: a different checkpoint keeps all of its own layers
+    deep = a | {"layers": [0, 12, 24]}
+    assert other_model_cfg(deep, {"name_or_path": "/models/six-layer", "layers": None})["layers"] is None
+    assert other_model_cfg(deep, {"revision": "v2"})["layers"] is None
+    assert other_model_cfg(deep, {"random_init": True})["layers"] == [0, 12, 24]  # A's own twin
+    assert other_model_cfg(deep, {"name_or_path": "/m", "layers": "every:2"})["layers"] == "every:2"
 
 
 def test_config_composes_and_is_checked() -> None:
@@ -166,6 +172,19 @@ def test_two_tiny_models_end_to_end(tiny_models, tmp_path: Path, data_root: Path
     again = run(_cfg(overrides), tmp_path / "again")
     assert again["compare"]["cache_reused"] and again["compare"]["model_b"]["store_reused"]
     np.testing.assert_allclose(again["compare"]["cka"], cka, rtol=1e-12)
+
+
+def test_a_layer_subset_of_a_stays_with_a(tiny_models, tmp_path: Path, data_root: Path) -> None:
+    """model.layers=[0,2] is A's choice: model B, another checkpoint, gives all of its 3 layers."""
+    overrides = _overrides(tiny_models, tmp_path / "cache", data_root) + [
+        "model.layers=[0,2]",
+        "analysis.other.name=tiny-b",
+        f"analysis.other.name_or_path={tiny_models['b']}",
+    ]
+    block = run(_cfg(overrides), tmp_path / "run")["compare"]
+    assert block["model_a"]["layer_ids"] == [0, 2] and block["model_b"]["layer_ids"] == [0, 1, 2]
+    assert np.asarray(block["cka"]).shape == (2, 3) and "diagonal" not in block
+    assert block["model_b"]["config"]["layers"] is None
 
 
 def test_a_model_against_itself_has_a_diagonal_of_one(tiny_models, tmp_path: Path, data_root: Path) -> None:

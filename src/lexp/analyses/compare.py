@@ -1,7 +1,8 @@
 """Cross-model CKA (beyond the paper): how the layers of two models over the same words relate.
 
 Model A is the run's ``model``; model B is ``analysis.other`` (each null key = model A's, or
-``model@analysis.other=<option>`` for a config of ``conf/model/``). B's store of the split is built
+``model@analysis.other=<option>`` for a config of ``conf/model/``; ``layers`` = A's only for the same
+checkpoint, else all of B's). B's store of the split is built
 or reused through the same store machinery as A's (:func:`lexp.experiment.build_model_stores`), so
 both hold one row per word of the same sentences: checked (rows, sentence offsets, labels, task and
 split), else one error naming both stores. One streaming pass over the two stores read in lockstep
@@ -39,10 +40,24 @@ log = logging.getLogger("lexp")
 TRAINS_PROBES = False
 
 
+#: The keys that say which checkpoint a config loads: B inherits A's ``layers`` only when they agree.
+_CHECKPOINT_KEYS = ("name_or_path", "revision")
+
+
 def other_model_cfg(model_cfg: Mapping[str, Any], other: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Model B's config: model A's, with every non-null key of ``analysis.other`` in its place."""
+    """Model B's config: model A's, with every non-null key of ``analysis.other`` in its place.
+
+    ``layers`` is the exception: A's layer numbers belong to A's depth, so B inherits them only when
+    B loads the same checkpoint (its random twin, another dtype); a different checkpoint keeps all
+    its layers unless ``analysis.other.layers`` names some (A's ``[0,12,24]`` would not exist in a
+    6-layer B, and ``every:4`` of A is not what a user comparing two depths asked for).
+    """
+    other = dict(other or {})
     out = dict(model_cfg)
-    out.update({k: v for k, v in (other or {}).items() if v is not None})
+    out.update({k: v for k, v in other.items() if v is not None})
+    same_checkpoint = all(out.get(k) == model_cfg.get(k) for k in _CHECKPOINT_KEYS)
+    if other.get("layers") is None and not same_checkpoint and "layers" in out:
+        out["layers"] = None
     return out
 
 
