@@ -124,6 +124,18 @@ def test_subset_equals_the_same_layers_of_a_full_run(
     table7 = (tmp_path / "t.md").read_text()
     assert "| 4 " in table7 or "| 4|" in table7.replace(" ", "|")
 
+    # [0,2] of 4 layers: the forward pass stops after layer 2 (the final norm, applied after layer
+    # 4 only, is dropped with the rest), and the stored rows are the full model's
+    low = run(_cfg([*base, "analysis=layers", "model.layers=[0,2]"]), tmp_path / "low")
+    low_store = open_store(low["stores"]["train"])
+    assert low_store.manifest["extraction"]["layers_run"] == 2
+    assert "layers_run" not in full_store.manifest["extraction"]
+    np.testing.assert_allclose(
+        np.asarray(low_store.activations),
+        np.asarray(full_store.activations)[:, full_store.layer_columns([0, 2])],
+        atol=1e-6,
+    )
+
     full_g = run(_cfg([*base, "analysis=general", "analysis.ct=0.3"]), tmp_path / "gfull")
     sub_g = run(
         _cfg([*base, "analysis=general", "analysis.ct=0.3", "model.layers=[0,2,4]"]), tmp_path / "gsub"
