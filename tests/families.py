@@ -37,6 +37,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "llama": ("sentencepiece bpe", "last"),
     "mistral": ("sentencepiece bpe", "last"),
     "gemma": ("sentencepiece bpe", "last"),
+    "t5": ("sentencepiece unigram", "mean"),  # encoder-decoder: lexp reads its encoder
 }
 
 
@@ -168,6 +169,8 @@ def _tokenizer(family: str, texts: list[str]) -> Any:
     if family == "deberta-v2":
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         return tf.DebertaV2Tokenizer(vocab=unigram_vocab(texts, special, "[UNK]"))
+    if family == "t5":  # as t5-small: </s> after each sentence, no cls, pad 0
+        return tf.T5Tokenizer(vocab=unigram_vocab(texts, ["<pad>", "</s>", "<unk>"], "<unk>"), extra_ids=0)
     if family == "xlnet":
         special = ["<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>", "<eod>", "<eop>"]
         return tf.XLNetTokenizer(vocab=unigram_vocab(texts, special, "<unk>"))
@@ -236,6 +239,17 @@ def _config(family: str, tokenizer: Any) -> Any:
         "llama": lambda: tf.LlamaConfig(**decoder),
         "mistral": lambda: tf.MistralConfig(**decoder, sliding_window=None),
         "gemma": lambda: tf.GemmaConfig(**decoder, head_dim=h // a),
+        "t5": lambda: tf.T5Config(  # saved whole (T5Model: encoder and decoder), as real checkpoints are
+            vocab_size=v,
+            d_model=h,
+            num_layers=n,
+            num_heads=a,
+            d_kv=h // a,
+            d_ff=i,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        ),
     }
     return makers[family]()
 

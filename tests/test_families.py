@@ -88,8 +88,9 @@ def test_word_vector_is_one_of_its_own_subwords(family: str, family_root: Path, 
 
 @pytest.mark.parametrize("family", NAMES)
 def test_sentence_vector_per_family(family: str, family_root: Path, data_root: Path) -> None:
-    """auto = the [CLS]/<cls> token where the tokenizer has one, else the last token; mean = the mean
-    over the tokens without specials. Batched (padded on the tokenizer's side) = one at a time."""
+    """auto = the [CLS]/<cls> token where the tokenizer has one, else the last token (a decoder) or
+    the mean (T5's encoder); mean = the mean over the tokens without specials. Batched (padded on the
+    tokenizer's side) = one at a time."""
     enc = _encoder(family, family_root, data_root)
     tok, model = enc.tokenizer, enc.model
     expected_mode = FAMILIES[family][1]
@@ -101,7 +102,7 @@ def test_sentence_vector_per_family(family: str, family_root: Path, data_root: P
             ids = e["input_ids"]
             with torch.inference_mode():
                 states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-            if mode == "mean":
+            if (expected_mode if mode == "auto" else mode) == "mean":
                 keep = [p for p, s in enumerate(e["special_tokens_mask"]) if not s]
                 expected = torch.cat([h[0, keep].mean(0) for h in states])
             else:
@@ -110,7 +111,7 @@ def test_sentence_vector_per_family(family: str, family_root: Path, data_root: P
                     pos = ids.index(tok.cls_token_id)
                 expected = torch.cat([h[0, pos] for h in states])
             np.testing.assert_allclose(rows[i], expected.numpy(), atol=2e-5, rtol=1e-4)
-    if expected_mode == "last":
+    if expected_mode != "cls":
         with pytest.raises(LexpInputError, match="extract.sentence=cls"):
             adapter_for(model, tok).sentence("cls")
 
@@ -241,6 +242,31 @@ def test_slow_only_tokenizer_is_one_clear_error(family_root: Path, data_root: Pa
 
     with pytest.raises(LexpModelError, match="not a fast"):
         require_fast(SlowTokenizer(), "somewhere")
+
+
+def test_encoder_decoders_load_their_encoder_or_fail_clearly(data_root: Path, tmp_path: Path) -> None:
+    """T5 is read through T5EncoderModel (its decoder never loaded, tested in the matrix above); an
+    encoder-decoder without an encoder-only class (BART) is one error naming the fix, not the
+    traceback of a forward that asks for decoder inputs."""
+    import transformers as tf
+
+    from families import _tokenizer, ewt_sentences
+    from lexp.encoders.families import encoder_class, inspect_model
+    from lexp.encoders.loading import load_encoder
+
+    assert encoder_class(tf.T5Config()) is tf.AutoModelForTextEncoding
+    assert encoder_class(tf.BertConfig()) is tf.AutoModel
+    tok = _tokenizer("roberta", ewt_sentences(data_root, 50))
+    config = tf.BartConfig(
+        vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    tf.AutoModel.from_config(config).save_pretrained(tmp_path / "bart")
+    tok.save_pretrained(tmp_path / "bart")
+    with pytest.raises(LexpModelError, match="bart is an encoder-decoder model.*Fix: save its encoder"):
+        load_encoder({"name_or_path": str(tmp_path / "bart")})
+    with pytest.raises(LexpModelError, match="bart is an encoder-decoder model"):  # before fine-tuning
+        inspect_model(tmp_path / "bart", sentence_task=True)
 
 
 @pytest.mark.parametrize("family", [f for f in NAMES if f != "deberta-v2"])

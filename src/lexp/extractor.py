@@ -113,7 +113,7 @@ class ReducedExtractor:
         """
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from lexp.device import resolve_device
         from lexp.encoders.loading import load_pretrained
@@ -155,7 +155,12 @@ class ReducedExtractor:
             raise LexpInputError(
                 f"{probe_path}: lacks tensor(s) {missing}. Re-run the pipeline to write it again."
             )
-        model = load_pretrained(AutoModel, encoder_dir, trust_remote_code=False).eval().to(target)
+        from transformers import AutoConfig
+
+        from lexp.encoders.families import encoder_class
+
+        model_class = encoder_class(AutoConfig.from_pretrained(encoder_dir, trust_remote_code=False))
+        model = load_pretrained(model_class, encoder_dir, trust_remote_code=False).eval().to(target)
         if manifest.get("final_norm") == "identity":
             from lexp.redundancy.timing import drop_final_norm
 

@@ -14,8 +14,13 @@ What differs between BERT, RoBERTa, DeBERTa, ModernBERT, XLNet, GPT-2, Llama, Qw
 * **padding**: either side works (positions come from the lengths); a tokenizer without a pad
   token (GPT-2, Llama, Mistral) gets its EOS (else its UNK) as pad token, as transformers documents
   for fine-tuning decoders; the model's ``config.pad_token_id`` follows it.
-* **final norm**: decoders (and ModernBERT) normalise the last layer's output; a model truncated to
-  fewer layers must not, so that its last state equals the full model's state there.
+* **final norm**: decoders (and ModernBERT, T5's encoder) normalise the last layer's output; a model
+  truncated to fewer layers must not, so that its last state equals the full model's state there.
+
+Encoder-decoder checkpoints (T5, mT5, UMT5, T5Gemma) are read through their encoder alone
+(`encoder_class`: transformers' ``AutoModelForTextEncoding``); their sentence vector under ``auto``
+is the ``mean`` of the tokens (no classification token, and the encoder is bidirectional, so its
+last token is not a summary). Other encoder-decoders (BART, Pegasus, Marian) are one clear error.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ __all__ = [
     "FamilyAdapter",
     "adapter_for",
     "cls_position",
+    "encoder_class",
     "ensure_pad_token",
     "require_fast",
     "tokenizer_kind",
@@ -123,6 +129,7 @@ class FamilyAdapter:
     padding_side: str
     pad_token: str | None
     adds_special_tokens: list[str]  # what the tokenizer adds around one sentence
+    seq2seq_encoder: bool = False  # the encoder of an encoder-decoder checkpoint (T5): auto = mean
 
     def sentence(self, asked: str, where: str = "") -> str:
         """The representation ``extract.sentence=asked`` gives for this family (``auto`` resolved);
@@ -130,7 +137,9 @@ class FamilyAdapter:
         if asked not in SENTENCE_MODES:
             raise LexpInputError(f"extract.sentence={asked!r} is not one of {SENTENCE_MODES}")
         if asked == "auto":
-            return "cls" if self.cls_position is not None else "last"
+            if self.cls_position is not None:
+                return "cls"
+            return "mean" if self.seq2seq_encoder else "last"
         if asked == "cls" and self.cls_position is None:
             at = f" ({where})" if where else ""
             raise LexpInputError(
@@ -160,13 +169,49 @@ def adapter_for(model_or_config: Any, tokenizer: Any) -> FamilyAdapter:
         padding_side=str(getattr(tokenizer, "padding_side", "right")),
         pad_token=None if tokenizer.pad_token is None else str(tokenizer.pad_token),
         adds_special_tokens=[t for t in tokens if t in special],
+        seq2seq_encoder=_seq2seq_encoder(config),
     )
 
 
+def _seq2seq_encoder(config: Any) -> bool:
+    """Whether ``config`` is an encoder-decoder family that lexp reads through its encoder class.
+
+    Decided by the model type, not ``is_encoder_decoder``: T5EncoderModel sets that flag to False
+    on the config it is given, so a loaded encoder's config no longer says it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+
+    name = MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES.get(str(getattr(config, "model_type", "")), "")
+    return "Encoder" in name
+
+
+def encoder_class(config: Any) -> Any:
+    """The transformers auto class that loads the encoder lexp reads for ``config``: ``AutoModel``,
+    or ``AutoModelForTextEncoding`` for an encoder-decoder family with an encoder-only class (T5 →
+    T5EncoderModel; its decoder is never loaded). Any other encoder-decoder is one clear error:
+    ``AutoModel`` would give a model whose forward needs decoder inputs."""
+    from transformers import AutoModel, AutoModelForTextEncoding
+
+    if _seq2seq_encoder(config):
+        return AutoModelForTextEncoding
+    if getattr(config, "is_encoder_decoder", False):
+        kind = getattr(config, "model_type", "unknown")
+        raise LexpModelError(
+            f"{kind} is an encoder-decoder model without an encoder-only class in transformers; lexp "
+            "analyses encoders (BERT-likes, the encoder of T5/mT5/UMT5) and decoders (GPT-2, Llama, ...). "
+            "Fix: save its encoder as a model of its own (e.g. BartModel.get_encoder()) or use another model."
+        )
+    return AutoModel
+
+
 def final_norm_name(base_model: Any) -> str | None:
-    """The attribute of ``base_model``'s final norm (applied after the last layer), or None."""
-    modules = getattr(base_model, "_modules", {})
-    return next((n for n in FINAL_NORMS if modules.get(n) is not None), None)
+    """The path below ``base_model`` of its final norm (applied after the last layer): ``norm``,
+    ``ln_f``, ... or ``encoder.final_layer_norm`` (T5's encoder stack); None if it has none."""
+    for owner, prefix in ((base_model, ""), (getattr(base_model, "_modules", {}).get("encoder"), "encoder.")):
+        modules = getattr(owner, "_modules", {})
+        name = next((n for n in FINAL_NORMS if modules.get(n) is not None), None)
+        if name is not None:
+            return prefix + name
+    return None
 
 
 def inspect_model(model_dir: Any, sentence: str = "auto", *, sentence_task: bool = False) -> dict[str, Any]:
@@ -185,6 +230,7 @@ def inspect_model(model_dir: Any, sentence: str = "auto", *, sentence_task: bool
     except (OSError, ValueError) as exc:
         raise LexpModelError(f"cannot read the config or tokenizer in {where}: {exc}") from None
     require_fast(tokenizer, where)
+    encoder_class(config)  # an encoder-decoder lexp cannot read fails here, before fine-tuning
     adapter = adapter_for(config, tokenizer)
     resolved = adapter.sentence(str(sentence), where) if sentence_task else None
     return adapter.describe(resolved)

@@ -244,10 +244,13 @@ def _suffixes(key: str) -> list[str]:
 
 
 def _load_pair(target: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lexp.encoders.families import encoder_class
 
     tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, **kwargs)
-    model = load_pretrained(AutoModel, target, trust_remote_code=False, dtype=dtype, **kwargs)
+    config = AutoConfig.from_pretrained(target, trust_remote_code=False, **kwargs)
+    model = load_pretrained(encoder_class(config), target, trust_remote_code=False, dtype=dtype, **kwargs)
     return model, tokenizer
 
 
@@ -300,6 +303,8 @@ def _load_from_dir(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         )
     try:
         return _load_pair(str(folder), {"local_files_only": True}, dtype)
+    except LexpModelError:
+        raise
     except Exception as exc:  # corrupt files raise anything (SafetensorError, RuntimeError, ...)
         raise LexpModelError(
             f"Could not load the model or tokenizer in {str(folder)!r}: {type(exc).__name__}: {_first_line(exc)} "
@@ -481,12 +486,10 @@ def random_twin(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     initialisation (``_init_weights``: normal(0, initializer_range), LayerNorm 1/0, zero biases)
     from ``seed`` alone — the random-weights baseline of probing studies. The global torch RNG is
     left as it was (``fork_rng``); the result is deterministic for a seed and torch version."""
-    from transformers import AutoModel
-
     dtype = next(model.parameters()).dtype
     with torch.random.fork_rng(devices=[]), _quiet_transformers():
         torch.manual_seed(int(seed))
-        twin = AutoModel.from_config(model.config)
+        twin = type(model)._from_config(model.config)  # the same class (T5EncoderModel, not T5Model)
     return twin.to(dtype)
 
 

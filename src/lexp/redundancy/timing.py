@@ -47,6 +47,7 @@ _LAYER_PATHS: tuple[tuple[str, ...], ...] = (
     ("h",),  # GPT-2
     ("layers",),  # Llama, Qwen2, Mistral, Gemma, ModernBERT
     ("encoder", "albert_layer_groups"),  # ALBERT: shared layer groups, looped num_hidden_layers times
+    ("encoder", "block"),  # T5's encoder (T5EncoderModel)
 )
 #: Layer lists whose length is not the depth: the model loops over them config.num_hidden_layers times.
 _SHARED_LAYERS = frozenset({("encoder", "albert_layer_groups")})
@@ -80,7 +81,8 @@ def _layer_path(model: nn.Module) -> tuple[str, ...]:
     raise LexpModelError(
         f"cannot truncate {type(model).__name__}: no transformer layer list at "
         f"{', '.join('.'.join(p) for p in _LAYER_PATHS)} (also tried under base_model_prefix {base!r}); "
-        "supported are BERT-like (encoder.layer), XLNet (layer) and DistilBERT (transformer.layer) models — "
+        "supported are BERT-like (encoder.layer), XLNet (layer), DistilBERT (transformer.layer), decoder (h, layers) "
+        "and T5 encoder (encoder.block) models — "
         "for another architecture, time the full model or add its layer path to lexp.redundancy.timing._LAYER_PATHS"
     )
 
@@ -191,7 +193,11 @@ def drop_final_norm(model: nn.Module) -> str | None:
         base = getattr(model, prefix)
     name = final_norm_name(base)
     if name is not None:
-        base._modules[name] = nn.Identity()
+        *parents, attr = name.split(".")  # T5: encoder.final_layer_norm
+        owner = base
+        for part in parents:
+            owner = owner._modules[part]
+        owner._modules[attr] = nn.Identity()
     return name
 
 
