@@ -8,6 +8,8 @@ the word paths (extraction, oracle, layers, neurons, general, pipeline + its red
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import numpy as np
@@ -181,11 +183,14 @@ def test_word_paths(
 
 @pytest.mark.parametrize("family", NAMES)
 def test_sentence_paths(
-    family: str, family_root: Path, cache_root: Path, data_root: Path, tmp_path: Path
+    family: str, family_root: Path, cache_root: Path, data_root: Path, tmp_path: Path, caplog
 ) -> None:
     """sst2: fine-tuning (AutoModelForSequenceClassification, pad token fixed for decoders), the
-    store of the family's sentence vector, probes; the representation is recorded."""
+    store of the family's sentence vector, probes; the representation is recorded. The encoder
+    read back from the fine-tuned folder has every weight (T5: T5EncoderModel out of the saved
+    T5ForSequenceClassification), none randomly initialised."""
     folder = build_family(family, family_root, data_root)
+    caplog.set_level(logging.WARNING)
     out = run(
         _cfg(
             [
@@ -210,6 +215,7 @@ def test_sentence_paths(
     assert out["model_family"]["sentence"] == FAMILIES[family][1]
     assert 0.0 <= out["oracle"]["test"]["accuracy"] <= 1.0
     assert set(out["finetune"]["metrics"]) == {"dev", "test"}
+    assert "randomly initialised" not in caplog.text
 
 
 def test_cls_on_a_decoder_fails_before_fine_tuning(

@@ -50,3 +50,24 @@ def test_transformers_logging_is_restored(bert_dir) -> None:
     before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     load_pretrained(AutoModel, bert_dir)
     assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
+
+
+def test_a_missing_pooler_is_not_a_warning_for_the_encoder(bert_dir, tmp_path, caplog) -> None:
+    """A fine-tuned RoBERTa is saved without a pooler (its classifier reads <s>); RobertaModel of that
+    folder draws one. lexp reads hidden states only, so that is debug, while other missing encoder
+    weights still warn."""
+    from transformers import AutoModel, BertModel
+
+    from lexp.encoders.loading import UNREAD
+
+    no_pooler = BertModel.from_pretrained(bert_dir, add_pooling_layer=False)
+    no_pooler.save_pretrained(tmp_path / "m")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="lexp"):
+        load_pretrained(AutoModel, tmp_path / "m", unread=UNREAD)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("lexp")]
+    assert any("never read by lexp: pooler.dense.bias" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lexp"):
+        load_pretrained(AutoModel, tmp_path / "m")  # without unread: the old warning
+    assert [r.levelno for r in caplog.records if r.name.startswith("lexp")] == [logging.WARNING]

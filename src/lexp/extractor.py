@@ -116,7 +116,7 @@ class ReducedExtractor:
         from transformers import AutoTokenizer
 
         from lexp.device import resolve_device
-        from lexp.encoders.loading import load_pretrained
+        from lexp.encoders.loading import UNREAD, load_pretrained
 
         target = torch.device("cpu") if device is None else resolve_device(device)
         path = Path(path)
@@ -160,7 +160,8 @@ class ReducedExtractor:
         from lexp.encoders.families import encoder_class
 
         model_class = encoder_class(AutoConfig.from_pretrained(encoder_dir, trust_remote_code=False))
-        model = load_pretrained(model_class, encoder_dir, trust_remote_code=False).eval().to(target)
+        model = load_pretrained(model_class, encoder_dir, unread=UNREAD, trust_remote_code=False)
+        model = model.eval().to(target)
         if manifest.get("final_norm") == "identity":
             from lexp.redundancy.timing import drop_final_norm
 

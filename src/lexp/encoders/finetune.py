@@ -66,9 +66,19 @@ from lexp.tasks.base import Example, TaskData
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_HEADS = ("classifier.", "pre_classifier.", "score.", "sequence_summary.", "logits_proj.")
+SEQUENCE_HEADS = (
+    "classifier.",
+    "pre_classifier.",
+    "score.",
+    "sequence_summary.",
+    "logits_proj.",
+    "pooler.",  # DeBERTa's ContextPooler, BERT's pooler where a checkpoint lacks it
+    "head.",  # ModernBERT's prediction head before its classifier
+    "classification_head.",  # T5ForSequenceClassification
+)
 """Parameter prefixes of the classification heads AutoModelForSequenceClassification adds (BERT,
-DistilBERT, XLNet, ...): new and randomly initialised before fine-tuning, so not worth a warning."""
+DistilBERT, XLNet, DeBERTa, ModernBERT, T5, ...): new and randomly initialised before fine-tuning,
+so not worth a warning."""
 
 CONFIG_FILE = "conf/finetune/default.yaml"
 CLASSIFICATION_METRICS = ("accuracy", "f1")

@@ -205,21 +205,40 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+#: Parameters an encoder (``AutoModel``) may create that lexp never reads: it reads hidden states,
+#: not the pooled output. A fine-tuned RoBERTa has no pooler (its classifier reads <s> itself), so
+#: RobertaModel of that folder draws one; that is not worth a warning.
+UNREAD = ("pooler.",)
+
+
 def load_pretrained(
-    model_class: Any, target: str | os.PathLike, *, new_head: tuple[str, ...] = (), **kwargs: Any
+    model_class: Any,
+    target: str | os.PathLike,
+    *,
+    new_head: tuple[str, ...] = (),
+    unread: tuple[str, ...] = (),
+    **kwargs: Any,
 ) -> Any:
     """``model_class.from_pretrained`` with one lexp log line instead of transformers' load report.
 
     Weights the checkpoint lacks are randomly initialised. Under a task head being created
     (``new_head``: parameter-name prefixes such as ``"classifier."``) that is expected (info);
-    anywhere else part of the encoder would be random, which is a warning naming the weights.
+    in parts lexp never reads (``unread``, e.g. `UNREAD`) it does not matter (debug); anywhere
+    else part of the encoder would be random, which is a warning naming the weights.
     Checkpoint weights the model does not use (e.g. BERT's MLM head under ``AutoModel``) are debug.
     """
     with _quiet_transformers():
         model, info = model_class.from_pretrained(target, output_loading_info=True, **kwargs)
+
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return bool(prefixes) and any(part.startswith(prefixes) for part in _suffixes(key))
+
     missing = sorted(info.get("missing_keys") or [])
-    head = [k for k in missing if any(part.startswith(new_head) for part in _suffixes(k))] if new_head else []
-    random = [k for k in missing if k not in head]
+    head = [k for k in missing if under(k, new_head)]
+    skipped = [k for k in missing if k not in head and under(k, unread)]
+    if skipped:
+        log.debug("%s: not in the checkpoint, never read by lexp: %s", target, ", ".join(skipped))
+    random = [k for k in missing if k not in head and k not in skipped]
     if random:
         log.warning(
             "%s: %d weights are not in the checkpoint and were randomly initialised: %s%s",
@@ -250,7 +269,9 @@ def _load_pair(target: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple
 
     tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, **kwargs)
     config = AutoConfig.from_pretrained(target, trust_remote_code=False, **kwargs)
-    model = load_pretrained(encoder_class(config), target, trust_remote_code=False, dtype=dtype, **kwargs)
+    model = load_pretrained(
+        encoder_class(config), target, unread=UNREAD, trust_remote_code=False, dtype=dtype, **kwargs
+    )
     return model, tokenizer
 
 
