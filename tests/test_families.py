@@ -9,7 +9,6 @@ the word paths (extraction, oracle, layers, neurons, general, pipeline + its red
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 import numpy as np
