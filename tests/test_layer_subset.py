@@ -92,6 +92,34 @@ def test_a_layer_beyond_the_depth_is_one_error_before_any_work(
         run(cfg, tmp_path / "d")
 
 
+def test_extraction_of_a_subset_stops_at_its_top_layer(llama: Path) -> None:
+    """The core, as a notebook calls it: layers=[0,2] of 4 runs 2 layers (stats.layers_run) and gives
+    the full model's layers 0 and 2, words and sentence vectors alike."""
+    from lexp.encoders.extract import extract_cls, extract_words
+    from lexp.encoders.loading import load_encoder
+
+    enc = load_encoder({"name_or_path": str(llama)})
+    words = [["The", "cat", "sat", "."], ["Dogs", "bark", "loudly"]]
+    full = extract_words(enc.model, enc.tokenizer, words, progress=False)
+    full_rows = dict(full)
+    sub = extract_words(enc.model, enc.tokenizer, words, layers=[0, 2], progress=False)
+    sub_rows = dict(sub)
+    assert sub.stats.layers_run == 2 and full.stats.layers_run is None
+    assert "layers_run" not in full.stats.as_dict() and sub.stats.as_dict()["layers_run"] == 2
+    for i in full_rows:
+        np.testing.assert_allclose(
+            sub_rows[i], np.hstack([full_rows[i][:, :32], full_rows[i][:, 64:96]]), atol=1e-5
+        )
+    pairs = [("The cat sat .", None), ("Dogs bark", "loudly")]
+    whole = dict(extract_cls(enc.model, enc.tokenizer, pairs, sentence="mean", progress=False))
+    top = extract_cls(enc.model, enc.tokenizer, pairs, sentence="mean", layers=[1], progress=False)
+    top_rows = dict(top)
+    assert top.stats.layers_run == 1
+    for i in whole:
+        np.testing.assert_allclose(top_rows[i], whole[i][32:64], atol=1e-5)
+    assert len(enc.model.layers) == 4  # the loaded model itself is untouched
+
+
 def test_subset_equals_the_same_layers_of_a_full_run(
     data_root: Path, cache: Path, llama: Path, tmp_path: Path
 ) -> None:

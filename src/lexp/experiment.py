@@ -473,7 +473,7 @@ def build_stores(ctx: RunContext) -> None:
     _require_space_for(ctx, missing, layer_ids)
     prepared: dict[str, Any] = {}
     if missing:  # every split's checks (sentence lengths, words) run before the first extraction
-        encoder = _load_encoder(ctx, model_cfg, layer_ids)  # type: ignore[arg-type]
+        encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
         with torch_threads(cfg.threads.extract):
             prepared = {split: _prepare_extraction(ctx, encoder, split, layer_ids) for split, _ in missing}
     for split, fp, settings, path in plan:
@@ -481,7 +481,7 @@ def build_stores(ctx: RunContext) -> None:
         def build(target: Path, split: str = split, fp: str = fp, settings: dict = settings) -> None:
             nonlocal encoder
             if encoder is None:
-                encoder = _load_encoder(ctx, model_cfg, layer_ids)  # type: ignore[arg-type]
+                encoder = _load_encoder(ctx, model_cfg)  # type: ignore[arg-type]
             _write_store(ctx, encoder, split, target, fp, settings, prepared.pop(split, None), layer_ids)
 
         with torch_threads(cfg.threads.extract):
@@ -643,9 +643,8 @@ def build_model_stores(
     return other
 
 
-def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any], layer_ids: list[int] | None = None) -> Any:
-    """The encoder (pretrained, or fine-tuned for sentence tasks) on the run's device; with
-    ``model.layers`` it runs only up to the top kept layer (`shorten_to_layers`)."""
+def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any]) -> Any:
+    """The encoder (pretrained, or fine-tuned for sentence tasks) on the run's device."""
     from lexp.encoders.loading import load_encoder
 
     cfg = dict(model_cfg)
@@ -653,34 +652,6 @@ def _load_encoder(ctx: RunContext, model_cfg: Mapping[str, Any], layer_ids: list
     cfg["random_init"] = False  # ctx.model_dir holds the run's weights (random_init: already random)
     encoder = load_encoder(cfg, device=ctx.run_device())
     ctx.record_device("extract", encoder.info["dtype"])
-    return shorten_to_layers(encoder, layer_ids)
-
-
-def shorten_to_layers(encoder: Any, layer_ids: list[int] | None) -> Any:
-    """The encoder truncated after the top layer ``model.layers`` keeps: [0,4,8] of a 32-layer model
-    runs 8 layers, not 32. Hidden states 0..k of the truncated model are the full model's (the same
-    layers on the same input; a decoder's final norm, applied only after the last layer, is dropped
-    by `truncate_encoder`), so the store's rows are unchanged and its fingerprint is too. A model
-    whose layer list lexp cannot find runs whole, as before (logged)."""
-    from lexp.redundancy.timing import encoder_depth, truncate_encoder
-
-    if not layer_ids:
-        return encoder
-    try:
-        depth = encoder_depth(encoder.model)
-    except LexpModelError as exc:
-        log.info("model.layers: running every layer of the model (%s)", str(exc).split(";")[0])
-        return encoder
-    top = max(layer_ids)
-    if top >= depth:
-        return encoder
-    try:
-        encoder.model = truncate_encoder(encoder.model, top)
-    except LexpModelError as exc:  # DeBERTa-v2 cannot run with 0 layers (model.layers=[0])
-        log.info("model.layers: running every layer of the model (%s)", str(exc).split(":")[0])
-        return encoder
-    encoder.info["layers_run"] = top
-    log.info("model.layers keeps layers up to %d: the forward pass runs %d of %d layers", top, top, depth)
     return encoder
 
 
@@ -785,8 +756,6 @@ def _write_store(
             "batch_size": batch_size,
             "max_tokens": max_tokens,
         }
-        if "layers_run" in encoder.info:  # model.layers: the forward pass stopped at this layer
-            counts["layers_run"] = int(encoder.info["layers_run"])
         writer.finish(None, offsets, extra_manifest={"extraction": counts})  # labels: ensure_labels
 
 

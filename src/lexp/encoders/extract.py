@@ -80,6 +80,7 @@ class ExtractionStats:
     n_windows: int = 0
     n_unk_words: int = 0  # words that tokenised to nothing and were encoded as the unk token
     n_truncated: int = 0  # examples truncated to max_length (extract_cls only)
+    layers_run: int | None = None  # ``layers``: the forward pass stopped after this layer (None: all)
     seconds: float = 0.0  # wall time spent inside the iteration
 
     @property
@@ -94,6 +95,8 @@ class ExtractionStats:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready counts (a store manifest's ``extraction`` entry) incl. the derived rates."""
         out: dict[str, Any] = asdict(self)
+        if self.layers_run is None:  # every layer ran: the manifest of a full store as before
+            del out["layers_run"]
         out["seconds"] = round(self.seconds, 3)
         out["padding_ratio"] = round(self.padding_ratio, 4)
         out["words_per_second"] = round(self.words_per_second, 1)
@@ -386,6 +389,29 @@ def _check_layers(model: torch.nn.Module, layers: Sequence[int] | None) -> list[
     return resolve_layers(list(layers), int(model.config.num_hidden_layers) + 1) or None
 
 
+def _up_to_top_layer(model: torch.nn.Module, layers: list[int] | None) -> tuple[torch.nn.Module, int | None]:
+    """The model to run for ``layers`` and the layer it stops after (None: the whole model).
+
+    ``[0,4,8]`` of a 32-layer model needs 8 layers, not 32: the model truncated after the top kept
+    layer (`truncate_encoder`: shared weights, no copy) gives the same hidden states 0..8 (the same
+    layers on the same input; a decoder's final norm, applied after its last layer only, is
+    dropped). A model whose layer list lexp cannot find, or one that cannot run truncated (DeBERTa-v2
+    at [0]), runs whole as before."""
+    from lexp.errors import LexpModelError
+    from lexp.redundancy.timing import encoder_depth, truncate_encoder
+
+    if not layers:
+        return model, None
+    try:
+        depth = encoder_depth(model)
+        if max(layers) >= depth:
+            return model, None
+        return truncate_encoder(model, max(layers)), max(layers)
+    except LexpModelError as exc:
+        log.info("layers=%s: the whole model runs (%s)", layers, str(exc).split(":")[0])
+        return model, None
+
+
 def _check_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise LexpModelError(
@@ -634,6 +660,7 @@ def extract_words(
     pieces.sort(key=lambda p: -len(p.ids))  # stable: ties keep sentence order
 
     layers = _check_layers(model, layers)
+    model, stats.layers_run = _up_to_top_layer(model, layers)
     n_layers = int(model.config.num_hidden_layers) + 1 if layers is None else len(layers)
     hidden = int(model.config.hidden_size)
     left = getattr(tokenizer, "padding_side", "right") == "left"
@@ -886,6 +913,7 @@ def extract_cls(
     _check_fast(tokenizer)
     _check_sources(sources, len(examples), "examples")
     layers = _check_layers(model, layers)
+    model, layers_run = _up_to_top_layer(model, layers)
     model_limit = model_max_tokens(model, tokenizer)
     if model_limit is not None and max_length > model_limit:
         raise LexpInputError(
@@ -908,7 +936,7 @@ def extract_cls(
     where = cls_position(tokenizer) if sentence == "cls" else "last"
     mean = sentence == "mean"
     want_types, forward_kwargs = _forward_options(model)
-    stats = ExtractionStats(n_items=len(examples))
+    stats = ExtractionStats(n_items=len(examples), layers_run=layers_run)
 
     ids: list[list[int]] = [[] for _ in examples]
     types: list[list[int]] = [[] for _ in examples]
