@@ -201,6 +201,32 @@ def test_auto_token_budget_plan():
     assert batch_plan("cuda", 32, "auto") == (GPU_MAX_TOKENS, GPU_MAX_TOKENS) == (32768, 32768)
     assert batch_plan("cpu", 32, None) == (32, None)
     assert batch_plan(torch.device("cpu"), 32, 4096) == (4096, 4096)  # a set budget alone cuts batches
+    # with the bytes of hidden states per token, auto also bounds a forward's states by width
+    minilm, bert_base, wide = 7 * 384 * 4, 13 * 768 * 4, 17 * 2048 * 4  # the last: 16 × 2048 decoder
+    assert batch_plan("cpu", 32, "auto", minilm) == batch_plan("cpu", 32, "auto", bert_base) == (32, None)
+    assert batch_plan("cpu", 32, "auto", wide) == (32, (1 << 30) // wide) == (32, 7710)
+    assert batch_plan("cuda", 32, "auto", bert_base) == (32768, 32768)  # 1.3 GB of states: unchanged
+    llama70b_bf16 = 81 * 8192 * 2
+    assert batch_plan("cuda", 32, "auto", llama70b_bf16) == ((8 << 30) // llama70b_bf16,) * 2 == (6472, 6472)
+    assert batch_plan("cpu", 32, 4096, wide) == (4096, 4096)  # a budget the user set is kept
+
+
+def test_a_wide_model_cuts_long_batches_with_the_same_rows(models, monkeypatch):
+    """auto on the CPU: sentence batches, cut where batch_size sentences' hidden states would pass
+    CPU_STATE_BYTES (lowered here so the tiny model meets it); the rows are those of the uncut run."""
+    import lexp.encoders.extract as extract
+
+    model, tokenizer = models["bert"]
+    per_token = extract.state_bytes_per_token(model)
+    assert per_token == (model.config.num_hidden_layers + 1) * model.config.hidden_size * 4
+    plain = extract_words(model, tokenizer, SENTENCES, batch_size=8, progress=False)
+    want = dict(plain)
+    monkeypatch.setattr(extract, "CPU_STATE_BYTES", 20 * per_token)  # 20 padded tokens per forward
+    cut = extract_words(model, tokenizer, SENTENCES, batch_size=8, max_tokens="auto", progress=False)
+    got = dict(cut)
+    assert plain.stats.n_batches == 1 and cut.stats.n_batches > 1
+    for i in want:
+        np.testing.assert_allclose(got[i], want[i], atol=1e-5)
 
 
 def test_auto_on_the_cpu_is_sentence_batches(models):

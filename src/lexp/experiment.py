@@ -661,14 +661,16 @@ def _prepare_extraction(
     """The split's extraction stream (not started: tokenised and checked), its sentence offsets and
     batching facts. Building it runs every input check (too-long sentences, non-string words), so
     build_stores prepares all splits before the first one is extracted."""
-    from lexp.encoders.extract import batch_plan, extract_cls, extract_words
+    from lexp.encoders.extract import batch_plan, extract_cls, extract_words, state_bytes_per_token
 
     task = ctx.task
     cfg = ctx.cfg
     items = task.splits[split]
     device = next(encoder.model.parameters()).device
     max_tokens = cfg.extract.get("max_tokens", None)
-    batch_size, max_tokens = batch_plan(device, int(cfg.extract.batch_size), max_tokens)
+    batch_size, max_tokens = batch_plan(
+        device, int(cfg.extract.batch_size), max_tokens, state_bytes_per_token(encoder.model)
+    )
     precision = str(cfg.extract.get("precision", "32"))  # YAML may give 32 as an int
     if task.kind == "labelling":
         lengths = np.fromiter((len(s.words) for s in items), dtype=np.int64, count=len(items))

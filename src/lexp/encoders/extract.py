@@ -65,6 +65,16 @@ _SHOW = 5  # offenders named in messages
 #: a large GPU idle; 32K tokens is what the issue's H100 reference used. BERT-base keeps 1.3 GB of
 #: hidden states per batch (32768 x 768 x 13 float32) plus one layer's transients: a few GB.
 GPU_MAX_TOKENS = 32768
+#: What the hidden states of one forward may hold (all layers are kept until the batch is gathered):
+#: ``auto`` cuts a batch's padded tokens to this over `state_bytes_per_token`. Only wide models
+#: meet it: BERT-base's 32 sentences of 512 tokens hold 0.65 GB; a 16 × 2048 decoder's first EWT
+#: test batch (32 × 380 tokens, one 380-token "word") held 1.7 GB of states and raised the run from
+#: 1.9 to 6.1 GB of memory during its forward (benchmarks/bench_wide.py decoder, full dev/test).
+CPU_STATE_BYTES = 1 << 30
+GPU_STATE_BYTES = 8 << 30
+#: The CPU keeps sentence batches unless ``batch_size`` sentences of this many tokens would pass
+#: `CPU_STATE_BYTES` (so MiniLM, BERT-base and XLNet-base batch exactly as before).
+_CPU_REFERENCE_TOKENS = 512
 
 
 @dataclass
@@ -257,19 +267,38 @@ def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) ->
     return out
 
 
+def state_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of hidden states one token holds during a forward: every layer's state (embeddings
+    included) in the weights' dtype, what ``output_hidden_states`` keeps until the batch is gathered."""
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    return (int(config.num_hidden_layers) + 1) * int(config.hidden_size) * int(itemsize)
+
+
 def batch_plan(
-    device: torch.device | str, batch_size: int, max_tokens: int | str | None
+    device: torch.device | str,
+    batch_size: int,
+    max_tokens: int | str | None,
+    state_bytes: int | None = None,
 ) -> tuple[int, int | None]:
     """``(batch_size, max_tokens)`` for `_batches` from the ``extract`` settings.
 
     ``max_tokens="auto"``: on CUDA a budget of `GPU_MAX_TOKENS` padded tokens per forward and no
     separate sentence cap (short sentences fill the budget); on the CPU the sentence batches of
-    ``batch_size`` lexp always used there. An int budget on any device cuts the batches by the
-    budget alone; ``None`` keeps sentence batches of ``batch_size``.
+    ``batch_size`` lexp always used there. With ``state_bytes`` (`state_bytes_per_token`) the
+    budget also keeps a forward's hidden states under `GPU_STATE_BYTES` / `CPU_STATE_BYTES`, so a
+    wide model's batch of long sentences is cut instead of holding gigabytes (batching changes no
+    row beyond float rounding, and not the store's fingerprint). An int budget on any device cuts
+    the batches by the budget alone; ``None`` keeps sentence batches of ``batch_size``.
     """
     if max_tokens == "auto":
         if torch.device(device).type == "cuda":
-            return GPU_MAX_TOKENS, GPU_MAX_TOKENS
+            tokens = GPU_MAX_TOKENS
+            if state_bytes:
+                tokens = max(1, min(tokens, GPU_STATE_BYTES // int(state_bytes)))
+            return tokens, tokens
+        if state_bytes and int(batch_size) * _CPU_REFERENCE_TOKENS * int(state_bytes) > CPU_STATE_BYTES:
+            return int(batch_size), max(1, CPU_STATE_BYTES // int(state_bytes))
         return int(batch_size), None
     if max_tokens is None:
         return int(batch_size), None
@@ -605,7 +634,7 @@ def extract_words(
     _check_batching(batch_size, max_tokens)
     device = _device(model)
     if max_tokens == "auto":
-        batch_size, max_tokens = batch_plan(device, batch_size, max_tokens)
+        batch_size, max_tokens = batch_plan(device, batch_size, max_tokens, state_bytes_per_token(model))
     _check_precision(precision)
     out_dtype = _rows_dtype(rows_dtype)
     _check_fast(tokenizer)
@@ -907,7 +936,7 @@ def extract_cls(
     _check_batching(batch_size, max_tokens)
     device = _device(model)
     if max_tokens == "auto":
-        batch_size, max_tokens = batch_plan(device, batch_size, max_tokens)
+        batch_size, max_tokens = batch_plan(device, batch_size, max_tokens, state_bytes_per_token(model))
     _check_precision(precision)
     out_dtype = _rows_dtype(rows_dtype)
     _check_fast(tokenizer)
