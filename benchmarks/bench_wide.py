@@ -13,6 +13,10 @@ with the exact path. Prints its figures; each part runs in a child process under
     python benchmarks/bench_wide.py agree --workdir /tmp/bench_wide --neurons 9984 --rows 8192 --layer 768 \
         --cts 0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9
 
+    # 4. extraction memory of that decoder on a whole EWT split through the store writer: sentence
+    #    batches of 32 (before the width cap) against extract.max_tokens=auto (capped by width)
+    python benchmarks/bench_wide.py extract --workdir /tmp/bench_wide --split test
+
 One run at a time: (1) and (2) are the big measurements (several GB, minutes).
 """
 
@@ -119,7 +123,8 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
-def run_decoder(args: argparse.Namespace) -> None:
+def decoder_folder(args: argparse.Namespace) -> Path:
+    """The tiny random 16 × 2048 decoder under the workdir (built once)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from lexp.tasks.readers import read_columns
     from tiny_llama import tiny_llama
@@ -137,6 +142,11 @@ def run_decoder(args: argparse.Namespace) -> None:
             lines=[" ".join(s.words) for s in sents[:4000]],
             vocab_size=4000,
         )
+    return folder
+
+
+def run_decoder(args: argparse.Namespace) -> None:
+    folder = decoder_folder(args)
     cmd = [
         sys.executable,
         "-m",
@@ -228,9 +238,75 @@ def run_agree(args: argparse.Namespace) -> None:
         )
 
 
+def extract_worker(args: argparse.Namespace) -> None:
+    """One split of EWT through extract_words and the background store writer, as a run writes a
+    store; prints the peak anonymous memory sampled every 0.2 s (the weights are memory-mapped)."""
+    import threading
+
+    from lexp.encoders.extract import extract_words
+    from lexp.encoders.loading import load_encoder
+    from lexp.encoders.writer import write_extraction
+    from lexp.store import StoreWriter
+    from lexp.tasks.readers import read_columns
+
+    def anon_gb() -> float:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon")) / 1e6
+
+    conllu = Path(args.data_root) / "ud_english_ewt" / f"en_ewt-ud-{args.split}.conllu"
+    words = [
+        s.words for s in read_columns(conllu, word_column=1, label_column=4, separator="\t", min_columns=10)
+    ]
+    enc = load_encoder({"name_or_path": args.data})
+    peak, done = [0.0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_gb())
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+    offsets = np.concatenate([[0], np.cumsum([len(w) for w in words])])
+    budget = None if args.max_tokens == "none" else args.max_tokens
+    start = time.perf_counter()
+    ex = extract_words(
+        enc.model,
+        enc.tokenizer,
+        words,
+        batch_size=32,
+        max_tokens=budget,
+        progress=False,
+        rows_dtype="float16",
+    )
+    with StoreWriter(Path(args.out), n_rows=int(offsets[-1]), n_layers=17, hidden=2048) as writer:
+        write_extraction(ex, writer, offsets)
+        writer.finish(None, offsets)
+    done.set()
+    print(json.dumps({"max_tokens": args.max_tokens, "batches": ex.stats.n_batches, "rows": int(offsets[-1]),
+                      "seconds": round(time.perf_counter() - start, 1), "peak_anon_gb": round(peak[0], 2)}))  # fmt: skip
+
+
+def run_extract(args: argparse.Namespace) -> None:
+    """Extraction memory of the 16 × 2048 decoder on a whole EWT split: sentence batches of 32
+    (max_tokens=none, lexp before the width cap) against max_tokens=auto (hidden states per forward
+    capped by width), each in a child process."""
+    import shutil
+
+    folder = decoder_folder(args)
+    for budget in ("none", "auto"):
+        out = Path(args.workdir) / f"store_{args.split}_{budget}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, __file__, "_extract", "--data", str(folder), "--split", args.split,
+               "--max-tokens", budget, "--out", str(out), "--data-root", args.data_root]  # fmt: skip
+        res = timed(cmd, Path(args.workdir) / f"extract_{budget}.log")
+        line = next((x for x in reversed(res["stdout"].splitlines()) if x.startswith("{")), "{}")
+        print(json.dumps({"rc": res["rc"], "max_rss_gb": res["max_rss_gb"], **json.loads(line)}), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["decoder", "synthetic", "agree", "_worker"])
+    p.add_argument("mode", choices=["decoder", "synthetic", "agree", "extract", "_worker", "_extract"])
     p.add_argument("--workdir", default="/tmp/bench_wide")
     p.add_argument("--data-root", default=os.environ.get("LEXP_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--neurons", type=int, default=131072)
@@ -245,11 +321,17 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--method", choices=["exact", "blocked"])
     p.add_argument("--out")
+    p.add_argument("--split", default="test", help="extract: the EWT split")
+    p.add_argument("--max-tokens", default="auto", help="_extract: auto | none")
     p.add_argument("extra", nargs="*", help="decoder: more lexp.run overrides")
     args = p.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.mode == "_worker":
         worker(args)
+    elif args.mode == "_extract":
+        extract_worker(args)
+    elif args.mode == "extract":
+        run_extract(args)
     elif args.mode == "decoder":
         run_decoder(args)
     elif args.mode == "synthetic":
