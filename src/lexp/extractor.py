@@ -116,7 +116,7 @@ class ReducedExtractor:
         from transformers import AutoTokenizer
 
         from lexp.device import resolve_device
-        from lexp.encoders.loading import UNREAD, load_pretrained
+        from lexp.encoders.loading import load_encoder_weights
 
         target = torch.device("cpu") if device is None else resolve_device(device)
         path = Path(path)
@@ -155,13 +155,7 @@ class ReducedExtractor:
             raise LexpInputError(
                 f"{probe_path}: lacks tensor(s) {missing}. Re-run the pipeline to write it again."
             )
-        from transformers import AutoConfig
-
-        from lexp.encoders.families import encoder_class
-
-        model_class = encoder_class(AutoConfig.from_pretrained(encoder_dir, trust_remote_code=False))
-        model = load_pretrained(model_class, encoder_dir, unread=UNREAD, trust_remote_code=False)
-        model = model.eval().to(target)
+        model = load_encoder_weights(encoder_dir).eval().to(target)
         if manifest.get("final_norm") == "identity":
             from lexp.redundancy.timing import drop_final_norm
 

@@ -426,7 +426,6 @@ def _up_to_top_layer(model: torch.nn.Module, layers: list[int] | None) -> tuple[
     layers on the same input; a decoder's final norm, applied after its last layer only, is
     dropped). A model whose layer list lexp cannot find, or one that cannot run truncated (DeBERTa-v2
     at [0]), runs whole as before."""
-    from lexp.errors import LexpModelError
     from lexp.redundancy.timing import encoder_depth, truncate_encoder
 
     if not layers:

@@ -262,17 +262,29 @@ def _suffixes(key: str) -> list[str]:
     return [".".join(parts[i:]) for i in range(len(parts))]
 
 
-def _load_pair(target: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoTokenizer
+def load_encoder_weights(
+    target: str | os.PathLike, *, dtype: torch.dtype | None = None, **hub_kwargs: Any
+) -> Any:
+    """The encoder lexp reads from a model folder or hub id (``hub_kwargs``: revision,
+    local_files_only): the class `families.encoder_class` picks from its config (T5 →
+    T5EncoderModel), loaded by `load_pretrained` with a missing pooler not worth a warning
+    (`UNREAD`). Runs and the reduced extractor load through this one place."""
+    from transformers import AutoConfig
 
     from lexp.encoders.families import encoder_class
 
-    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, **kwargs)
-    config = AutoConfig.from_pretrained(target, trust_remote_code=False, **kwargs)
-    model = load_pretrained(
-        encoder_class(config), target, unread=UNREAD, trust_remote_code=False, dtype=dtype, **kwargs
+    config = AutoConfig.from_pretrained(target, trust_remote_code=False, **hub_kwargs)
+    weights = {} if dtype is None else {"dtype": dtype}
+    return load_pretrained(
+        encoder_class(config), target, unread=UNREAD, trust_remote_code=False, **weights, **hub_kwargs
     )
-    return model, tokenizer
+
+
+def _load_pair(target: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False, **kwargs)
+    return load_encoder_weights(target, dtype=dtype, **kwargs), tokenizer
 
 
 def _load_from_hub(name: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any, str]:

@@ -193,11 +193,8 @@ def drop_final_norm(model: nn.Module) -> str | None:
         base = getattr(model, prefix)
     name = final_norm_name(base)
     if name is not None:
-        *parents, attr = name.split(".")  # T5: encoder.final_layer_norm
-        owner = base
-        for part in parents:
-            owner = owner._modules[part]
-        owner._modules[attr] = nn.Identity()
+        parent, _, attr = name.rpartition(".")  # T5: encoder.final_layer_norm
+        base.get_submodule(parent)._modules[attr] = nn.Identity()
     return name
 
 
