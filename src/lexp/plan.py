@@ -41,6 +41,15 @@ class BlockPlan:
     peak_bytes: int
 
 
+def bounded_chunk_rows(chunk_rows: int, n_neurons: int, budget: float, n_rows: int | None = None) -> int:
+    """Rows per read of the store: at most ``chunk_rows`` (and ``n_rows``), and at most what keeps a
+    float32 chunk and its centred copy (8 bytes a value) within a quarter of ``budget``; at least 64."""
+    limits = [int(chunk_rows), int(budget / 4 / (8 * max(1, int(n_neurons))))]
+    if n_rows is not None:
+        limits.append(int(n_rows))
+    return max(64, min(limits))
+
+
 def blocked_plan(n_rows: int, n_neurons: int, budget: float, chunk_rows: int, compute: str) -> BlockPlan:
     """Resident centred rows when they take at most half of ``budget``; chunks of at most an eighth
     of it (a float32 read and its centred copy); panels of at most a quarter of it (and 2 GB:
@@ -49,7 +58,7 @@ def blocked_plan(n_rows: int, n_neurons: int, budget: float, chunk_rows: int, co
     item = 2 if compute == "bfloat16" else 4
     data = int(n_rows) * n * item
     resident = data <= budget / 2
-    rows = max(64, min(int(chunk_rows), int(n_rows), int(budget / 4 / (8 * n))))
+    rows = bounded_chunk_rows(chunk_rows, n, budget, n_rows)
     chunk_bytes = 8 * rows * n  # the float32 chunk as read and its centred copy
     stream_bytes = data + chunk_bytes if resident else chunk_bytes
     panel_bytes = max(min(budget / 4, 2 * GB), 0)

@@ -54,7 +54,7 @@ from scipy.sparse.csgraph import connected_components
 
 from lexp.device import exact_float32_matmul
 from lexp.errors import LexpInputError
-from lexp.plan import GB, BlockPlan, blocked_peak_bytes, blocked_plan, exact_peak_bytes
+from lexp.plan import GB, BlockPlan, blocked_peak_bytes, blocked_plan, bounded_chunk_rows, exact_peak_bytes
 from lexp.redundancy.covariance import _CONSTANT_RTOL, _iter_source, _raise_not_finite
 
 __all__ = [  # the peak-memory formulas live in lexp.plan (no torch/scipy import for the plan)
@@ -261,7 +261,7 @@ def wide_general(
             "linked and the blocked path has nothing to split — use a smaller ct"
         )
     say = progress or (lambda _msg: None)
-    stats_rows = max(64, min(int(chunk_rows), int(budget_bytes / 4 / (8 * _n_columns(source, columns)))))
+    stats_rows = bounded_chunk_rows(chunk_rows, _n_columns(source, columns), budget_bytes)
     n, mean, m2 = _column_stats(source, stats_rows, columns, name)
     n_feat = mean.size
     plan = blocked_plan(n, n_feat, budget_bytes, chunk_rows, compute)
