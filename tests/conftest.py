@@ -25,6 +25,17 @@ def _data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random BERT saved to a folder (model.name_or_path=), one per test module: the
+    tiny jobs of the local and the SLURM sweeps."""
+    from tiny_models import save_model, tiny_bert
+
+    tmp = tmp_path_factory.mktemp("tiny-bert")
+    model, tokenizer = tiny_bert(tmp, layers=2)
+    return save_model(model, tokenizer, tmp / "model")
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = _data_root()

@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from lexp.experiment import config_dir
 from lexp.sweep import SweepCallback, progress_line
-from tiny_models import save_model, tiny_bert
 
 TINY = [
     "task=pos",
@@ -34,13 +33,6 @@ TINY = [
     "threads.clustering=1",
 ]
 BAD_LR = "lexp: error: probe.lr=-5 is invalid"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("tiny-bert")
-    model, tokenizer = tiny_bert(tmp, layers=2)
-    return save_model(model, tokenizer, tmp / "model")
 
 
 def _sweep(
@@ -337,16 +329,20 @@ def test_a_failed_run_is_marked_failed_in_wandb(tmp_path: Path, data_root: Path,
         real(self, exit_code=exit_code)  # wandb's Run.finish(exit_code=1): the run shows as failed
 
     monkeypatch.setattr(tracking.WandbTracker, "finish", finish)
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                f"data_root={data_root}",
-                f"cache_dir={tmp_path / 'cache'}",
-                "logger=wandb",
-                f"task.files.train={tmp_path / 'missing.conllu'}",
-            ],
-        )
+
+    def wandb_cfg(*overrides: str):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(
+                config_name="config",
+                overrides=[
+                    f"data_root={data_root}",
+                    f"cache_dir={tmp_path / 'cache'}",
+                    "logger=wandb",
+                    *overrides,
+                ],
+            )
+
+    cfg = wandb_cfg(f"task.files.train={tmp_path / 'missing.conllu'}")
     # A run that fails its checks (before the tracker starts, so a bad setting costs seconds, not
     # the ~10 s of Lightning imports) opens no W&B run; results.json records the failure.
     with pytest.raises(LexpInputError, match="missing.conllu"):
@@ -361,18 +357,7 @@ def test_a_failed_run_is_marked_failed_in_wandb(tmp_path: Path, data_root: Path,
         raise LexpInputError(f"{tmp_path / 'store.npy'}: unreadable")
 
     monkeypatch.setattr(experiment, "build_stores", broken_stores)
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                f"data_root={data_root}",
-                f"cache_dir={tmp_path / 'cache'}",
-                "logger=wandb",
-                "limit.train=20",
-                "limit.dev=10",
-                "limit.test=10",
-            ],
-        )
+    cfg = wandb_cfg("limit.train=20", "limit.dev=10", "limit.test=10")
     with pytest.raises(LexpInputError, match="store.npy"):
         run(cfg, tmp_path / "run2")
     assert codes == [1]

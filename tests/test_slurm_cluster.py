@@ -20,27 +20,20 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import LocalSlurm, missing
-from tiny_models import save_model, tiny_bert
+from test_launchers import BAD_LR
+from test_launchers import TINY as LOCAL_TINY
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no SLURM cluster here: {missing()}")
 
+# the local sweeps' tiny jobs, through the cluster
 TINY = [
-    "task=pos",
-    "limit.train=20",
-    "limit.dev=10",
-    "limit.test=10",
-    "probe.epochs=1",
-    "progress=false",
-    "logger=none",
-    "threads.extract=1",
-    "threads.clustering=1",
+    *LOCAL_TINY,
     "hydra/launcher=slurm",
     "hydra.launcher.gpus_per_node=0",
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=1",
     "hydra.launcher.timeout_min=10",
 ]
-BAD_LR = "lexp: error: probe.lr=-5 is invalid"
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +45,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     finally:
         killed = slurm.stop()
         assert not slurm.alive() and not killed, f"daemons had to be killed: {killed}"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("tiny-bert")
-    model, tokenizer = tiny_bert(tmp, layers=2)
-    return save_model(model, tokenizer, tmp / "model")
 
 
 def _command(tmp: Path, model: Path, *overrides: str) -> list[str]:

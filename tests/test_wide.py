@@ -147,28 +147,24 @@ def test_plan_picks_exact_below_the_budget_and_blocked_above() -> None:
     assert llama.general_method == "blocked"
     assert llama.stages["general (blocked)"] <= 8 * GB
     assert any("general clustering method: blocked" in line for line in llama.lines())
+
     # auto is exact only within half the budget: at 34,816 neurons the dense path (≈ 19.4 GB) would
     # fit a 21 GB budget (an idle 24 GB machine's default), yet blocked gives the same clusters in a few GB
-    roomy = make_plan(
-        _cfg("general", max_memory_gb=21),
-        rows={"train": 2_983},
-        n_layers=17,
-        hidden=2048,
-        n_classes=17,
-        machine={"total": 25 * 10**9, "available": 24 * 10**9},
-    )
-    assert roomy.general_method == "blocked" and roomy.stages["general (blocked)"] <= 8 * GB
-    assert (
-        make_plan(  # the same width with a budget twice the dense path's: exact
-            _cfg("general", max_memory_gb=60),
+    def decoder_plan(budget_gb: int, total_gb: int, available_gb: int):  # 17 × 2048, 2,983 train rows
+        machine = {"total": total_gb * 10**9, "available": available_gb * 10**9}
+        return make_plan(
+            _cfg("general", max_memory_gb=budget_gb),
             rows={"train": 2_983},
             n_layers=17,
             hidden=2048,
             n_classes=17,
-            machine={"total": 128 * 10**9, "available": 120 * 10**9},
-        ).general_method
-        == "exact"
-    )
+            machine=machine,
+        )
+
+    roomy = decoder_plan(21, 25, 24)
+    assert roomy.general_method == "blocked" and roomy.stages["general (blocked)"] <= 8 * GB
+    # the same width with a budget twice the dense path's: exact
+    assert decoder_plan(60, 128, 120).general_method == "exact"
 
 
 def test_plan_that_does_not_fit_names_numbers_and_fixes() -> None:
